@@ -308,6 +308,12 @@ class Diffusion:
     def preconditioning(self, sigma):
         return preconditioning(sigma, self.prediction, self.sigma_data)
 
+    def q_sample(self, x0, sigma, noise):
+        """x_t = s (x0 + sigma noise): for eps/v/x0 this is DDPM's sqrt(abar) x0 + sqrt(1 - abar) noise (Ho et al.
+        2020, Eq. 4), for flow (1 - t) x0 + t noise; the network sees it (EDM instead normalises by c_in)."""
+        sigma = _as_sigma(sigma, x0)
+        return append_dims(self.scale(sigma), x0.ndim) * (x0 + append_dims(sigma, x0.ndim) * noise)
+
     def denoise(self, net, x, sigma, **cond):
         """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, Eq. 7). x is in the sigma frame."""
         sigma = _as_sigma(sigma, x)
