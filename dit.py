@@ -1,0 +1,289 @@
+"""
+Diffusion Transformer (DiT): a plain ViT on patches of the (latent) image, conditioned by adaLN-Zero.
+
+Paper: Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", arXiv:2212.09748.
+Also: Dosovitskiy et al. 2021, ViT, arXiv:2010.11929 (patchify); Nichol & Dhariwal 2021, arXiv:2102.09672
+(learned sigma); Chen et al. 2023, PixArt-alpha, arXiv:2310.00426 (cross-attention inside a DiT block).
+
+  tokens = Patchify(x) + PE_sincos                     (Sec. 3.2: T = (I/p)^2 tokens of width d, Fig. 4)
+  c      = MLP(sinusoid(noise_level) + W_aug aug_cond) + E[y]
+  (g1, b1, a1, g2, b2, a2) = Linear(SiLU(c))           (adaLN-Zero, Sec. 3.2; Linear zero-initialised)
+  z = z + a1 * Attn(LN(z) * (1 + g1) + b1)
+  z = z + CrossAttn(LN(z), context)                    (optional; PixArt-alpha Sec. 2.3)
+  z = z + a2 * MLP(LN(z) * (1 + g2) + b2)
+  out = Unpatchify(Linear(LN(z) * (1 + g) + b))        (final layer zero-initialised, so a fresh DiT outputs 0)
+
+Because every alpha starts at 0, each block starts as the identity: the paper's best conditioning (Fig. 5).
+
+Tensor conventions: x: (N, C, H, W) with H, W divisible by patch_size; noise_level: (N,) float; y: (N,) long with
+index num_classes = "no class"; context: (N, L, context_dim), context_mask: (N, L) bool, True = keep;
+x_cond: (N, cond_channels, H, W); aug_cond: (N, aug_dim).
+Learned sigma: with learn_sigma=True the output has 2C channels: out[:, :C] is the usual prediction F, and
+out[:, C:] is v of Improved DDPM Eq. 15, Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t). With the default
+learn_sigma=False the output is shaped like x.
+
+Usage: net = create_dit('DiT-S/2', input_size=32, in_channels=4); out = net(x, noise_level, y)
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------
+# Embeddings
+
+def timestep_embedding(noise_level, dim, max_period=10000.0):
+    """Sinusoidal features of a scalar per sample: (N,) -> (N, dim) (same helper as unet.py, kept copyable)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device) / half)
+    angles = noise_level.float()[:, None] * freqs[None]                     # (N, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def sincos_pos_embed_2d(dim, grid_h, grid_w):
+    """Fixed 2-D sin-cos position embeddings (MAE / DiT): half the channels encode the row, half the column.
+
+    Returns (grid_h * grid_w, dim) in raster order, as float32 numpy (built once, not learned).
+    """
+    assert dim % 4 == 0, 'hidden size must be divisible by 4 for 2-D sin-cos embeddings'
+    omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))   # (dim/4,)
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+
+    def encode(pos):                                                       # (T,) -> (T, dim/2)
+        angles = pos.reshape(-1)[:, None] * omega[None]
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+    return np.concatenate([encode(rows), encode(cols)], axis=1).astype(np.float32)
+
+
+def modulate(x, shift, scale):
+    """adaLN: LN(x) * (1 + scale) + shift, with (N, d) conditions broadcast over the T tokens of (N, T, d)."""
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+# ----------------------------------------------------------------------------
+# Transformer layers
+
+class Attention(nn.Module):
+    """Multi-head attention through F.scaled_dot_product_attention; self-attention or, with kv_dim, cross."""
+
+    def __init__(self,
+                 dim,                     # token width
+                 num_heads,               # attention heads
+                 kv_dim=None):            # width of the key/value source; None = self-attention on x
+        super().__init__()
+        self.num_heads, self.cross = num_heads, kv_dim is not None
+        if self.cross:
+            self.q, self.kv = nn.Linear(dim, dim), nn.Linear(kv_dim, 2 * dim)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim)                               # one matmul for q, k and v
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context=None, mask=None):
+        N, T, d = x.shape
+        heads = lambda t: t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)   # (N, heads, T, d/heads)
+        if self.cross:
+            q = heads(self.q(x))
+            k, v = map(heads, self.kv(context).chunk(2, dim=-1))
+        else:
+            q, k, v = map(heads, self.qkv(x).chunk(3, dim=-1))
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)         # (N, heads, T, d/heads)
+        return self.proj(h.transpose(1, 2).reshape(N, T, d))
+
+
+class DiTBlock(nn.Module):
+    """A transformer block with adaLN-Zero conditioning (Sec. 3.2, Fig. 3) and optional cross-attention."""
+
+    def __init__(self,
+                 hidden_size,             # token width d
+                 num_heads,               # attention heads
+                 mlp_ratio=4.0,           # MLP hidden width = mlp_ratio * d
+                 context_dim=None):       # width of context tokens; None = no cross-attention
+        super().__init__()
+        # LayerNorms without affine parameters: the scale and shift come from the condition instead.
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads)
+        if context_dim is not None:
+            self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = Attention(hidden_size, num_heads, kv_dim=context_dim)
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        mlp_hidden = int(hidden_size * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(approximate='tanh'),
+                                 nn.Linear(mlp_hidden, hidden_size))
+        # adaLN-Zero: regress (shift, scale, gate) for attention and MLP from c; zero-initialised in DiT.init_weights.
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, x, c, context=None, context_mask=None):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
+        if context is not None and hasattr(self, 'cross_attn'):
+            keep = 1.0
+            if context_mask is not None:
+                # A sample whose tokens are all padding would softmax over nothing (NaN): let it attend to every
+                # token, then drop the result, so an all-False row reads as "no context" for that sample.
+                has_any = context_mask.any(dim=1)                             # (N,)
+                context_mask = (context_mask | ~has_any[:, None])[:, None, None, :]   # (N, 1, 1, L) for SDPA
+                keep = has_any[:, None, None].to(x.dtype)
+            x = x + keep * self.cross_attn(self.norm_cross(x), context, context_mask)
+        return x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+
+
+class FinalLayer(nn.Module):
+    """adaLN then a linear map from each token to its p*p*C output pixels (zero-initialised)."""
+
+    def __init__(self, hidden_size, patch_size, out_channels):
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+
+    def forward(self, x, c):
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(modulate(self.norm(x), shift, scale))           # (N, T, p*p*C)
+
+
+# ----------------------------------------------------------------------------
+# The Diffusion Transformer
+
+class DiT(nn.Module):
+    """Patchify -> N adaLN-Zero transformer blocks -> final layer -> unpatchify (Fig. 3)."""
+
+    def __init__(self,
+                 input_size=32,           # H = W of the input (256x256 images -> 32x32x4 SD-VAE latents)
+                 patch_size=2,            # p: tokens = (input_size / p)^2
+                 in_channels=4,           # channels of x
+                 hidden_size=1152,        # token width d
+                 depth=28,                # number of DiT blocks
+                 num_heads=16,            # attention heads
+                 mlp_ratio=4.0,           # MLP width / d
+                 num_classes=1000,        # class labels; one more learned row is the "no class" label (for CFG)
+                 learn_sigma=False,       # also output v for the variance (2C output channels, see docstring)
+                 aug_dim=0,               # width of aug_cond (augmentation labels, noise-augmentation level)
+                 cond_channels=0,         # channels of x_cond concatenated to x before patchify
+                 context_dim=None,        # width of context tokens for cross-attention; None = none
+                 freq_dim=256):           # width of the sinusoidal noise-level features (DiT: 256)
+        super().__init__()
+        self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           num_classes=num_classes, learn_sigma=learn_sigma, aug_dim=aug_dim,
+                           cond_channels=cond_channels, context_dim=context_dim, freq_dim=freq_dim)
+        self.patch_size, self.in_channels, self.num_classes = patch_size, in_channels, num_classes
+        self.cond_channels, self.freq_dim = cond_channels, freq_dim
+        self.out_channels = 2 * in_channels if learn_sigma else in_channels
+
+        # Patchify: a p x p conv with stride p is a linear map of each non-overlapping patch (ViT).
+        self.x_embedder = nn.Conv2d(in_channels + cond_channels, hidden_size, patch_size, stride=patch_size)
+        grid = input_size // patch_size
+        # Fixed (not learned) embeddings, as in the paper; a buffer, rebuilt by forward() for other input sizes.
+        self.register_buffer('pos_embed', torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid, grid))[None],
+                             persistent=False)
+        self.t_embedder = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(),
+                                        nn.Linear(hidden_size, hidden_size))
+        # No bias: aug_cond = 0 leaves c exactly as without aug_cond.
+        self.aug_embedder = nn.Linear(aug_dim, freq_dim, bias=False) if aug_dim else None
+        self.y_embedder = nn.Embedding(num_classes + 1, hidden_size) if num_classes else None
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, context_dim) for _ in range(depth))
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.init_weights()
+
+    def init_weights(self):
+        """The paper's initialisation (Sec. 3.2 and its code): xavier linears, N(0, 0.02) embeddings, zeros for adaLN."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        # Patch embedding: initialise like a linear layer on the flattened patch.
+        nn.init.xavier_uniform_(self.x_embedder.weight.view(self.x_embedder.weight.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.bias)
+        if self.y_embedder is not None:
+            nn.init.normal_(self.y_embedder.weight, std=0.02)
+        nn.init.normal_(self.t_embedder[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder[2].weight, std=0.02)
+        # adaLN-Zero: every gate alpha = 0, so each block is the identity at init (Sec. 3.2).
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+            if hasattr(block, 'cross_attn'):
+                # Cross-attention has no gate, so zero its output projection to keep the block an identity.
+                nn.init.zeros_(block.cross_attn.proj.weight)
+        # Zero-initialised output: a fresh DiT predicts 0.
+        for p in self.final_layer.parameters():
+            nn.init.zeros_(p)
+
+    def unpatchify(self, tokens, grid_h, grid_w):
+        """(N, T, p*p*C) -> (N, C, grid_h * p, grid_w * p), inverting the raster order of patchify."""
+        N, p, C = tokens.shape[0], self.patch_size, self.out_channels
+        x = tokens.reshape(N, grid_h, grid_w, p, p, C)
+        return torch.einsum('nhwpqc->nchpwq', x).reshape(N, C, grid_h * p, grid_w * p)
+
+    def forward(self, x, noise_level, y=None, context=None, x_cond=None, aug_cond=None, context_mask=None):
+        """Return F(x; noise_level, conditions): (N, C, H, W), or (N, 2C, H, W) with learn_sigma.
+
+        y = None (with num_classes > 0) means "no class" for every sample; x_cond = None means zeros;
+        context = None skips cross-attention, and a context_mask row that is all False reads as no context.
+        """
+        N, _, H, W = x.shape
+        if self.cond_channels:
+            if x_cond is None:
+                x_cond = x.new_zeros(N, self.cond_channels, H, W)
+            x = torch.cat([x, x_cond.to(x.dtype)], dim=1)
+        grid_h, grid_w = H // self.patch_size, W // self.patch_size
+        pos_embed = self.pos_embed
+        if pos_embed.shape[1] != grid_h * grid_w:        # another resolution than configured: rebuild the table
+            pos_embed = torch.from_numpy(sincos_pos_embed_2d(pos_embed.shape[-1], grid_h, grid_w))[None]
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + pos_embed.to(x.device)   # (N, T, d)
+
+        noise_level = torch.as_tensor(noise_level, device=x.device).expand(N)
+        features = timestep_embedding(noise_level, self.freq_dim)
+        if self.aug_embedder is not None and aug_cond is not None:
+            features = features + self.aug_embedder(aug_cond.float())
+        c = self.t_embedder(features)                                          # (N, d)
+        if self.y_embedder is not None:
+            if y is None:
+                y = torch.full((N,), self.num_classes, dtype=torch.long, device=x.device)
+            c = c + self.y_embedder(y)
+
+        if context_mask is not None:
+            context_mask = context_mask.bool()                                 # (N, L), True = keep
+        for block in self.blocks:
+            tokens = block(tokens, c, context, context_mask)
+        return self.unpatchify(self.final_layer(tokens, c), grid_h, grid_w)
+
+
+# ----------------------------------------------------------------------------
+# Named configurations (Table 1 of the paper: S, B, L, XL; patch sizes 2, 4, 8)
+
+_SIZES = dict(S=dict(depth=12, hidden_size=384, num_heads=6), B=dict(depth=12, hidden_size=768, num_heads=12),
+              L=dict(depth=24, hidden_size=1024, num_heads=16), XL=dict(depth=28, hidden_size=1152, num_heads=16))
+DIT_CONFIGS = {f'DiT-{size}/{p}': dict(**_SIZES[size], patch_size=p) for size in _SIZES for p in (2, 4, 8)}
+# CPU default for tests and demos: 2 blocks of width 64 on 2x2 patches.
+DIT_CONFIGS['DiT-tiny/2'] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)
+
+
+def create_dit(name='DiT-S/2', **overrides):
+    """Build a named configuration, with any constructor argument overridden (e.g. input_size=32, in_channels=3)."""
+    return DiT(**{**DIT_CONFIGS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    torch.manual_seed(0)
+    # Parameter counts as in the paper's setting (32x32x4 latents, 1000 classes, learned sigma). Built on the
+    # 'meta' device: shapes only, no memory, so even DiT-XL/2 counts instantly. The paper's numbers include the
+    # fixed position table (a frozen parameter in its code, a buffer here).
+    paper = {'DiT-S/2': 33, 'DiT-B/2': 130, 'DiT-L/2': 458, 'DiT-XL/2': 675}
+    for name, millions in paper.items():
+        with torch.device('meta'):
+            net = create_dit(name, learn_sigma=True)
+        n_params = sum(p.numel() for p in net.parameters()) + net.pos_embed.numel()
+        print(f'{name:>9}: {n_params:,} parameters (paper: {millions}M)')
+
+    net = create_dit('DiT-tiny/2', input_size=16, in_channels=3, num_classes=10, learn_sigma=True)
+    x, noise_level, y = torch.randn(4, 3, 16, 16), torch.tensor([0.0, 250.0, 500.0, 999.0]), torch.tensor([0, 1, 2, 10])
+    with torch.no_grad():
+        out = net(x, noise_level, y)
+    print('output', tuple(out.shape), '(2C channels: F and v)', 'max |F| at init =', out.abs().max().item())

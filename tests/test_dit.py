@@ -1,0 +1,208 @@
+"""Tests for dit.py: zero init, gradient flow, conditioning paths, patchify geometry, paper parameter counts."""
+import os
+
+import pytest
+import torch
+
+import dit
+from dit import create_dit, sincos_pos_embed_2d
+
+
+def small_dit(**overrides):
+    """Two blocks of width 64 on 16x16x3 inputs: milliseconds per step on CPU."""
+    return create_dit('DiT-tiny/2', **{**dict(input_size=16, in_channels=3, num_classes=5), **overrides})
+
+
+def perturb(net, std=0.05, seed=1):
+    """Add noise to every weight: adaLN-Zero gates and the final layer start at 0, which would otherwise make
+    every conditioning test pass vacuously (a fresh DiT ignores its input)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(std * torch.randn(p.shape, generator=generator))
+    return net.eval()
+
+
+def inputs(n=2):
+    generator = torch.Generator().manual_seed(2)
+    return dict(x=torch.randn(n, 3, 16, 16, generator=generator), noise_level=torch.tensor([10.0, 700.0])[:n],
+                y=torch.tensor([1, 4])[:n], context=torch.randn(n, 4, 8, generator=generator),
+                x_cond=torch.randn(n, 2, 16, 16, generator=generator), aug_cond=torch.randn(n, 3, generator=generator))
+
+
+def full_dit(**overrides):
+    return small_dit(aug_dim=3, cond_channels=2, context_dim=8, **overrides)
+
+
+# ----------------------------------------------------------------------------
+# Initialisation and gradients
+
+@pytest.mark.parametrize('learn_sigma', [False, True])
+def test_fresh_network_outputs_zeros(learn_sigma):
+    out = full_dit(learn_sigma=learn_sigma)(**inputs())
+    assert out.shape == (2, 6 if learn_sigma else 3, 16, 16)   # default: shaped like x; learned sigma: 2C
+    assert torch.all(out == 0)
+
+
+def test_adaln_zero_blocks_start_as_identity():
+    net = full_dit()
+    data = inputs()
+    tokens = torch.randn(2, 64, 64)
+    c = torch.randn(2, 64)
+    for block in net.blocks:
+        torch.testing.assert_close(block(tokens, c, data['context']), tokens)
+
+
+def test_gradients_reach_every_parameter():
+    net = perturb(full_dit(learn_sigma=True)).train()
+    out = net(**inputs(), context_mask=torch.tensor([[True, True, False, False], [True] * 4]))
+    out.square().mean().backward()
+    missing = [name for name, p in net.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f'no gradient reaches {missing}'
+
+
+# ----------------------------------------------------------------------------
+# Geometry: patchify, unpatchify, position embeddings
+
+@pytest.mark.parametrize('patch_size', [2, 4, 8])
+def test_unpatchify_inverts_patchify(patch_size):
+    """Token t = (row, col) in raster order holds its p x p patch; unpatchify must put it back in place."""
+    net = small_dit(patch_size=patch_size)
+    x = torch.randn(2, 3, 16, 16)
+    p, g = patch_size, 16 // patch_size
+    # patchify by hand: (N, C, g, p, g, p) -> (N, g*g, p*p*C) with the (p, p, C) order the final layer uses
+    tokens = x.reshape(2, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, p * p * 3)
+    torch.testing.assert_close(net.unpatchify(tokens, g, g), x)
+
+
+def test_sincos_position_similarity_depends_only_on_offset():
+    """<PE(p), PE(p')> = sum_k cos(w_k (p - p')) per axis: the fixed table encodes relative offsets."""
+    pe = torch.from_numpy(sincos_pos_embed_2d(64, 8, 8)).reshape(8, 8, 64)
+    torch.testing.assert_close(pe[1, 2] @ pe[3, 5], pe[4, 1] @ pe[6, 4])        # same offset (2, 3)
+    assert abs(pe[1, 2] @ pe[3, 5] - pe[1, 2] @ pe[3, 6]) > 1e-3                 # a different offset differs
+    assert torch.unique(pe.reshape(64, 64), dim=0).shape[0] == 64               # every position distinct
+
+
+@pytest.mark.parametrize('size', [16, 24])
+def test_other_input_sizes(size):
+    net = perturb(small_dit(num_classes=0))
+    out = net(torch.randn(1, 3, size, size), torch.tensor([5.0]))
+    assert out.shape == (1, 3, size, size) and torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------
+# Conditioning paths
+
+def test_noise_level_and_class_conditioning():
+    net = perturb(small_dit())
+    x, level = torch.randn(2, 3, 16, 16), torch.tensor([100.0, 100.0])
+    with torch.no_grad():
+        out = net(x, level, y=torch.tensor([0, 0]))
+        out_y = net(x, level, y=torch.tensor([2, 2]))
+        out_edm = net(x, torch.tensor([-1.0, -1.0]), y=torch.tensor([0, 0]))   # EDM c_noise range
+        out_edm2 = net(x, torch.tensor([0.5, 0.5]), y=torch.tensor([0, 0]))
+        out_none, out_null = net(x, level), net(x, level, y=torch.tensor([5, 5]))
+    assert (out - out_y).abs().max() > 1e-3
+    assert (out_edm - out_edm2).abs().max() > 1e-3
+    torch.testing.assert_close(out_none, out_null)            # y=None means "no class"
+
+
+def test_aug_cond_and_x_cond():
+    net = perturb(full_dit())
+    data = inputs()
+    x, level = data['x'], data['noise_level']
+    with torch.no_grad():
+        out = net(x, level)
+        torch.testing.assert_close(net(x, level, aug_cond=torch.zeros(2, 3)), out)     # zeros = absent
+        torch.testing.assert_close(net(x, level, x_cond=torch.zeros(2, 2, 16, 16)), out)
+        assert (net(x, level, aug_cond=data['aug_cond']) - out).abs().max() > 1e-3
+        assert (net(x, level, x_cond=data['x_cond']) - out).abs().max() > 1e-3
+
+
+def test_cross_attention_uses_context_and_ignores_padding():
+    net = perturb(small_dit(context_dim=8))
+    x, level = torch.randn(2, 3, 16, 16), torch.tensor([100.0, 400.0])
+    context = torch.randn(2, 5, 8)
+    mask = torch.tensor([[True, False, True, False, False], [True, True, True, True, False]])
+    with torch.no_grad():
+        out = net(x, level, context=context, context_mask=mask)
+        changed_padding = context.clone()
+        changed_padding[~mask] = 100 * torch.randn(int((~mask).sum()), 8)
+        out_padding = net(x, level, context=changed_padding, context_mask=mask)
+        changed_kept = context.clone()
+        changed_kept[0, 2] += 1
+        out_kept = net(x, level, context=changed_kept, context_mask=mask)
+        out_none = net(x, level)
+        out_all_padding = net(x, level, context=context, context_mask=torch.zeros(2, 5, dtype=torch.bool))
+    torch.testing.assert_close(out_padding, out)
+    assert (out_kept[0] - out[0]).abs().max() > 1e-3
+    torch.testing.assert_close(out_kept[1], out[1])
+    assert (out - out_none).abs().max() > 1e-3
+    torch.testing.assert_close(out_all_padding, out_none)
+
+
+# ----------------------------------------------------------------------------
+# Paper configurations
+
+# Peebles & Xie 2023, Table 4 (and the official README): parameters in millions for 256x256 images,
+# i.e. 32x32x4 latents, 1000 classes, learned sigma. Their count includes the fixed position table.
+PAPER_PARAMS_M = {'DiT-S/2': 33, 'DiT-B/2': 130, 'DiT-L/2': 458, 'DiT-XL/2': 675}
+
+
+def paper_count(name):
+    with torch.device('meta'):                               # shapes only: no memory, instant even for XL
+        net = create_dit(name, input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+    return sum(p.numel() for p in net.parameters()) + net.pos_embed.numel()
+
+
+@pytest.mark.parametrize('name', list(PAPER_PARAMS_M))
+def test_parameter_counts_match_paper(name):
+    n = paper_count(name)
+    assert abs(n / 1e6 - PAPER_PARAMS_M[name]) / PAPER_PARAMS_M[name] < 0.005, n
+
+
+def test_dit_xl2_exact_count_and_patch_sizes():
+    assert paper_count('DiT-XL/2') == 675_129_632            # the official training log's count
+    # The patch size changes only the patch embedding (p*p*C*d weights), the final linear (d*p*p*2C + p*p*2C)
+    # and the position table (T*d, T = (32/p)^2): the transformer blocks are the same (Sec. 3.2).
+    d, C = 1152, 4
+    for p in (4, 8):
+        expected = (p * p - 4) * (C * d + 2 * C * d + 2 * C) - d * (16 * 16 - (32 // p) ** 2)
+        assert paper_count(f'DiT-XL/{p}') - paper_count('DiT-XL/2') == expected
+    assert set(dit.DIT_CONFIGS) >= {f'DiT-{s}/{p}' for s in ('S', 'B', 'L', 'XL') for p in (2, 4, 8)}
+
+
+# ----------------------------------------------------------------------------
+# Precision and compilation
+
+def test_autocast_bf16_cpu_close_to_fp32():
+    net = perturb(full_dit())
+    data = inputs()
+    with torch.no_grad():
+        ref = net(**data)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = net(**data)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+@pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
+def test_autocast_cuda(dtype):
+    net = perturb(full_dit()).cuda()
+    data = {k: v.cuda() for k, v in inputs().items()}
+    with torch.no_grad():
+        ref = net(**data)
+        with torch.autocast('cuda', dtype=dtype):
+            out = net(**data)
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+
+@pytest.mark.skipif(not os.environ.get('RUN_COMPILE_TESTS'),
+                    reason='torch.compile takes ~1 min on CPU; set RUN_COMPILE_TESTS=1 to run it')
+def test_torch_compile_matches_eager():
+    net = perturb(full_dit())
+    data = inputs()
+    compiled = torch.compile(net)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**data), net(**data), atol=1e-4, rtol=1e-4)
