@@ -1,0 +1,397 @@
+"""
+Samplers for diffusion models, all in the sigma frame x = x0 + sigma * noise, over a denoiser D(x, sigma).
+
+The probability-flow ODE of every process in this frame is (Karras et al. 2022, arXiv:2206.00364, Eq. 3 with s=1)
+
+    dx/dsigma = (x - D(x, sigma)) / sigma                                  ("d" below)
+
+and the reverse SDE adds Langevin noise to it (Eq. 6). The samplers here are its solvers:
+  ddpm             ancestral sampling with DDPM's posterior (Ho et al. 2020, arXiv:2006.11239, Eq. 6-7)
+  ddim             DDIM with eta (Song, Meng & Ermon 2021, arXiv:2010.02502, Eq. 12 and 16)
+  euler, heun      Karras et al. 2022, Alg. 1 and 2 (Heun with the stochastic "churn" S_churn, S_noise)
+  euler_ancestral  Euler step to sigma_down, then fresh noise of std sigma_up (Alg. 2 idea, k-diffusion form)
+  dpmpp_2m         DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2)
+  dpmpp_2m_sde     its SDE variant (the same paper, Appendix; exact integration of the linear part of the SDE)
+  dpmpp_3m         a third-order multistep exponential integrator (data prediction, like DPM-Solver++)
+  pc               predictor-corrector with Langevin corrector (Song et al. 2021, arXiv:2011.13456, Alg. 2)
+
+In the sigma frame DDPM and DDIM need only the sigmas: alpha_bar = 1 / (1 + sigma^2). Two facts the tests prove:
+DDIM with eta = 0 is exactly Euler in sigma, and DDIM with eta = 1 is exactly DDPM's ancestral step. DPM-Solver++
+writes the ODE in lambda = -log(sigma) (the half log-SNR) and integrates the linear part exactly (Lu et al., Eq. 8):
+
+    x(sigma_next) = (sigma_next/sigma) x(sigma) + sigma_next * int_{lambda}^{lambda_next} e^{lambda'} D dlambda'
+
+Conventions: x is (N, ...); sigmas is a 1-D descending tensor ending in 0; the first x is unit noise times
+sigmas[0]. Usage:  x = SAMPLERS['heun'](denoiser, sigmas[0] * torch.randn(shape), karras_sigmas(18, 0.002, 80))
+"""
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+
+def append_dims(v, ndim):
+    """Reshape a (N,) tensor to (N, 1, ..., 1) so it broadcasts against a tensor with `ndim` dims."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sigma schedules: n noise levels, descending, plus a final 0.
+
+def _append_zero(sigmas):
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def karras_sigmas(n, sigma_min, sigma_max, rho=7.0):
+    """Karras et al. 2022, Eq. 5: sigma_i = (sigma_max^(1/rho) + i/(n-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
+    rho = 7 spends more steps at low noise, where the ODE curves most (Sec. 3)."""
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    inv_rho_min, inv_rho_max = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return _append_zero((inv_rho_max + ramp * (inv_rho_min - inv_rho_max)) ** rho).float()
+
+
+def loglinear_sigmas(n, sigma_min, sigma_max):
+    """Evenly spaced in log sigma (the geometric sequence of Song & Ermon 2019 / Score SDE's VE sampler)."""
+    return _append_zero(torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()).float()
+
+
+def vp_sigmas(model_sigmas, n, spacing='trailing'):
+    """n of a discrete VP model's own T noise levels (ascending (T,) table), uniform in t.
+
+    'leading'  t_i = i * (T // n), counted down (DDIM's and Stable Diffusion's choice; never reaches t = T)
+    'trailing' t_i = round(T - i T/n) - 1 (Lin et al. 2024, arXiv:2305.08891, Table 2; starts at t = T)
+    'linspace' t = round(linspace(T - 1, 0, n))
+    Sampling exactly on these levels lets the `ddpm` sampler use the model's exact posteriors."""
+    T = len(model_sigmas)
+    if spacing == 'leading':
+        t = torch.arange(n - 1, -1, -1) * (T // n)
+    elif spacing == 'trailing':
+        t = (torch.arange(T, 0, -T / n).round() - 1).long()
+    elif spacing == 'linspace':
+        t = torch.linspace(T - 1, 0, n).round().long()
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose 'leading', 'trailing' or 'linspace'")
+    return _append_zero(torch.as_tensor(model_sigmas, dtype=torch.float64)[t]).float()
+
+
+def vp_continuous_sigmas(n, beta_min=0.1, beta_d=19.9, eps_s=1e-3):
+    """Continuous VP (Song et al. 2021): t uniform from 1 to eps_s, sigma(t) = sqrt(e^(beta_d t^2/2 + beta_min t) - 1)
+    (Karras et al. 2022, Table 1)."""
+    t = torch.linspace(1, eps_s, n, dtype=torch.float64)
+    return _append_zero(torch.expm1(0.5 * beta_d * t ** 2 + beta_min * t).sqrt()).float()
+
+
+def flow_sigmas(n, shift=1.0, t_max=1 - 1e-3, t_min=1e-3):
+    """Rectified flow: t uniform from t_max to t_min, shifted towards high noise by
+    t' = shift t / (1 + (shift - 1) t) (Esser et al. 2024, arXiv:2403.03206, Eq. 23; shift=3 for 1024px),
+    and sigma = t' / (1 - t'). t_max < 1 keeps sigma finite."""
+    t = torch.linspace(t_max, t_min, n, dtype=torch.float64)
+    t = shift * t / (1 + (shift - 1) * t)
+    return _append_zero(t / (1 - t)).float()
+
+
+SCHEDULES = {'karras': karras_sigmas, 'loglinear': loglinear_sigmas, 'vp': vp_sigmas,
+             'vp_continuous': vp_continuous_sigmas, 'flow': flow_sigmas}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shared plumbing: input checks, the denoiser call with a (N,) sigma, the progress bar and the RNG.
+
+def check_inputs(x, sigmas):
+    """Clear errors for the mistakes that otherwise surface as silent garbage."""
+    if not torch.is_tensor(sigmas) or sigmas.ndim != 1 or len(sigmas) < 2:
+        raise ValueError(f'sigmas must be a 1-D tensor of at least 2 noise levels ending in 0, got {sigmas!r:.80}')
+    if sigmas[-1] != 0:
+        raise ValueError(f'sigmas must end in 0 (use e.g. karras_sigmas, which appends it); last is {sigmas[-1].item():g}')
+    if not torch.isfinite(sigmas).all() or not (sigmas[:-1] > 0).all():
+        raise ValueError('sigmas must be finite and positive before the final 0')
+    if not (sigmas[1:] < sigmas[:-1]).all():
+        raise ValueError('sigmas must be strictly descending (from high noise to 0)')
+    if not torch.is_tensor(x) or x.ndim < 2:
+        raise ValueError(f'x must be a batch (N, ...) of at least 2 dims, got shape {tuple(getattr(x, "shape", ()))}')
+
+
+def _denoise(denoiser, x, sigma, cond):
+    """Call D with a (N,) sigma and check that it returns something shaped like x."""
+    out = denoiser(x, x.new_full((x.shape[0],), float(sigma)), **cond)
+    if out.shape != x.shape:
+        raise ValueError(f'the denoiser returned shape {tuple(out.shape)} for input {tuple(x.shape)}; '
+                         'it must return an estimate of x0 shaped like x')
+    return out
+
+
+def _noise_like(x, generator):
+    return torch.randn(x.shape, generator=generator, dtype=x.dtype, device='cpu' if generator is None else generator.device).to(x.device)
+
+
+def _steps(sigmas, progress):
+    return tqdm(range(len(sigmas) - 1), disable=not progress, desc='sampling', leave=False)
+
+
+def ancestral_step(sigma, sigma_next, eta=1.0):
+    """Split a step to sigma_next into a deterministic part to sigma_down and fresh noise of std sigma_up, with
+    sigma_down^2 + sigma_up^2 = sigma_next^2 and sigma_up^2 = eta^2 sigma_next^2 (sigma^2 - sigma_next^2) / sigma^2:
+    eta = 1 is the DDPM posterior variance (derivation in sample_ddim)."""
+    if sigma_next == 0:
+        return 0.0, 0.0
+    sigma_up = min(sigma_next, eta * math.sqrt(sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2))
+    return math.sqrt(sigma_next ** 2 - sigma_up ** 2), sigma_up
+
+
+# ----------------------------------------------------------------------------------------------------
+# DDPM and DDIM, written as in their papers with alpha_bar = 1 / (1 + sigma^2), then moved to the sigma frame.
+
+@torch.no_grad()
+def sample_ddpm(denoiser, x, sigmas, generator=None, variance='posterior', progress=False, **cond):
+    """DDPM ancestral sampling (Ho et al. 2020, Alg. 2) with the model's x0 estimate in the posterior
+    q(x_{t-1} | x_t, x0) (Eq. 6-7):
+        mu = sqrt(abar_prev) beta_t / (1 - abar_t) x0_hat + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) x_t
+    variance 'posterior' = beta_tilde = (1 - abar_prev) / (1 - abar_t) beta_t, or 'beta' = beta_t (Sec. 3.2).
+    Here alpha_t = abar_t / abar_prev over the step actually taken, so any sigma sub-sequence works; on the
+    model's own discrete sigmas it is exactly DDPM."""
+    check_inputs(x, sigmas)
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0_hat = _denoise(denoiser, x, sigma, cond)
+        if sigma_next == 0:
+            x = x0_hat                                        # the last step returns the mean (Alg. 2, z = 0 at t=1)
+            continue
+        abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+        alpha, beta = abar / abar_prev, 1 - abar / abar_prev
+        x_t = x * math.sqrt(abar)                             # to DDPM's unscaled frame
+        mean = (math.sqrt(abar_prev) * beta / (1 - abar)) * x0_hat + (math.sqrt(alpha) * (1 - abar_prev) / (1 - abar)) * x_t
+        var = (1 - abar_prev) / (1 - abar) * beta if variance == 'posterior' else beta
+        x = (mean + math.sqrt(var) * _noise_like(x, generator)) / math.sqrt(abar_prev)   # back to the sigma frame
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser, x, sigmas, eta=0.0, generator=None, progress=False, **cond):
+    """DDIM (Song et al. 2021, Eq. 12):
+        x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - s^2) eps_hat + s z,
+        s = eta sqrt((1 - abar_prev) / (1 - abar)) sqrt(1 - abar / abar_prev)            (Eq. 16)
+    Divided by sqrt(abar_prev) this is x_prev = x0_hat + sigma_down eps_hat + sigma_up z in the sigma frame, with
+    sigma_up^2 = eta^2 sigma_prev^2 (sigma^2 - sigma_prev^2) / sigma^2 (ancestral_step). With eps_hat = (x - x0_hat)/sigma,
+    eta = 0 is Euler's step and eta = 1 is DDPM's posterior."""
+    check_inputs(x, sigmas)
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0_hat = _denoise(denoiser, x, sigma, cond)
+        abar, abar_prev = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+        eps_hat = (x * math.sqrt(abar) - math.sqrt(abar) * x0_hat) / math.sqrt(1 - abar)   # (x_t - sqrt(abar) x0)/sqrt(1-abar)
+        s = eta * math.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+        x_prev = math.sqrt(abar_prev) * x0_hat + math.sqrt(max(1 - abar_prev - s ** 2, 0.0)) * eps_hat
+        if s > 0:
+            x_prev = x_prev + s * _noise_like(x, generator)
+        x = x_prev / math.sqrt(abar_prev)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# ODE solvers of Karras et al. 2022 and the ancestral Euler sampler.
+
+@torch.no_grad()
+def sample_euler(denoiser, x, sigmas, progress=False, **cond):
+    """Euler's method on dx/dsigma = (x - D)/sigma (Karras et al. 2022, Alg. 1 without the Heun correction).
+    The last step, to sigma = 0, lands exactly on D(x): x + (0 - sigma)(x - D)/sigma = D."""
+    check_inputs(x, sigmas)
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        d_cur = (x - _denoise(denoiser, x, sigma, cond)) / sigma
+        x = x + (sigma_next - sigma) * d_cur
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser, x, sigmas, S_churn=0.0, S_tmin=0.0, S_tmax=float('inf'), S_noise=1.0, generator=None,
+                progress=False, **cond):
+    """Heun's 2nd-order method with optional stochastic churn (Karras et al. 2022, Alg. 2).
+    S_churn > 0 first raises sigma to t_hat = sigma (1 + gamma) by adding fresh noise (lines 5-6), with
+    gamma = min(S_churn / n, sqrt(2) - 1) for sigma in [S_tmin, S_tmax]; S_noise slightly > 1 offsets the
+    detail lost by imperfect denoisers (EDM used S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.003 on ImageNet)."""
+    check_inputs(x, sigmas)
+    n = len(sigmas) - 1
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        gamma = min(S_churn / n, math.sqrt(2) - 1) if S_tmin <= sigma <= S_tmax else 0.0
+        t_hat = sigma * (1 + gamma)
+        if gamma > 0:
+            x = x + math.sqrt(t_hat ** 2 - sigma ** 2) * S_noise * _noise_like(x, generator)    # Alg. 2 l.6
+        d_cur = (x - _denoise(denoiser, x, t_hat, cond)) / t_hat
+        x_next = x + (sigma_next - t_hat) * d_cur
+        if sigma_next > 0:                     # Heun correction; skipped on the last step since sigma=0 (Alg. 2 l.8)
+            d_prime = (x_next - _denoise(denoiser, x_next, sigma_next, cond)) / sigma_next
+            x_next = x + (sigma_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        x = x_next
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(denoiser, x, sigmas, eta=1.0, s_noise=1.0, generator=None, progress=False, **cond):
+    """Ancestral Euler: a deterministic Euler step to sigma_down, then noise of std sigma_up (ancestral_step).
+    Identical to DDIM(eta) in distribution; written in the ODE form of k-diffusion's sampler."""
+    check_inputs(x, sigmas)
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        sigma_down, sigma_up = ancestral_step(sigma, sigma_next, eta)
+        d_cur = (x - _denoise(denoiser, x, sigma, cond)) / sigma
+        x = x + (sigma_down - sigma) * d_cur
+        if sigma_up > 0:
+            x = x + sigma_up * s_noise * _noise_like(x, generator)
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Multistep exponential integrators (DPM-Solver++). With lambda = -log(sigma) and h = lambda_next - lambda,
+#   x_next = (sigma_next / sigma) x + int_0^h e^{u - h} D(lambda + u) du.
+# Replacing D by a polynomial through the last denoiser outputs gives integrals in closed form:
+#   int_0^h e^{u-h} du = 1 - e^{-h},  int_0^h e^{u-h} u du = h - 1 + e^{-h},  int_0^h e^{u-h} u^2 du = h^2 - 2h + 2 - 2e^{-h}.
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser, x, sigmas, progress=False, **cond):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): with r = h_prev / h,
+        x_next = (sigma_next / sigma) x + (1 - e^{-h}) ((1 + 1/(2r)) D_cur - 1/(2r) D_prev).
+    First step and the last (to sigma = 0, where h = inf) are first order (the DDIM step)."""
+    check_inputs(x, sigmas)
+    x0_prev, h_prev = None, None
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0_cur = _denoise(denoiser, x, sigma, cond)
+        if sigma_next == 0:
+            x = x0_cur
+            continue
+        h = math.log(sigma / sigma_next)
+        D = x0_cur
+        if x0_prev is not None:
+            r = h_prev / h
+            D = (1 + 1 / (2 * r)) * x0_cur - (1 / (2 * r)) * x0_prev
+        x = (sigma_next / sigma) * x - math.expm1(-h) * D
+        x0_prev, h_prev = x0_cur, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, generator=None, progress=False, **cond):
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, Appendix; eta scales the noise as in k-diffusion). The reverse SDE
+    written in lambda has the linear part solved exactly:
+        x_next = (sigma_next/sigma) e^{-eta h} x + (1 - e^{-(1+eta) h}) D + sigma_next sqrt(1 - e^{-2 eta h}) z,
+    and the second-order term adds (1 - e^{-(1+eta)h}) / (2r) (D_cur - D_prev) (the midpoint rule of 2M).
+    eta = 0 is DPM-Solver++(2M); eta = 1 samples the reverse SDE."""
+    check_inputs(x, sigmas)
+    x0_prev, h_prev = None, None
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0_cur = _denoise(denoiser, x, sigma, cond)
+        if sigma_next == 0:
+            x = x0_cur
+            continue
+        h = math.log(sigma / sigma_next)
+        phi = -math.expm1(-(1 + eta) * h)                     # 1 - e^{-(1+eta) h}
+        x = (sigma_next / sigma) * math.exp(-eta * h) * x + phi * x0_cur
+        if x0_prev is not None:
+            r = h_prev / h
+            x = x + phi / (2 * r) * (x0_cur - x0_prev)
+        if eta > 0:
+            x = x + sigma_next * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise * _noise_like(x, generator)
+        x0_prev, h_prev = x0_cur, h
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_3m(denoiser, x, sigmas, progress=False, **cond):
+    """Third-order multistep exponential integrator in data prediction (the 3M member of the DPM-Solver++ family,
+    Lu et al. 2022, Sec. 4): D is the quadratic through the last three outputs in lambda, in Newton form
+        D(u) = D_0 + a u + b u (u + h_1),  a = (D_0 - D_1)/h_1,  b = ((D_0 - D_1)/h_1 - (D_1 - D_2)/h_2) / (h_1 + h_2),
+    (u = lambda - lambda_cur; h_1, h_2 the previous step sizes), integrated exactly against e^{u-h} (see above).
+    Warms up with first- and second-order steps; the step to sigma = 0 returns D."""
+    check_inputs(x, sigmas)
+    history = []                                              # [(D, step size that led to it)], newest first
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0_cur = _denoise(denoiser, x, sigma, cond)
+        if sigma_next == 0:
+            x = x0_cur
+            continue
+        h = math.log(sigma / sigma_next)
+        e = math.exp(-h)
+        I0, I1, I2 = 1 - e, h - 1 + e, h * h - 2 * h + 2 - 2 * e
+        update = I0 * x0_cur
+        if len(history) >= 1:
+            (x0_1, h_1) = history[0]
+            a = (x0_cur - x0_1) / h_1
+            update = update + I1 * a
+            if len(history) >= 2:
+                (x0_2, h_2) = history[1]
+                b = (a - (x0_1 - x0_2) / h_2) / (h_1 + h_2)
+                update = update + (I2 + h_1 * I1) * b
+        x = (sigma_next / sigma) * x + update
+        history = [(x0_cur, h)] + history[:1]
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------
+# Score SDE's predictor-corrector sampler.
+
+@torch.no_grad()
+def sample_pc(denoiser, x, sigmas, snr=0.16, n_corrector=1, generator=None, progress=False, **cond):
+    """Predictor-corrector sampling (Song et al. 2021, Alg. 2 for VE SDEs), with score = (D - x) / sigma^2:
+    predictor (reverse diffusion): x <- x + (sigma^2 - sigma_next^2) score + sqrt(sigma^2 - sigma_next^2) z,
+    corrector (Langevin, Alg. 4): eps = 2 (snr ||z|| / ||score||)^2, x <- x + eps score + sqrt(2 eps) z,
+    run n_corrector times at sigma_next. snr = 0.16 is the paper's CIFAR-10 value. The step to sigma = 0 returns D."""
+    check_inputs(x, sigmas)
+    for i in _steps(sigmas, progress):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        x0_hat = _denoise(denoiser, x, sigma, cond)
+        if sigma_next == 0:
+            x = x0_hat
+            continue
+        score = (x0_hat - x) / sigma ** 2
+        x = x + (sigma ** 2 - sigma_next ** 2) * score + math.sqrt(sigma ** 2 - sigma_next ** 2) * _noise_like(x, generator)
+        for _ in range(n_corrector):
+            score = (_denoise(denoiser, x, sigma_next, cond) - x) / sigma_next ** 2
+            z = _noise_like(x, generator)
+            # step size from the ratio of noise and score norms (Alg. 4 line 5), each averaged over the batch as
+            # in the paper's code: per-sample norms make the step explode where a low-dimensional score is ~0
+            z_norm, score_norm = z.flatten(1).norm(dim=1).mean(), score.flatten(1).norm(dim=1).mean()
+            eps = 2 * (snr * z_norm / score_norm.clamp(min=1e-12)) ** 2
+            x = x + eps * score + (2 * eps).sqrt() * z
+    return x
+
+
+SAMPLERS = {
+    'ddpm': sample_ddpm,
+    'ddim': sample_ddim,
+    'euler': sample_euler,
+    'heun': sample_heun,
+    'euler_ancestral': sample_euler_ancestral,
+    'dpmpp_2m': sample_dpmpp_2m,
+    'dpmpp_2m_sde': sample_dpmpp_2m_sde,
+    'dpmpp_3m': sample_dpmpp_3m,
+    'pc': sample_pc,
+}
+
+# Denoiser evaluations per step (the rest use one): Heun evaluates twice except on the last step, PC 1 + n_corrector.
+STOCHASTIC = ('ddpm', 'euler_ancestral', 'dpmpp_2m_sde', 'pc')
+
+
+def steps_for_nfe(name, nfe):
+    """The number of sigmas (before the final 0) that makes a sampler use about `nfe` denoiser evaluations."""
+    if name == 'heun':
+        return (nfe + 1) // 2 + (1 if nfe % 2 == 0 else 0) if nfe > 1 else 1    # 2(n-1) + 1 evaluations
+    if name == 'pc':
+        return max(nfe // 2 + 1, 1)                                          # 2(n-1) + 1 with one corrector step
+    return nfe
+
+
+if __name__ == '__main__':
+    # Demo: sample a 1-D Gaussian N(mu, s^2) with its exact denoiser; every sampler should give mean ~mu, std ~s.
+    mu, s = 1.5, 0.5
+    denoiser = lambda x, sigma: mu + s ** 2 / (s ** 2 + sigma[:, None] ** 2) * (x - mu)
+    sigmas = karras_sigmas(30, 0.002, 80.0)
+    g = torch.Generator().manual_seed(0)
+    x_T = sigmas[0] * torch.randn(20000, 1, generator=g, dtype=torch.float64)
+    print(f'target: mean {mu}, std {s};  {len(sigmas) - 1} steps on the Karras schedule')
+    for name, fn in SAMPLERS.items():
+        kwargs = {'generator': torch.Generator().manual_seed(1)} if name in STOCHASTIC else {}
+        out = fn(denoiser, x_T.clone(), sigmas.double(), **kwargs)
+        print(f'{name:>16}: mean {out.mean():.4f}, std {out.std():.4f}')
