@@ -94,7 +94,7 @@ class ConstantSchedule:
 
 class LinearSchedule:
     """Guidance weight growing linearly over the sampling steps, w_start at the first (noisiest) step and w_end
-    at the last (Muse, Chang et al. 2023, Sec. 2.7). Weak guidance early lets the coarse layout stay diverse;
+    at the last (Muse, Chang et al. 2023). Weak guidance early lets the coarse layout stay diverse;
     strong guidance late sharpens the details. Between grid sigmas the progress is interpolated in log sigma."""
 
     def __init__(self, sigmas, w_end, w_start=1.0):
@@ -109,7 +109,7 @@ class LinearSchedule:
 
 
 class OscillatingSchedule:
-    """Imagen Video's oscillating guidance (Ho et al. 2022, Sec. 2.6): a constant high weight for the first
+    """Imagen Video's oscillating guidance (Ho et al. 2022): a constant high weight for the first
     `num_high` steps, then alternating low, high, low, ... The paper found this keeps the text alignment of a
     high weight while avoiding the saturation artifacts that a constant high weight causes at large resolutions.
 
@@ -119,7 +119,7 @@ class OscillatingSchedule:
 
     def __init__(self, sigmas, w_high, w_low=1.0, num_high=0):
         self.sigmas = sigmas                             # the sampler's descending noise levels (final 0 allowed)
-        self.w_high = w_high                             # the high weight (Imagen Video used e.g. 15 with w_low 1)
+        self.w_high = w_high                             # the high weight
         self.w_low = w_low                               # the low weight of the oscillation (1 = no guidance)
         self.num_high = num_high                         # number of initial steps at w_high before oscillating
 
@@ -131,7 +131,7 @@ class OscillatingSchedule:
 
 
 class IntervalSchedule:
-    """Guidance only in a limited interval of noise levels (Kynkaanniemi et al. 2024, Eq. 2):
+    """Guidance only in a limited interval of noise levels (Kynkaanniemi et al. 2024):
     w(sigma) = w for sigma_lo < sigma <= sigma_hi, else 1. At high noise guidance pulls all samples towards a few
     class templates and drops modes; at low noise it barely helps; the paper tunes the interval per model.
     Outside the interval a guided denoiser needs only the conditional evaluation, which saves compute."""
@@ -185,17 +185,18 @@ class ClassifierFreeGuidance:
         w = append_dims(_weight(self.w, sigma), x.ndim)                             # (N, 1, ..., 1)
         if bool((w == 1).all()):
             return self.denoiser(x, sigma, **cond)        # no guidance anywhere in this batch: skip the second half
+        batched = lambda v: torch.is_tensor(v) and v.ndim > 0 and v.shape[0] == n
         both = {}
         for key in set(cond) | set(self.uncond):
+            if key not in self.uncond:                    # shared by both halves: duplicate per-sample tensors
+                both[key] = torch.cat([cond[key], cond[key]]) if batched(cond[key]) else cond[key]
+                continue
             a = _per_sample(cond.get(key), n, x.device)
-            b = _per_sample(self.uncond.get(key, cond.get(key)), n, x.device, like=a)
-            if torch.is_tensor(a) and torch.is_tensor(b) and a.ndim > 0 and a.shape[0] == n and b.shape == a.shape:
-                both[key] = torch.cat([a, b])                                        # (2N, ...)
-            elif a is b or (not torch.is_tensor(a) and not torch.is_tensor(b) and a == b):
-                both[key] = a                                                        # shared, not per sample
-            else:
+            b = _per_sample(self.uncond[key], n, x.device, like=a)
+            if not (batched(a) and torch.is_tensor(b) and b.shape == a.shape):
                 raise ValueError(f'cannot batch keyword {key!r} for the conditional and unconditional halves '
-                                 f'(conditional value {a!r:.60}; pass it with a batch dimension of {n})')
+                                 f'(conditional value {a!r:.60}); pass it with a batch dimension of {n}')
+            both[key] = torch.cat([a, b])                                            # (2N, ...)
         d = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both)
         d_cond, d_uncond = d.chunk(2)
         return guide(d_cond, d_uncond, w)
@@ -245,7 +246,9 @@ class ClassifierGuidance:
 
     In the sigma frame x = x_t / s(t) the classifier sees the same information, and sigma^2 converts a score
     into a denoiser offset (D = x + sigma^2 score). With the exact classifier, scale s on the unconditional model
-    equals CFG with w = s, and on the conditional model (pass_y=True) it equals CFG with w = 1 + s."""
+    equals CFG with w = s, and on the conditional model (pass_y=True) it equals CFG with w = 1 + s.
+    A classifier trained on the unscaled x_t = s(t) x of a VP model is used through a wrapper,
+    log_prob_fn = lambda x, sigma: clf(x * s(sigma), t(sigma)); autograd then gives the gradient in x."""
 
     def __init__(self, denoiser, log_prob_fn, scale=1.0, pass_y=False):
         self.denoiser = denoiser                         # unconditional (or, with pass_y, conditional) denoiser
@@ -276,8 +279,12 @@ def dynamic_threshold(x0_hat, percentile=0.995, bound=1.0):
     """s = the `percentile` quantile of |x0_hat| per sample, s = max(s, bound); clip to [-s, s] and rescale by
     bound / s. Saturated samples are pulled inwards as a whole instead of being flattened at the bound; samples
     already inside the range (s <= bound) are left untouched. Imagen used percentile 0.995 (Sec. 2.3)."""
-    flat = x0_hat.reshape(x0_hat.shape[0], -1).abs()
-    s = torch.quantile(flat.double(), percentile, dim=1).to(x0_hat.dtype)          # (N,), linear interpolation
+    # the quantile with linear interpolation between order statistics (numpy's default), written out because
+    # torch.quantile refuses inputs of more than 2^24 elements (a batch of 128 images of 3 x 256 x 256)
+    flat = x0_hat.reshape(x0_hat.shape[0], -1).abs().sort(dim=1).values            # (N, M) ascending
+    pos = percentile * (flat.shape[1] - 1)
+    lo, frac = int(math.floor(pos)), pos - math.floor(pos)
+    s = flat[:, lo] if frac == 0 else (1 - frac) * flat[:, lo] + frac * flat[:, lo + 1]        # (N,)
     s = append_dims(s.clamp(min=bound), x0_hat.ndim)
     return x0_hat.clamp(-s, s) * (bound / s)
 
@@ -365,7 +372,7 @@ if __name__ == '__main__':
     classifier = lambda x, sigma: log_joint(x, sigma).log_softmax(1)
     cg = ClassifierGuidance(lambda x, sigma: toy(x, sigma, torch.full((x.shape[0],), null)), classifier, scale=3.0)
     print(f'|classifier guidance(s=3) - CFG(w=3)| = {(cg(x, sigma, y=y) - ClassifierFreeGuidance(toy, 3.0, null)(x, sigma, y=y)).abs().max():.1e}')
-    print(f'dynamic threshold of [[0.5, -3, 2, 1]] at p=0.5: {dynamic_threshold(torch.tensor([[0.5, -3.0, 2.0, 1.0]]), 0.5).tolist()}')
+    print(f'dynamic threshold of [[0.5, -3, 2, 1]] at p=0.5: {[round(v, 4) for v in dynamic_threshold(torch.tensor([0.5, -3.0, 2.0, 1.0])[None], 0.5)[0].tolist()]}')
 
     # Heun on dx/dsigma = (x - D)/sigma over 32 Karras noise levels, all samples requested as class 0. With two
     # classes grad log p(0 | x) = (1 - p(0 | x)) grad logit: guidance pushes hardest where the classifier is unsure,

@@ -2,6 +2,7 @@
 unconditional denoisers, noisy classifier and densities are all exact."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,15 @@ from guidance import (Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, 
 from samplers import SAMPLERS, karras_sigmas
 
 SIGMAS = [0.05, 0.3, 1.0, 4.0]
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """The mixture's tensors are tiny: on a busy 2-core machine a second thread makes each op ~30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -200,6 +210,10 @@ def test_dynamic_threshold_by_hand():
     s = 99.5 / 20
     torch.testing.assert_close(out, ramp.clamp(max=s) / s)
     assert out.abs().max() <= 1.0
+    # image-shaped input: the per-sample s is numpy's percentile of |x0| over all of that sample's elements
+    x0 = 2 * torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = np.maximum(np.percentile(x0.abs().reshape(4, -1).numpy(), 99.5, axis=1), 1.0)[:, None, None, None]
+    torch.testing.assert_close(dynamic_threshold(x0), torch.from_numpy(np.clip(x0.numpy(), -s, s) / s))
 
 
 def test_thresholded_wrapper():
