@@ -208,7 +208,8 @@ class ClassifierFreeGuidance:
 class Autoguidance:
     """D_w = D_1 + (w - 1)(D_1 - D_0) with D_0 a smaller or shorter-trained version of D_1 (Karras et al. 2024).
     The bad model makes the same kind of errors as the good one, only more, so extrapolating away from it
-    corrects errors of D_1 rather than only sharpening the class, and it keeps more diversity than CFG. Both get
+    corrects errors of D_1 rather than only sharpening the class; the paper finds it keeps more diversity than
+    CFG. (An exact D_1 has no error to correct, and then autoguidance only sharpens: benchmarks/guidance.py.) Both get
     the same condition (the paper also guides unconditional models this way). The two are different networks,
     so there is no batching trick: two calls. train.py can save the early checkpoint that serves as D_0."""
 
