@@ -59,15 +59,16 @@ def resize_images(x, size, mode='clean'):
     'clean'  : bicubic with an antialiasing filter whose support grows with the downscale factor, as
                PIL's Image.resize(BICUBIC) does per channel in float mode; Parmar et al. 2022 show that
                the aliasing of naive resizes moves FID by several points. torch's antialias=True kernel
-               is a port of PIL's (a = -0.5), it agrees with PIL to ~1e-5 here (tests check it).
+               is a port of PIL's (a = -0.5); computed in float64, as PIL accumulates, it agrees
+               with PIL to ~1e-7 (float32 rounding; in float32 the gap grows to ~1e-5).
     'legacy' : bilinear without antialiasing (align_corners=False), exactly what pytorch-fid does, to
                compare with numbers in papers computed with pytorch-fid.
     """
     if x.shape[-2:] == (size, size):
         return x  # both modes are the identity at the native size
     if mode == 'clean':
-        x = F.interpolate(x, size=(size, size), mode='bicubic', align_corners=False, antialias=True)
-        return x.clamp(0, 1)  # bicubic overshoots at edges; keep the valid range (clean-fid clips too)
+        y = F.interpolate(x.double(), size=(size, size), mode='bicubic', align_corners=False, antialias=True)
+        return y.clamp(0, 1).to(x.dtype)  # bicubic overshoots at edges; keep the valid range (as clean-fid)
     if mode == 'legacy':
         return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
     raise ValueError(f"resize mode must be 'clean' or 'legacy', got {mode!r}")
@@ -436,6 +437,22 @@ def load_images(path, limit=None):
         raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {path}')
     arrays = [np.asarray(Image.open(f).convert('RGB')) for f in files]
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+def load_labels(path):
+    """Class labels stored beside the images in an .npz ('labels' or 'y'), else None."""
+    if not path.endswith('.npz'):
+        return None
+    with np.load(path) as data:
+        key = next((k for k in ('labels', 'y') if k in data), None)
+        return None if key is None else data[key].astype(np.int64)
+
+
+def is_statistics_file(path):
+    if not path.endswith('.npz'):
+        return False
+    with np.load(path) as data:
+        return 'mu' in data and 'sigma' in data
 
 
 @torch.no_grad()
@@ -814,6 +831,9 @@ def parse_args(argv=None):
     m.add_argument('--num-gen', type=int, default=None, help='use at most this many generated images')
     m.add_argument('--num-ref', type=int, default=None, help='use at most this many reference images')
     m.add_argument('--reference-split', default=None, help='name of the reference split, printed with scores')
+    m.add_argument('--conditions', default=None, choices=CONDITION_MODES,
+                   help='how the classes of the generated samples were chosen (printed with the scores); '
+                        'per-class scores are added when both .npz files hold labels')
     m.add_argument('--save-stats', default=None, help='write the reference statistics to this .npz')
     m.add_argument('--memorization', default=None, help='folder/.npz of training images: nearest-neighbour check')
     m.add_argument('--pairs-png', default='nearest_pairs.png', help='where the memorization check saves pairs')
@@ -848,19 +868,27 @@ def main(args):
     fake = load_images(args.generated, args.num_gen)
     out = extract_features(fake, net, args.batch_size, args.device, return_logits=want_logits)
     fake_feats, fake_logits = out if want_logits else (out, None)
-    is_stats = args.reference.endswith('.npz') and 'mu' in np.load(args.reference).files
-    if is_stats:
+    real_feats = None
+    if is_statistics_file(args.reference):  # cached statistics: no reference image is read
         ref_stats = load_statistics(args.reference)
         num_ref = int(ref_stats.get('num_images', -1))
     else:
         real = load_images(args.reference, args.num_ref)
-        ref_stats = compute_statistics(extract_features(real, net, args.batch_size, args.device))
+        real_feats = extract_features(real, net, args.batch_size, args.device)
+        ref_stats = compute_statistics(real_feats)
         num_ref = len(real)
         if args.save_stats:
             save_statistics(args.save_stats, ref_stats)
     results = compute_metrics(fake_feats, ref_stats, fake_logits, metrics, net.name)
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
-    print(format_results(results, len(fake_feats), num_ref, args.resize, split))
+    print(format_results(results, len(fake_feats), num_ref, args.resize, split, args.conditions))
+    fake_labels, real_labels = load_labels(args.generated), load_labels(args.reference)
+    if real_feats is not None and fake_labels is not None and real_labels is not None:
+        fd_name = 'FID' if net.name == 'inception' else f'FD_{net.name}'
+        per_class = per_class_fd(fake_feats, fake_labels[:len(fake_feats)], real_feats, real_labels[:num_ref])
+        results['per_class'] = per_class
+        print(f'per-class {fd_name} (noisy: few samples per class): '
+              + ', '.join(f'{c}: {v:.4g}' for c, v in per_class.items()))
     if args.memorization:
         train = load_images(args.memorization)
         train_feats = extract_features(train, net, args.batch_size, args.device)

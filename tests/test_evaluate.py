@@ -255,7 +255,7 @@ def test_clean_resize_matches_pil_bicubic(size):
     pil = np.stack([np.asarray(Image.fromarray(x[0, c].numpy(), mode='F').resize((299, 299), Image.BICUBIC))
                     for c in range(3)])
     ours = evaluate.resize_images(x, 299, 'clean')[0].numpy()
-    np.testing.assert_allclose(ours, np.clip(pil, 0, 1), atol=1e-4)
+    np.testing.assert_allclose(ours, np.clip(pil, 0, 1), atol=1e-6)
 
 
 def test_legacy_resize_is_pytorch_fid_bilinear_and_identity_at_299():
@@ -439,17 +439,19 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
     rng = np.random.RandomState(13)
     train = rng.randint(0, 256, (60, 1, 16, 16), dtype=np.uint8)
     generated = np.concatenate([train[:5], rng.randint(0, 256, (35, 1, 16, 16), dtype=np.uint8)])
-    np.savez(tmp_path / 'gen.npz', generated)
-    np.savez(tmp_path / 'train.npz', train)
+    labels = np.arange(60) % 2
+    np.savez(tmp_path / 'gen.npz', generated, labels=labels[:40])
+    np.savez(tmp_path / 'train.npz', train, labels=labels)
     torch.save(evaluate.LeNetFeatures(1, 10, 16).state_dict(), tmp_path / 'lenet.pth')
     common = ['--network', 'lenet', '--lenet-weights', str(tmp_path / 'lenet.pth'), '--metrics', 'fid,kid']
     args = evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'train.npz'), *common,
                                 '--save-stats', str(tmp_path / 'stats.npz'), '--memorization', str(tmp_path / 'train.npz'),
-                                '--pairs-png', str(tmp_path / 'pairs.png')])
+                                '--pairs-png', str(tmp_path / 'pairs.png'), '--conditions', 'real'])
     first = evaluate.main(args)
     out = capsys.readouterr().out
     assert 'FD_lenet' in out and 'FID' not in out and 'generated=40' in out and 'reference=60' in out
     assert '12.50% of samples' in out  # the 5 planted copies out of 40, in pixel space
+    assert 'conditions=real' in out and 'per-class FD_lenet' in out and set(first['per_class']) == {0, 1}
     assert os.path.isfile(tmp_path / 'pairs.png')
     # the saved reference statistics give the same Frechet distance without the reference images
     again = evaluate.main(evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'stats.npz'), *common]))
