@@ -194,8 +194,10 @@ class InMemoryDataset(torch.utils.data.Dataset):
 # Procedural shapes: signed distance functions, rendered with an analytic 1-pixel antialiasing ramp
 
 SHAPE_CLASSES = ('circle', 'square', 'triangle', 'diamond', 'ring', 'cross')
-RING_INNER = 0.5      # inner radius of the ring, as a fraction of its outer radius r
-CROSS_HALF_WIDTH = 0.3  # half-width of a cross arm, as a fraction of the arm's half-length r
+# Chosen so that area / r^2 alone tells the classes apart (a check that labels mean what they say):
+# triangle 1.73, diamond 2, ring 2.36, cross 2.56, circle 3.14, square 4.
+RING_INNER = 0.5        # inner radius of the ring, as a fraction of its outer radius r
+CROSS_HALF_WIDTH = 0.4  # half-width of a cross arm, as a fraction of the arm's half-length r
 
 
 def shape_area(kind, r):
@@ -393,6 +395,9 @@ class _ArrayUnpickler(pickle.Unpickler):
             return np.empty(0).__reduce__()[0]             # numpy's array reconstructor, wherever it lives
         if module == 'numpy' and name in ('ndarray', 'dtype'):
             return getattr(np, name)
+        if (module, name) == ('_codecs', 'encode'):   # how Python 3 writes bytes at protocol 2; harmless
+            import codecs
+            return codecs.encode
         raise pickle.UnpicklingError(f'refusing to unpickle {module}.{name} from a CIFAR batch')
 
 
@@ -645,14 +650,16 @@ def _geometric(x, cond, inverse=False):
 
 
 def _colour(x, cond, inverse=False):
-    """Brightness, contrast (about 0), saturation (about the channel mean) of (N, C, ...)."""
+    """Brightness, contrast (about 0), saturation (about the channel mean) of (N, C, ...).
+
+    Written so that a zero entry is the exact identity in floating point (x + 0, x * 1, x + 0 * (...)),
+    which keeps p = 0 and aug_cond = 0 bit-exact no-ops.
+    """
     b, c, s = _per_sample(cond[:, 7], x), torch.exp2(_per_sample(cond[:, 8], x)), torch.exp2(_per_sample(cond[:, 9], x))
-    mean = lambda x: x.mean(dim=1, keepdim=True)   # the grey axis; saturation leaves it unchanged
+    saturate = lambda x, s: x + (s - 1) * (x - x.mean(dim=1, keepdim=True))   # the grey axis mean_c(x) is kept
     if not inverse:
-        x = (x + b) * c
-        return mean(x) + (x - mean(x)) * s
-    x = mean(x) + (x - mean(x)) / s
-    return x / c - b
+        return saturate((x + b) * c, s)
+    return saturate(x, 1 / s) / c - b
 
 
 def apply_augment(x, aug_cond):
