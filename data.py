@@ -140,7 +140,7 @@ def find_files(name, files, data_dir, mirrors=(), download=True, hint=''):
         if missing:
             where = ' or '.join(os.path.abspath(c) for c in candidates)
             urls = '\n'.join(f'  {mirrors[0] + f}  (md5 {files[f]})' for f in missing) if mirrors else ''
-            why = ('download failed:\n  ' + '\n  '.join(reasons[-len(missing):])) if reasons else \
+            why = ('download failed:\n  ' + '\n  '.join(reasons)) if reasons else \
                 ('download=False' if mirrors else 'these files cannot be downloaded automatically')
             raise DatasetNotFoundError(
                 f'{name}: missing {", ".join(missing)} in {where} ({why}).\n'
@@ -450,7 +450,9 @@ class EmojiDataset(InMemoryDataset):
         if split not in ('train', 'all'):
             raise ValueError(f"emoji has no '{split}' split; use split='train' and torch.utils.data.random_split")
         name = 'noto_emoji_32.npz' if resolution <= 32 else 'noto_emoji_64.npz'
-        folder = find_files('emoji', {name: None}, data_dir, download=False,   # not downloadable: built by hand
+        md5 = {'noto_emoji_32.npz': '51c2f8385b5894b59926ed7e84d739df',     # ../shared/data/README.md
+               'noto_emoji_64.npz': '76cfc94ed34be5a9a4a6d2fb2d9e4add'}[name]
+        folder = find_files('emoji', {name: md5}, data_dir, download=False,   # not downloadable: built by hand
                             hint='They are in the team checkout at ../shared/data/emoji (made from the npm package '
                                  'emoji-datasource-google@16.0.0; see ../shared/data/README.md).')
         with np.load(os.path.join(folder, name)) as z:
@@ -527,8 +529,8 @@ class ImageFolderDataset(InMemoryDataset):
         if cache:
             images = torch.stack([load_image(p, resolution) for p in
                                   tqdm(self.paths, desc=f'reading {root}', disable=len(self.paths) < 2000)])
-        else:   # a placeholder of the right shape; __getitem__ decodes the file
-            images = torch.zeros((len(self.paths), 3, resolution, resolution), dtype=torch.uint8)
+        else:   # a placeholder of the right shape that takes no memory (expand); __getitem__ decodes the file
+            images = torch.zeros((1, 3, resolution, resolution), dtype=torch.uint8).expand(len(self.paths), -1, -1, -1)
         super().__init__(images, labels, class_names)
         if not cache:
             del self.images   # no `.images` when they are not in memory: callers must index the dataset
@@ -709,8 +711,8 @@ class AugmentPipe:
         angle = k * (torch.pi / 2)
         cond[:, 2], cond[:, 3] = torch.round(torch.cos(angle)) - 1, torch.round(torch.sin(angle))
         m = round(self.translate * resolution)   # max shift in pixels; a shift of 0 may be drawn
-        shift = (rand(2, n) * (2 * m + 1)).long() - m
-        cond[:, 4:6] = torch.where(on(m > 0) & torch.ones(2, 1, dtype=torch.bool, device=dev), shift, 0).T / resolution
+        shift = (rand(n, 2) * (2 * m + 1)).long() - m                     # uniform integers in [-m, m]
+        cond[:, 4:6] = torch.where(on(m > 0)[:, None], shift, 0) / resolution   # one gate for both axes
         cond[:, 6] = torch.where(on(self.scale_std), randn(n) * self.scale_std, 0)
         cond[:, 7] = torch.where(on(self.brightness_std), randn(n) * self.brightness_std, 0)
         cond[:, 8] = torch.where(on(self.contrast_std), randn(n) * self.contrast_std, 0)
