@@ -62,6 +62,8 @@ def parse_args():
     g.add_argument('--model-ccdf-sigma', type=float, default=2.0, help='CCDF start for the model (data std ~0.5)')
     g.add_argument('--zeta', type=float, default=None, help='DPS / MCG step (default: inverse.py\'s)')
     g.add_argument('--w-r', type=float, default=1.0, help='reconstruction-guidance weight')
+    g.add_argument('--methods', nargs='+', default=list(INVERSE_METHODS), choices=list(INVERSE_METHODS),
+                   help='methods to run on the model (all by default)')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     g.add_argument('--out', default='benchmarks/out/inverse_model.png', help='PNG of the reconstructions')
     p.add_argument('--seed', type=int, default=0)
@@ -204,7 +206,8 @@ def model_benchmark(args):
         baseline = op.pinv(y)
         print(f"{task:<16} {'A^+ y (no model)':<24} {psnr(baseline, x0).mean():>6.2f} {0:>8.1e} {0:>4} {0:>6.2f}")
         cols = [baseline[:args.show]]
-        for name, fn in INVERSE_METHODS.items():
+        for name in args.methods:
+            fn = INVERSE_METHODS[name]
             start = args.model_ccdf_sigma if name == 'ccdf' else sigma_max
             sigmas = karras_sigmas(args.nfe, sigma_min, start).to(device)
             g = torch.Generator().manual_seed(args.seed + 1)
@@ -227,7 +230,8 @@ def model_benchmark(args):
         cols.append(x0[:args.show])
         rows.append((task, cols))
         print()
-    save_picture(rows, ['A^+ y'] + list(INVERSE_METHODS) + ['original'], args.out)
+    short = {'reconstruction_guidance': 'recon. guid.'}
+    save_picture(rows, ['A^+ y'] + [short.get(m, m) for m in args.methods] + ['original'], args.out)
     print(f'picture: {args.out}')
 
 
