@@ -134,7 +134,7 @@ def test_kid_is_unbiased_on_identical_distributions():
     for _ in range(300):
         X, Y = rng.randn(20, 8), rng.randn(20, 8)
         unbiased.append(evaluate.mmd2_unbiased(X, Y))
-        Kxx, Kyy, Kxy = (evaluate.polynomial_kernel(A, B) for A, B in ((X, X), (Y, Y), (X, Y)))
+        Kxx, Kyy, Kxy = (evaluate.polynomial_kernel(A, B) for A, B in ((X, X), (Y, Y), (X, Y)))  # numpy here
         biased.append(Kxx.mean() + Kyy.mean() - 2 * Kxy.mean())
     stderr = np.std(unbiased) / np.sqrt(len(unbiased))
     assert abs(np.mean(unbiased)) < 4 * stderr
@@ -211,6 +211,8 @@ def test_memorization_flags_planted_copies_not_fresh_samples(tmp_path):
     evaluate.save_nearest_pairs(samples, train, report['pixel']['nearest'], report['pixel']['ratio'], path, 4)
     img = Image.open(path)
     assert img.size == (2 * 8 + 4, 4 * (8 + 4))  # 4 pairs, each (sample | train) with a 2-px border
+    with pytest.raises(ValueError, match='same'):
+        evaluate.memorization_check(torch.rand(2, 3, 4, 4), train)
 
 
 def test_loss_gap_report():
@@ -419,6 +421,18 @@ def test_lenet_features_on_mnist(shared_data):
     fd_real = evaluate.frechet_distance(*evaluate.feature_statistics(real_a), *evaluate.feature_statistics(real_b))
     fd_noise = evaluate.frechet_distance(*evaluate.feature_statistics(real_a), *evaluate.feature_statistics(noise))
     assert fd_real < fd_noise / 10
+
+
+def test_evaluate_generator_during_training():
+    # A "generator" that returns held-out real data scores far better than one that returns noise.
+    g = torch.Generator().manual_seed(0)
+    model = evaluate.LeNetFeatures(1, 10, 8).eval()
+    data = lambda n: torch.tanh(torch.randn(n, 1, 8, 8, generator=g) * 0.5 + 0.3)  # noqa: E731  in [-1, 1]
+    ref = evaluate.compute_statistics(evaluate.extract_features((data(400) + 1) / 2, model, progress=False))
+    good = evaluate.evaluate_generator(data, ref, model, num_samples=300, batch_size=100)
+    bad = evaluate.evaluate_generator(lambda n: torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, ref, model, 300, 100)
+    assert set(good) == {'FD_lenet', 'KD_lenet', 'KD_lenet_std'}
+    assert good['FD_lenet'] < bad['FD_lenet'] / 5 and abs(good['KD_lenet']) < bad['KD_lenet'] / 5
 
 
 def test_load_images_folder_and_npz(tmp_path):
