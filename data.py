@@ -252,12 +252,27 @@ def render_shapes(labels, centres, radii, fg, bg, resolution, chunk=2048):
     return out
 
 
-def sample_shape_params(rng, n, resolution, num_classes=len(SHAPE_CLASSES)):
-    """Random class (exactly balanced), half-size, colours; the centre is left to the caller."""
+# 'palette': bright shape colours on a dark background: fewer colours for a small model to learn in minutes.
+SHAPE_PALETTE = np.array([[1, 0.15, 0.15], [0.2, 0.9, 0.2], [0.25, 0.4, 1], [1, 0.9, 0.1], [0.1, 0.9, 0.9],
+                          [0.95, 0.2, 0.9], [1, 0.55, 0.1], [0.95, 0.95, 0.95]], np.float32)
+
+
+def sample_shape_params(rng, n, resolution, colours='palette', num_classes=len(SHAPE_CLASSES)):
+    """Random class (exactly balanced), half-size, colours; the centre is left to the caller.
+
+    colours='palette': shape colour from SHAPE_PALETTE, background uniform in [0, 0.3]^3 (dark);
+    colours='random': both uniform in [0, 1]^3 (harder: a model must learn that a shape is one colour).
+    """
     labels = rng.permutation(np.arange(n) % num_classes)
     radii = rng.uniform(0.2, 0.4, n).astype(np.float32) * resolution
-    bg = rng.uniform(0, 1, (n, 3)).astype(np.float32)
-    fg = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+    if colours == 'palette':
+        bg = rng.uniform(0, 0.3, (n, 3)).astype(np.float32)
+        fg = SHAPE_PALETTE[rng.integers(0, len(SHAPE_PALETTE), n)]
+    elif colours == 'random':
+        bg = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+        fg = rng.uniform(0, 1, (n, 3)).astype(np.float32)
+    else:
+        raise ValueError(f"colours must be 'palette' or 'random', not {colours!r}")
     # Redraw shape colours too close to the background, so every shape is clearly visible (vectorised retries).
     close = np.linalg.norm(fg - bg, axis=1) < 0.5
     while close.any():
@@ -285,10 +300,11 @@ class ShapesDataset(InMemoryDataset):
     def __init__(self, num_images=None,  # default 20,000 for 'train', 2,000 for 'test'
                  resolution=32,           # image side in pixels (16, 32, 64, ...)
                  seed=0,                  # same seed and split -> the same images
-                 split='train'):          # 'train' or 'test': independent random streams (held-out images)
+                 split='train',           # 'train' or 'test': independent random streams (held-out images)
+                 colours='palette'):      # 'palette' (easier, the default) or 'random' RGB
         num_images = num_images or (20000 if split == 'train' else 2000)
         rng = np.random.default_rng([seed, SPLITS[split]])
-        labels, radii, fg, bg = sample_shape_params(rng, num_images, resolution)
+        labels, radii, fg, bg = sample_shape_params(rng, num_images, resolution, colours)
         centres = sample_centres(rng, radii, resolution)
         images = render_shapes(labels, centres, radii, fg, bg, resolution)
         self.params = dict(centres=centres, radii=radii, fg=fg, bg=bg)
@@ -307,10 +323,11 @@ class VideoShapesDataset(InMemoryDataset):
                  frames=8,                # F, frames per video
                  resolution=32,           # frame side in pixels
                  seed=0,                  # same seed and split -> the same videos
-                 split='train'):          # 'train' or 'test'
+                 split='train',           # 'train' or 'test'
+                 colours='palette'):      # 'palette' or 'random' RGB, as for ShapesDataset
         num_videos = num_videos or (4000 if split == 'train' else 400)
         rng = np.random.default_rng([seed, SPLITS[split], 1])    # 1: a stream distinct from ShapesDataset's
-        labels, radii, fg, bg = sample_shape_params(rng, num_videos, resolution)
+        labels, radii, fg, bg = sample_shape_params(rng, num_videos, resolution, colours)
         start, end = sample_centres(rng, radii, resolution), sample_centres(rng, radii, resolution)
         t = np.linspace(0, 1, frames, dtype=np.float32)
         centres = start[:, None] + t[None, :, None] * (end - start)[:, None]    # (N, F, 2), linear in time
