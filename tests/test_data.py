@@ -67,9 +67,10 @@ def test_shapes_range_shape_and_attributes(resolution):
     assert np.abs(corners.numpy() - ds.params['bg'][:, :, None]).max() < 1 / 255
 
 
-def test_shapes_of_each_class_have_that_shapes_area():
+@pytest.mark.parametrize('colours', ['palette', 'random'])
+def test_shapes_of_each_class_have_that_shapes_area(colours):
     """Coverage summed over the image equals the exact area of the labelled shape, and area identifies it."""
-    ds = data.ShapesDataset(num_images=600, resolution=64, seed=1)
+    ds = data.ShapesDataset(num_images=600, resolution=64, seed=1, colours=colours)
     alpha = coverage(ds.images, ds.params['fg'], ds.params['bg'])                       # (N, H, W)
     r = ds.params['radii']
     area = alpha.sum((1, 2))
