@@ -39,7 +39,7 @@ Usage: ds = load_dataset('shapes'); x, y = ds[0]            # x: (3, 32, 32) in 
 """
 import gzip
 import hashlib
-import io
+import http.client
 import os
 import pickle
 import struct
@@ -100,12 +100,17 @@ def download_file(url, path, md5, timeout=30):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + '.part'
     print(f'downloading {url} -> {path}')
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, 'wb') as f:
-        total = int(response.headers.get('Content-Length') or 0) or None
-        with tqdm(total=total, unit='B', unit_scale=True, leave=False) as bar:
-            for block in iter(lambda: response.read(1 << 20), b''):
-                f.write(block)
-                bar.update(len(block))
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response, open(tmp, 'wb') as f:
+            total = int(response.headers.get('Content-Length') or 0) or None
+            with tqdm(total=total, unit='B', unit_scale=True, leave=False) as bar:
+                for block in iter(lambda: response.read(1 << 20), b''):
+                    f.write(block)
+                    bar.update(len(block))
+    except BaseException:   # a dropped connection or Ctrl-C: leave no partial file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     got = md5_of(tmp)
     if got != md5:
         os.remove(tmp)
@@ -117,8 +122,8 @@ def find_files(name, files, data_dir, mirrors=(), download=True, hint=''):
     """Return the folder holding all `files` ({filename: md5}), downloading into data_dir if allowed.
 
     Looks in data_dir and data_dir/<name>; `hint` ends the error message (other layouts, where to get the
-    files). Every file is checked against its published md5, so a truncated
-    or wrong file is reported here by name instead of failing later inside a parser.
+    files). Every file is checked against its published md5, so a truncated or wrong file is reported here
+    by name instead of failing later inside a parser.
     """
     candidates = [data_dir, os.path.join(data_dir, name)]
     for folder in candidates:
@@ -134,8 +139,10 @@ def find_files(name, files, data_dir, mirrors=(), download=True, hint=''):
                     try:
                         download_file(mirror + f, os.path.join(folder, f), files[f])
                         break
-                    except OSError as e:   # URLError, timeouts, md5 mismatch: try the next mirror
+                    except (OSError, ValueError, http.client.HTTPException) as e:   # URLError, timeout, md5: next
                         reasons.append(f'{mirror + f}: {e}')
+                else:   # no mirror had this file (offline?): don't wait for the rest to time out as well
+                    break
         missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
         if missing:
             where = ' or '.join(os.path.abspath(c) for c in candidates)
