@@ -655,7 +655,6 @@ def _geometric(x, cond, inverse=False):
     xflip, yflip = cond[:, 0] > 0.5, cond[:, 1] > 0.5
     k = torch.round(torch.atan2(cond[:, 3], cond[:, 2] + 1) / (torch.pi / 2)).long() % 4   # angle -> turns
     tx, ty = torch.round(cond[:, 4] * W).long(), torch.round(cond[:, 5] * x.shape[-2]).long()
-    sign = -1 if inverse else 1
 
     def flips(x):
         x = torch.where(_per_sample(xflip, x).bool(), x.flip(-1), x)

@@ -1,5 +1,6 @@
 """Tests of data.py: procedural data is deterministic and means what its labels say, real data loads with its
 published statistics, missing files give a message naming them, and augmentation records what it applied."""
+import gzip
 import os
 import pickle
 import shutil
@@ -125,7 +126,6 @@ def test_mnist_t10k(shared_data):
     assert abs(inner.mean().item() - (33.79 / 127.5 - 1)) < 1e-3    # README: mean pixel 33.79 / 255
     # resolution=28 gives the file's pixels unchanged (the README's numpy-only reader).
     raw = data.load_dataset('mnist', data_dir=folder, split='test', resolution=28, download=False)
-    import gzip
     with gzip.open(os.path.join(folder, 't10k-images-idx3-ubyte.gz')) as f:
         reference = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
     assert np.array_equal(raw.images[:, 0].numpy(), reference)
