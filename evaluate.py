@@ -310,7 +310,8 @@ def find_inception_weights(path=None, download=True, cache_dir=None):
             shutil.copyfileobj(response, out)
         digest = sha256_of(tmp)
         if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            raise RuntimeError(f'downloaded file has sha256 {digest}, expected prefix {FID_WEIGHTS_SHA256_PREFIX}')
+            raise RuntimeError(f'downloaded file has sha256 {digest}, expected prefix {FID_WEIGHTS_SHA256_PREFIX} '
+                               '(corrupted or replaced download); nothing was saved.\n' + weights_help(candidates))
         os.replace(tmp, target)
         return target
     except OSError as e:  # offline (URLError is an OSError) or disk trouble
@@ -880,9 +881,14 @@ def parse_args(argv=None):
     m.add_argument('--memorization', default=None, help='folder/.npz of training images: nearest-neighbour check')
     m.add_argument('--pairs-png', default='nearest_pairs.png', help='where the memorization check saves pairs')
     p.add_argument('--demo', action='store_true', help='print closed-form checks (no weights needed)')
+    p.add_argument('--train-lenet', default=None, metavar='NPZ',
+                   help='train the FD_lenet classifier on an .npz of images and labels, save it to --lenet-weights')
+    p.add_argument('--lenet-steps', type=int, default=2000, help='training steps for --train-lenet')
     args = p.parse_args(argv)
-    if not args.demo and (args.generated is None or args.reference is None):
-        p.error('give GENERATED and REFERENCE (or --demo)')
+    if args.train_lenet and not args.lenet_weights:
+        p.error('--train-lenet needs --lenet-weights (where to save the classifier)')
+    if not (args.demo or args.train_lenet) and (args.generated is None or args.reference is None):
+        p.error('give GENERATED and REFERENCE (or --demo, or --train-lenet)')
     return args
 
 
@@ -902,9 +908,25 @@ def build_network(args):
     return model.eval().to(args.device)
 
 
+def train_lenet_command(args):
+    """Train the small classifier on 90% of the labelled images, report accuracy on the rest, save it."""
+    images, labels = load_images(args.train_lenet), load_labels(args.train_lenet)
+    if labels is None:
+        raise SystemExit(f'{args.train_lenet} has no labels array (key "labels" or "y")')
+    n_train = int(0.9 * len(images))
+    model = train_classifier(images[:n_train], labels[:n_train], int(labels.max()) + 1, steps=args.lenet_steps)
+    with torch.no_grad():
+        predictions = model(to_unit_float(images[n_train:]), return_logits=True)[1].argmax(1).numpy()
+    print(f'held-out accuracy {np.mean(predictions == labels[n_train:]):.4f} on {len(images) - n_train} images')
+    torch.save(model.state_dict(), args.lenet_weights)
+    print(f'saved to {args.lenet_weights}')
+
+
 def main(args):
     if args.demo:
         return demo()
+    if args.train_lenet:
+        return train_lenet_command(args)
     metrics = tuple(args.metrics.split(','))
     net = build_network(args)
     want_logits = 'is' in metrics and net.name == 'inception'

@@ -345,6 +345,27 @@ def test_missing_weights_message_says_where_to_get_and_put_them(tmp_path, monkey
         evaluate.find_inception_weights(str(tmp_path / 'nope.pth'))
 
 
+def test_download_is_verified_before_it_is_kept(tmp_path, monkeypatch):
+    import io
+    import urllib.error
+    payload = b'pretend weights'
+    monkeypatch.delenv(evaluate.FID_WEIGHTS_ENV, raising=False)
+    monkeypatch.setattr(evaluate.urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(payload))
+    with pytest.raises(RuntimeError, match='sha256'):  # the real prefix cannot match these bytes
+        evaluate.find_inception_weights(cache_dir=str(tmp_path))
+    assert os.listdir(tmp_path) == []  # no partial or unverified file left behind
+    monkeypatch.setattr(evaluate, 'FID_WEIGHTS_SHA256_PREFIX', hashlib.sha256(payload).hexdigest()[:8])
+    path = evaluate.find_inception_weights(cache_dir=str(tmp_path))
+    assert path == str(tmp_path / evaluate.FID_WEIGHTS_NAME) and open(path, 'rb').read() == payload
+
+    def offline(url, timeout):
+        raise urllib.error.URLError('no network')
+    monkeypatch.setattr(evaluate.urllib.request, 'urlopen', offline)
+    with pytest.raises(FileNotFoundError, match='could not download') as info:
+        evaluate.find_inception_weights(cache_dir=str(tmp_path / 'empty'))
+    assert evaluate.FID_WEIGHTS_URL in str(info.value)
+
+
 def test_weights_found_through_environment_and_cache(tmp_path, monkeypatch):
     file = tmp_path / 'w.pth'
     file.write_bytes(b'x')
@@ -433,6 +454,18 @@ def test_evaluate_generator_during_training():
     bad = evaluate.evaluate_generator(lambda n: torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, ref, model, 300, 100)
     assert set(good) == {'FD_lenet', 'KD_lenet', 'KD_lenet_std'}
     assert good['FD_lenet'] < bad['FD_lenet'] / 5 and abs(good['KD_lenet']) < bad['KD_lenet'] / 5
+
+
+def test_train_lenet_command(shared_data, tmp_path, capsys):
+    x, y = load_mnist(shared_data, 1000)
+    np.savez(tmp_path / 'mnist.npz', images=x.numpy(), labels=y.numpy())
+    weights = str(tmp_path / 'lenet.pth')
+    evaluate.main(evaluate.parse_args(['--train-lenet', str(tmp_path / 'mnist.npz'), '--lenet-weights', weights,
+                                       '--lenet-steps', '30']))
+    assert 'held-out accuracy' in capsys.readouterr().out
+    args = evaluate.parse_args(['a.npz', 'b.npz', '--network', 'lenet', '--lenet-weights', weights])
+    model = evaluate.build_network(args)  # the architecture is rebuilt from the saved shapes
+    assert (model.in_channels, model.image_size, model.feature_dim) == (1, 28, 128)
 
 
 def test_load_images_folder_and_npz(tmp_path):
