@@ -133,7 +133,10 @@ class DiTBlock(nn.Module):
 class FinalLayer(nn.Module):
     """adaLN then a linear map from each token to its p*p*C output pixels (zero-initialised)."""
 
-    def __init__(self, hidden_size, patch_size, out_channels):
+    def __init__(self,
+                 hidden_size,             # token width d
+                 patch_size,              # p: each token becomes a p x p patch
+                 out_channels):           # C, or 2C with learned sigma
         super().__init__()
         self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels)

@@ -113,7 +113,8 @@ def temporal_mask(batch, frames, num_video_frames, device):
 class Downsample(nn.Module):
     """Halve H and W with a strided 3x3 conv (DDPM's resamp_with_conv)."""
 
-    def __init__(self, channels):
+    def __init__(self,
+                 channels):               # channels in and out
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
@@ -124,7 +125,8 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     """Double H and W: nearest-neighbour upsampling then a 3x3 conv (avoids transposed-conv checkerboards)."""
 
-    def __init__(self, channels):
+    def __init__(self,
+                 channels):               # channels in and out
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
@@ -453,10 +455,11 @@ UNET_CONFIGS = {
     # head, additive time embedding, no classes: 35.7M parameters.
     'ddpm-cifar10': dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                          attention_resolutions=(16,), dropout=0.1, head_channels=256, scale_shift_norm=False),
-    # An ADM-style class-conditional 32x32 model (Dhariwal & Nichol 2021 choices at a CIFAR-10 size).
-    'adm-cifar10': dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
-                        attention_resolutions=(16, 8), dropout=0.1, head_channels=64, scale_shift_norm=True,
-                        resblock_updown=True, num_classes=10),
+    # Not a paper configuration: ADM's architecture choices (Dhariwal & Nichol 2021: 3 blocks, attention at 16 and
+    # 8 with 64-channel heads, AdaGN, resampling residual blocks) at a CIFAR-10 size, class-conditional.
+    'adm-32': dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
+                   attention_resolutions=(16, 8), dropout=0.1, head_channels=64, scale_shift_norm=True,
+                   resblock_updown=True, num_classes=10),
     # A small video model in the style of Video Diffusion Models: 16x16 frames with temporal attention.
     'tiny-video': dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
                        image_size=16, head_channels=32, norm_groups=8, temporal_attention=True),

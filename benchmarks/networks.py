@@ -15,6 +15,9 @@ diffusers is not a dependency of this project: install it anywhere importable to
     pip install --target /tmp/diffusers_pkgs --no-deps diffusers huggingface_hub safetensors ...
     PYTHONPATH=/tmp/diffusers_pkgs python benchmarks/networks.py
 
+On a CPU shared with other jobs, use --threads 1: with two OpenMP threads on two busy cores every small op
+waits for a descheduled thread (the tiny U-Net's forward took 2.9 s at 2 threads and 0.2 s at 1 thread).
+
 Usage:
     python benchmarks/networks.py                                   # CPU, fp32, default configs
     python benchmarks/networks.py --device cuda --amp bf16 --batch-size 64
