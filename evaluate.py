@@ -92,7 +92,7 @@ class BasicConv2d(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
 
     def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: one activation buffer less per layer
 
 
 def avg_pool_3x3(x):
@@ -740,12 +740,23 @@ def statistics_cache_path(cache_dir, dataset, resolution, num_images, network='i
     return os.path.join(cache_dir, f'{dataset}_{resolution}px_n{num_images}_{network}_{resize}.npz')
 
 
-def compute_statistics(features, kid_features=10000, seed=0):
-    """mu, sigma and a random subset of the features (float32) for KID and precision/recall."""
+def compute_statistics(features, kid_features=10000, seed=0, network='inception', resize='clean'):
+    """mu, sigma and a random subset of the features (float32) for KID and precision/recall.
+
+    The network and resize mode are stored too: statistics are only comparable with features made
+    the same way, and the command line refuses a mismatch.
+    """
     mu, sigma = feature_statistics(features)
     keep = np.random.RandomState(seed).permutation(len(features))[:kid_features]
     return {'mu': mu, 'sigma': sigma, 'features': np.asarray(features, np.float32)[np.sort(keep)],
-            'num_images': np.int64(len(features))}
+            'num_images': np.int64(len(features)), 'network': np.array(network), 'resize': np.array(resize)}
+
+
+def check_statistics_match(stats, network, resize, source):
+    for key, wanted in (('network', network), ('resize', resize)):
+        if key in stats and str(stats[key]) != wanted:
+            raise ValueError(f'{source} was computed with {key}={stats[key]}, but this run uses {key}={wanted}; '
+                             f'scores across the two are not comparable. Use --{key} {stats[key]} or recompute.')
 
 
 def save_statistics(path, stats):
@@ -936,11 +947,12 @@ def main(args):
     real_feats = None
     if is_statistics_file(args.reference):  # cached statistics: no reference image is read
         ref_stats = load_statistics(args.reference)
+        check_statistics_match(ref_stats, net.name, args.resize, args.reference)
         num_ref = int(ref_stats.get('num_images', -1))
     else:
         real = load_images(args.reference, args.num_ref)
         real_feats = extract_features(real, net, args.batch_size, args.device)
-        ref_stats = compute_statistics(real_feats)
+        ref_stats = compute_statistics(real_feats, network=net.name, resize=args.resize)
         num_ref = len(real)
         if args.save_stats:
             save_statistics(args.save_stats, ref_stats)
@@ -967,4 +979,7 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (FileNotFoundError, ValueError) as e:  # missing/wrong weights, bad inputs: the message, no traceback
+        raise SystemExit(f'error: {e}')

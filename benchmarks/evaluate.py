@@ -4,7 +4,7 @@ Feature extraction is timed for our network (clean and legacy resize) and, when 
 importable, for pytorch-fid's InceptionV3 on the same machine, batch size, thread count and images
 (32x32 inputs, the CIFAR-10 case, upsampled to 299x299 inside each network). Weights are random:
 speed does not depend on their values, and the benchmark then runs without the 91 MB file.
-Runs alternate between the networks so that a change in machine load hits all of them alike.
+Networks take turns batch by batch, so that a change in machine load hits all of them alike.
 
 The arithmetic part times, for 2048-d features: covariance of 10k features, the Frechet distance
 with the symmetric-eigensolver method (default) and with scipy's sqrtm (pytorch-fid's), and KID
@@ -26,18 +26,25 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
 
 
-def images_per_second(fn, images, batch_size, device):
-    """Throughput of fn over images in batches, after one warm-up batch (allocator, oneDNN caches)."""
+def images_per_second(networks, images, batch_size, device, rounds):
+    """Throughput of each network, timed batch by batch in turn, so that changes in machine load
+    (other processes) hit every network alike; one warm-up batch each (allocator, oneDNN caches)."""
+    seconds = {name: 0.0 for name in networks}
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     with torch.inference_mode():
-        fn(images[:batch_size].to(device))
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for i in range(0, len(images), batch_size):
-            fn(images[i:i + batch_size].to(device))
-        if device.startswith('cuda'):
-            torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - start)
+        for fn in networks.values():
+            fn(images[:batch_size].to(device))
+        for r in range(rounds):
+            for i in range(0, len(images), batch_size):
+                batch = images[i:i + batch_size].to(device)
+                names = list(networks)[r % len(networks):] + list(networks)[:r % len(networks)]  # rotate order
+                for name in names:
+                    sync()
+                    start = time.perf_counter()
+                    networks[name](batch)
+                    sync()
+                    seconds[name] += time.perf_counter() - start
+    return {name: rounds * len(images) / t for name, t in seconds.items()}
 
 
 def pytorch_fid_network(device):
@@ -67,7 +74,7 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     p.add_argument('--batch-size', type=int, default=8, help='images per forward pass')
     p.add_argument('--num-images', type=int, default=32, help='images timed per network and round')
-    p.add_argument('--rounds', type=int, default=2, help='alternating rounds; the best is reported')
+    p.add_argument('--rounds', type=int, default=2, help='passes over the images; the total time is reported')
     p.add_argument('--image-size', type=int, default=32, help='input resolution before the resize to 299')
     p.add_argument('--skip-arithmetic', action='store_true', help='only time feature extraction')
     args = p.parse_args()
@@ -83,10 +90,7 @@ def main():
     reference = pytorch_fid_network(args.device)
     if reference is not None:
         networks['pytorch-fid'] = reference
-    rates = {name: 0.0 for name in networks}
-    for _ in range(args.rounds):
-        for name, fn in networks.items():
-            rates[name] = max(rates[name], images_per_second(fn, images, args.batch_size, args.device))
+    rates = images_per_second(networks, images, args.batch_size, args.device, args.rounds)
     print(f'\n| feature extractor | images/s ({args.device}) |\n|---|---|')
     for name, rate in rates.items():
         print(f'| {name} | {rate:.2f} |')
