@@ -193,9 +193,10 @@ def _measurement_gradient(denoiser, x, sigma, operator, y, cond, squared):
     ||y - A x0_hat(x)||^2 (squared=True) or of ||y - A x0_hat(x)|| (N, ...). The gradient flows back through the
     network: this is what the samplers' no_grad must not stop, hence enable_grad. Samples are independent, so the
     gradient of the batch sum is each sample's own gradient."""
+    sigma = sigma if torch.is_tensor(sigma) else x.new_full((x.shape[0],), float(sigma))      # (N,)
     with torch.enable_grad():
         x_in = x.detach().requires_grad_(True)
-        x0_hat = denoiser(x_in, x.new_full((x.shape[0],), float(sigma)), **cond)
+        x0_hat = denoiser(x_in, sigma, **cond)
         norm = (y - operator.forward(x0_hat)).flatten(1).norm(dim=1)          # (N,)
         loss = (norm ** 2 if squared else norm).sum()
         grad, = torch.autograd.grad(loss, x_in)
@@ -234,7 +235,7 @@ def sample_ilvr(denoiser, x, sigmas, operator, y, sigma_stop=0.0, eta=1.0, gener
     (for average pooling: down- then up-sampling, the paper's phi_N) and ref_next = A^+ y + sigma_next z, the
     reference image diffused by q. Since phi A^+ = A^+, this equals replacement step for step (the test checks it
     with a shared generator). What ILVR adds is the range: refining only while sigma >= sigma_stop leaves the fine
-    scales to the model, trading fidelity to y for realism (the paper's Fig. 5)."""
+    scales to the model, trading fidelity to y for realism (the paper's conditioning-range experiments)."""
     check_inputs(x, sigmas)
     cond = cond or {}
     ref = operator.pinv(y)
@@ -268,7 +269,7 @@ def sample_pocs(denoiser, x, sigmas, operator, y, step=1.0, eta=1.0, generator=N
 def sample_ccdf(denoiser, x, sigmas, operator, y, init=None, eta=1.0, generator=None, cond=None):
     """Come-closer-diffuse-faster (Chung, Sim & Ye 2022): a good initial guess x0_init (default A^+ y) diffused
     forward to sigmas[0] is already close to the reverse trajectory, so the reverse process can start at a small
-    sigma_start = sigmas[0] (the paper's t0 = t' N) instead of sigma_max, and take far fewer steps. The loop is
+    sigma_start = sigmas[0] instead of sigma_max, and take far fewer steps (pass e.g. karras_sigmas(n, 0.002, 2.0)). The loop is
     replacement's. x on entry is unit noise times sigmas[0] as for every sampler, so x_start = x0_init + x."""
     x0_init = operator.pinv(y) if init is None else init
     return sample_replacement(denoiser, x0_init + x, sigmas, operator, y, eta=eta, generator=generator, cond=cond)
@@ -282,7 +283,7 @@ def sample_mcg(denoiser, x, sigmas, operator, y, zeta=0.5, eta=1.0, generator=No
     """MCG (Chung et al. 2022): x' = reverse step, x'' = x' - zeta_i grad_x ||y - A x0_hat(x)||, then the
     replacement projection x = P_{y_next}(x''). The gradient through the denoiser moves the unmeasured part along
     the data manifold to agree with y, which plain replacement cannot do. The step is normalised by the residual
-    (as in the authors' code: zeta times the gradient of the norm, not its square) and taken in DDPM's frame."""
+    norm as in DPS below (zeta times the gradient of ||y - A x0_hat||) and taken in DDPM's frame."""
     check_inputs(x, sigmas)
     cond = cond or {}
     for i in range(len(sigmas) - 1):
@@ -297,8 +298,9 @@ def sample_mcg(denoiser, x, sigmas, operator, y, zeta=0.5, eta=1.0, generator=No
 @torch.no_grad()
 def sample_dps(denoiser, x, sigmas, operator, y, zeta=0.5, eta=1.0, generator=None, cond=None):
     """Diffusion posterior sampling (Chung et al. 2023, Alg. 1): p(y | x) ~ p(y | x0 = x0_hat(x)), so
-    grad log p(y | x) ~ -grad_x ||y - A x0_hat||^2 / (2 s_y^2), taken as a step of size zeta_i = zeta / ||y - A x0_hat||
-    after each DDPM step. No projection, so measurement noise is not fitted; the price is that y is met only
+    grad log p(y | x) ~ -grad_x ||y - A x0_hat||^2 / (2 s_y^2). After each DDPM step, x -= zeta grad_x ||y - A x0_hat||,
+    which is Alg. 1's zeta_i grad ||y - A x0_hat||^2 with zeta_i = zeta' / ||y - A x0_hat|| and zeta' = zeta / 2 (the
+    form of the authors' code). No projection, so measurement noise is not fitted; the price is that y is met only
     approximately, and the step size zeta must be tuned per problem: the normalised step has the same size in any
     dimension, and 0.5 is best on the 16-d Gaussian problems of tests/test_inverse.py but ~4 for 4x SR of 32 x 32
     images (benchmarks/inverse.py). The last step lands on x0_hat plus the final gradient step."""
@@ -323,7 +325,7 @@ def reconstruction_guided(denoiser, operator, y, w_r=1.0, sigma_data=0.5, cond=N
     cond = cond or {}
 
     def guided(x, sigma, **unused):
-        x0_hat, _, grad = _measurement_gradient(denoiser, x, sigma[0].item(), operator, y, cond, squared=True)
+        x0_hat, _, grad = _measurement_gradient(denoiser, x, sigma, operator, y, cond, squared=True)
         if sigma_data is None:
             w = torch.full_like(sigma, w_r)
         else:
@@ -357,25 +359,30 @@ CONSISTENT = ('replacement', 'pocs', 'ilvr', 'ccdf', 'mcg')
 
 if __name__ == '__main__':
     # Demo: a correlated Gaussian prior on 4 x 4 images (exact denoiser from diffusion.py), half the pixels observed.
-    # Each method's sample mean is compared with the closed-form posterior mean (errors in units of the posterior std).
+    # Each method's sample mean and covariance are compared with the closed-form posterior; 'oracle' samples the
+    # posterior itself with the same ancestral steps, so its errors are the floor (Monte Carlo + step bias).
     from diffusion import GaussianMixture
     from samplers import karras_sigmas
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     grid = torch.stack(torch.meshgrid(torch.arange(4.0), torch.arange(4.0), indexing='ij'), -1).reshape(16, 2)
-    S = 0.25 * torch.exp(-torch.cdist(grid, grid).double() ** 2 / 4) + 0.01 * torch.eye(16, dtype=torch.float64)
-    prior = GaussianMixture(torch.zeros(1, 16), S[None])
+    S = 0.25 * torch.exp(-torch.cdist(grid, grid).double() ** 2 / 2) + 0.01 * torch.eye(16, dtype=torch.float64)
+    prior = GaussianMixture(torch.linspace(-0.3, 0.3, 16, dtype=torch.float64)[None], S[None])
     x_true = prior.sample(1, generator=g)[0].reshape(1, 1, 4, 4)
     op = make_operator('inpaint_random', (1, 4, 4), generator=g, p=0.5)
     y = op.measure(x_true)
     m_post, C_post = gaussian_posterior(prior.mean(), prior.cov(), op.matrix((1, 4, 4)), y)
-    sigmas = karras_sigmas(32, 0.002, 80.0).double()
-    n = 2000
-    print(f'{int(op.mask.sum())} of 16 pixels observed; {n} samples per method, {len(sigmas) - 1} steps')
-    for name, fn in INVERSE_METHODS.items():
-        s = karras_sigmas(32, 0.002, 1.0).double() if name == 'ccdf' else sigmas
+    n, steps = 2000, 64
+    print(f'{int(op.mask.sum())} of 16 pixels observed; {n} samples per method, {steps} steps; errors relative to the '
+          f'posterior (0 = exact)')
+    methods = {'oracle': lambda D, x, s, op, y, generator: SAMPLERS['ddpm'](
+        GaussianMixture(m_post[None], C_post[None]), x, s, generator=generator), **INVERSE_METHODS}
+    for name, fn in methods.items():
+        s = karras_sigmas(steps, 0.002, 1.0 if name == 'ccdf' else 20.0).double()   # CCDF starts close to the data
         x = s[0] * torch.randn(n, 1, 4, 4, generator=g, dtype=torch.float64)
-        out = fn(prior, x, s, op, y.expand(n, -1, -1, -1), generator=g).reshape(n, 16)
-        mean_err = ((out.mean(0) - m_post).norm() / C_post.trace().sqrt()).item()
-        consistency = (op.forward(out.reshape(n, 1, 4, 4)) - y).abs().max().item()
-        print(f'{name:>24}: posterior-mean error {mean_err:.3f}, max |A x - y| {consistency:.1e}')
+        out = fn(prior, x, s, op, y.expand(n, -1, -1, -1), generator=g)
+        flat = out.reshape(n, 16)
+        mean_err = ((flat.mean(0) - m_post).norm() / C_post.trace().sqrt()).item()
+        cov_err = ((flat.T.cov() - C_post).norm() / C_post.norm()).item()
+        consistency = (op.forward(out) - y).abs().max().item()
+        print(f'{name:>24}: mean error {mean_err:.3f}, cov error {cov_err:.3f}, max |A x - y| {consistency:.1e}')
