@@ -311,3 +311,39 @@ def test_reconstruction_guided_denoiser_is_exact_posterior_mean_when_prior_is_wh
         x0_hat = prior(x, torch.full((5,), sigma, dtype=torch.float64))
         exact = x0_hat + op.mask * r2 / (r2 + 0.01) * (y - x0_hat)
         torch.testing.assert_close(guided(x, torch.full((5,), sigma, dtype=torch.float64)), exact)
+
+
+class TinyNet(torch.nn.Module):
+    """A two-layer conv net with the networks' signature net(x, noise_level, y=None): enough to check that every
+    method runs through a real nn.Module (float32, autograd under the samplers' no_grad, conditioning passed on)."""
+
+    def __init__(self, channels=3, num_classes=2):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels + 1, 16, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(16, channels, 3, padding=1)
+        self.embed = torch.nn.Embedding(num_classes + 1, 16)
+
+    def forward(self, x, noise_level, y=None):
+        level = noise_level.reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        h = torch.nn.functional.silu(self.conv1(torch.cat([x, level], 1)) + self.embed(y)[:, :, None, None])
+        return self.conv2(h)
+
+
+@pytest.mark.parametrize('op_name', ['inpaint_box', 'sr'])
+def test_methods_run_through_a_network(op_name):
+    from diffusion import Diffusion
+    torch.manual_seed(0)
+    net = TinyNet()
+    denoiser = Diffusion('edm', 'edm').denoiser(net)
+    op = make_operator(op_name, (3, 8, 8), factor=2)
+    x0 = torch.rand(2, 3, 8, 8) * 2 - 1
+    y = op.measure(x0)
+    sigmas = karras_sigmas(5, 0.002, 80.0)
+    cond = {'y': torch.full((2,), 2)}                            # the "no class" index, as sample.py passes it
+    for name, fn in INVERSE_METHODS.items():
+        x = sigmas[0] * torch.randn(2, 3, 8, 8)
+        out = fn(denoiser, x, sigmas, op, y, generator=torch.Generator().manual_seed(0), cond=cond)
+        assert out.shape == x0.shape and out.dtype == torch.float32 and torch.isfinite(out).all(), name
+        if name in CONSISTENT:
+            assert (op.forward(out) - y).abs().max() < 1e-5, name
+    assert all(p.grad is None for p in net.parameters())       # gradients are taken with respect to x only
