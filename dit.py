@@ -192,7 +192,7 @@ class DiT(nn.Module):
         self.init_weights()
 
     def init_weights(self):
-        """The paper's initialisation (Sec. 3.2 and its code): xavier linears, N(0, 0.02) embeddings, zeros for adaLN."""
+        """The paper's initialisation (Sec. 3.2): xavier linears, N(0, 0.02) embeddings, zeros for adaLN-Zero."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)

@@ -13,11 +13,11 @@ Papers:
 The network maps (x, noise_level, conditions) -> F, a tensor shaped like x. What F means (eps, v, x0, EDM's F,
 a flow velocity) is decided by the parameterisation in diffusion.py; this file knows nothing about schedules.
 
-  emb     = MLP(sinusoid(noise_level) + W_aug aug_cond) + E_class[y]       (DDPM App. B; ADM Sec. 3 / App. C)
+  emb     = MLP(sinusoid(noise_level) + W_aug aug_cond) + E_class[y]       (DDPM App. B; ADM Sec. 3)
   ResBlock: h = conv(SiLU(GN(x))); h = GN(h) * (1 + s) + b, (s, b) = W emb  (AdaGN, ADM Sec. 3, "adaptive norm")
             out = x + conv(dropout(SiLU(h)))                               (DDPM uses h + W emb instead of AdaGN)
   Attention(q, k, v) = softmax(q k^T / sqrt(d)) v                          (via F.scaled_dot_product_attention)
-  RoPE: <R(p) q, R(p') k> = <q, R(p' - p) k>                               (RoFormer Eq. 16: depends on offsets only)
+  RoPE: <R(p) q, R(p') k> = <q, R(p' - p) k>                               (RoFormer Sec. 3.2: only offsets matter)
 
 Relative positions: self-attention uses rotary embeddings (RoPE), 2-D over (row, col) in space and 1-D over frame
 index in time, rather than a learned relative-position bias table. Both make attention scores depend only on the
@@ -63,9 +63,9 @@ def zero_module(module):
 def rope_angles(positions, head_dim, base=10000.0):
     """Rotation angles for rotary embeddings: positions (L, n_axes) -> (L, head_dim // 2).
 
-    Each axis (row, column, or frame) gets an equal share of the head_dim // 2 rotation planes, with geometric
-    frequencies as in RoFormer Eq. 15. Leftover planes (if head_dim // 2 is not a multiple of n_axes) get angle 0,
-    i.e. they are not rotated.
+    Each axis (row, column, or frame) gets an equal share n of the head_dim // 2 rotation planes, with geometric
+    frequencies base^(-i/n) as in RoFormer Sec. 3.2. Leftover planes (if head_dim // 2 is not a multiple of
+    n_axes) get angle 0, i.e. they are not rotated.
     """
     n_axes = positions.shape[1]
     per_axis = head_dim // 2 // n_axes
