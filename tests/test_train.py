@@ -1,0 +1,122 @@
+"""End-to-end tests of the command lines: train.py and sample.py on real (procedural and MNIST) data, real
+checkpoints written and read back, exact resume, the overfit check, clear errors, and a two-process DDP run."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A micro model on 16x16 shapes: a few steps take seconds on a 2-core CPU.
+FAST = ['--resolution', '16', '--model-channels', '8', '--batch-size', '8', '--log-every', '2', '--val-every', '4',
+        '--sample-every', '0', '--sample-steps', '3', '--warmup', '2', '--no-progress']
+
+
+def run(tmp_path, *extra, name='run'):
+    args = train.parse_args(FAST + ['--out', str(tmp_path / name)] + list(extra))
+    return train.main(args), args
+
+
+def read_log(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_train_writes_checkpoint_log_and_grid_then_sample_reads_them(tmp_path):
+    (net, ema), args = run(tmp_path, '--steps', '4', '--ckpt-every', '2')
+    out = tmp_path / 'run'
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)            # loads without pickled code
+    assert ckpt['step'] == 4 and ckpt['config']['data']['num_classes'] == 6
+    assert not os.path.exists(str(out / 'ckpt.pt.tmp'))               # the temp file was renamed away
+    records = read_log(out / 'log.jsonl')
+    assert [r['step'] for r in records if 'loss' in r] == [2, 4]
+    assert any('val_loss' in r for r in records) and all(len(r['loss_by_sigma']) > 0 for r in records if 'loss' in r)
+    assert (out / 'samples_0000004.png').exists()
+    for (k, v), w in zip(ckpt['ema'].items(), ema.state_dict().values()):
+        assert torch.equal(v, w), k
+    # sample.py: settings come from the checkpoint; class by name; PNG and npz written
+    png, npz = tmp_path / 's.png', tmp_path / 's.npz'
+    sample.main(sample.parse_args(['--ckpt', str(out / 'ckpt.pt'), '-n', '4', '--out', str(png), '--npz', str(npz),
+                                   '--class', 'circle', '--steps', '3']))
+    from PIL import Image
+    assert Image.open(png).size[0] > 16
+    import numpy as np
+    z = np.load(npz)
+    assert z['samples'].shape == (4, 16, 16, 3) and z['samples'].dtype == np.uint8 and (z['labels'] == 0).all()
+
+
+def test_resume_is_exact(tmp_path):
+    """N steps, stop, resume for N more == 2N steps straight (same weights, EMA and optimizer state)."""
+    (straight, straight_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', name='straight')
+    run(tmp_path, '--steps', '3', '--ckpt-every', '100', name='resumed')
+    (resumed, resumed_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', '--resume', 'auto', name='resumed')
+    for a, b in zip(list(straight.state_dict().values()) + list(straight_ema.state_dict().values()),
+                    list(resumed.state_dict().values()) + list(resumed_ema.state_dict().values())):
+        assert torch.equal(a, b)
+
+
+def test_overfit_one_batch_drives_the_loss_to_near_zero(tmp_path):
+    run(tmp_path, '--steps', '300', '--overfit-batch', '--lr', '3e-3', '--warmup', '10', '--lr-decay', 'constant',
+        '--ckpt-every', '1000', '--val-every', '0', '--model-channels', '16', '--log-every', '10')
+    losses = [r['loss'] for r in read_log(tmp_path / 'run' / 'log.jsonl') if 'loss' in r]
+    assert losses[-1] < 0.05 * losses[0], losses
+
+
+def test_clear_errors_for_bad_checkpoints(tmp_path):
+    run(tmp_path, '--steps', '2')
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    with pytest.raises(SystemExit, match='another configuration') as e:
+        run(tmp_path, '--steps', '4', '--resume', str(ckpt), '--prediction', 'v', name='other')
+    assert 'prediction' in str(e.value)
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(ckpt.read_bytes()[:1000])                          # a truncated download
+    with pytest.raises(SystemExit, match='cannot read checkpoint'):
+        sample.load_model(str(bad))
+    with pytest.raises(SystemExit, match='does not exist'):
+        sample.load_model(str(tmp_path / 'missing.pt'))
+    with pytest.raises(SystemExit, match='class must be'):
+        sample.main(sample.parse_args(['--ckpt', str(ckpt), '-n', '2', '--class', 'hexagon', '--out', str(tmp_path / 'x.png')]))
+
+
+def test_non_finite_loss_stops_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match='not finite for 10 steps'):
+        with pytest.warns(UserWarning, match='non-finite loss'):
+            run(tmp_path, '--steps', '30', '--lr', '1e30', '--warmup', '1', '--grad-clip', '0')
+
+
+@pytest.mark.parametrize('prediction', ['eps', 'v', 'flow'])
+def test_every_parameterisation_trains(tmp_path, prediction):
+    run(tmp_path, '--steps', '2', '--prediction', prediction, '--t-sampler', 'uniform')
+    assert (tmp_path / 'run' / 'ckpt.pt').exists()
+
+
+def test_importance_sampling_and_augmentation_run(tmp_path):
+    run(tmp_path, '--steps', '3', '--prediction', 'eps', '--schedule', 'linear', '--t-sampler', 'importance', '--aug-p', '0.5')
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['net']['aug_dim'] == 10 and ckpt['importance']['counts'].sum() == 24
+
+
+def test_mnist_from_shared_data(tmp_path, shared_data):
+    run(tmp_path, '--steps', '2', '--dataset', 'mnist', '--data-dir', os.path.join(shared_data, 'mnist'), '--split', 'test',
+        '--resolution', '32')
+    ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['data']['channels'] == 1 and ckpt['config']['data']['num_classes'] == 10
+
+
+def test_two_process_ddp_with_gloo_stays_in_sync(tmp_path):
+    """A real torchrun launch of two CPU processes: gradients are averaged, so both replicas end identical."""
+    out = tmp_path / 'ddp'
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--master_port=29517',
+           os.path.join(ROOT, 'train.py'), *FAST, '--steps', '3', '--device', 'cpu', '--out', str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sums = [r['ddp_param_checksums'] for r in read_log(out / 'log.jsonl') if 'ddp_param_checksums' in r][0]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 3
