@@ -24,7 +24,7 @@ measurement (A^+ y), each method's reconstruction, original. Gradient methods al
 
 What the Gaussian table shows (n = 4000, 64 NFE, seed 0; ~1 min): the projection methods (replacement = ILVR, POCS,
 CCDF) meet a noise-free y exactly but stay biased towards the prior mean where pixels are correlated (mean err
-0.39-0.48 for inpainting, ~0.08 for SR); the gradient methods (MCG, reconstruction guidance, DPS) are 3-4x closer
+0.39-0.48 for inpainting, ~0.08 for SR); the gradient methods (MCG, reconstruction guidance, DPS) are 2-4x closer
 (0.11-0.16 and 0.02-0.035); none reaches the oracle's ~0.015, because each approximates p(y | x_sigma). With noisy y
 (s_y = 0.1) the projection methods force A x = y and so fit the noise (SR cov err 0.12 -> 0.20); reconstruction
 guidance, whose weight includes s_y, is least affected (SR mean err 0.035 -> 0.040, cov err 0.15 -> 0.15), while

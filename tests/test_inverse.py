@@ -13,7 +13,7 @@ Which methods are exact in the limit of many steps? Only sampling with the poste
     correlated pixels they stay biased towards the prior mean (mean error ~0.45 for inpainting, ~0.08 for SR);
   - reconstruction guidance replaces Cov[x0 | x] by r^2 I (exact only if the prior were white);
   - DPS takes p(y | x) ~ p(y | x0_hat), MCG adds the same gradient before its projection.
-The gradient methods with their default steps are 3-4x closer to the posterior mean than the projection methods,
+The gradient methods with their default steps are 2.5-4x closer to the posterior mean than the projection methods,
 which is what the bounds below pin down (each bound ~1.5x what the method achieves with these seeds). The
 covariance errors include the first-order bias of the ancestral step at 64 steps (the oracle's own ~0.15).
 """
