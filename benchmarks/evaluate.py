@@ -81,7 +81,8 @@ def main():
 
     print(f'torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads, '
           f'batch {args.batch_size}, {args.num_images} images of {args.image_size}x{args.image_size}')
-    images = torch.rand(args.num_images, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(args.num_images, 3, args.image_size, args.image_size, generator=g)
     networks = {}
     for resize, channels_last in (('clean', False), ('legacy', False), ('clean', True)):
         net = evaluate.FIDInceptionV3(resize=resize, channels_last=channels_last).eval().requires_grad_(False)
@@ -108,7 +109,8 @@ def main():
     rows = [('mean + covariance of 10k x 2048 features', t_cov)]
     values = {}
     for method in ('eigh', 'sqrtm'):
-        t = time_call(lambda: values.update({method: evaluate.frechet_distance(*stats['a'], *stats['b'], method=method)}), 1)
+        fd = lambda: values.update({method: evaluate.frechet_distance(*stats['a'], *stats['b'], method=method)})  # noqa: E731
+        t = time_call(fd, 1)
         rows.append((f'frechet_distance, 2048-d, method={method}', t))
     rows.append(('kid, 100 subsets of 1000, 2048-d', time_call(lambda: evaluate.kid(feats_a, feats_b), 1)))
     print('\n| FID / KID arithmetic | seconds |\n|---|---|')

@@ -127,7 +127,8 @@ def main():
         ref_nhwc = reference_nhwc(x_uint8_levels.contiguous(memory_format=torch.channels_last))[0].flatten(1)
         rows.append((size, 'pytorch-fid NHWC', (ref_nhwc - ref).abs().max().item(), ref.abs().max().item()))
 
-    print(f'{"input":>8s} {"output":>16s} {"max |ours - pytorch-fid|":>26s} {"max |pytorch-fid|":>18s} {"relative":>10s}')
+    print(f'{"input":>8s} {"output":>16s} {"max |ours - pytorch-fid|":>26s} {"max |pytorch-fid|":>18s} '
+          f'{"relative":>10s}')
     for size, what, diff, scale in rows:
         print(f'{size:>5d}px {what:>16s} {diff:>26.3e} {scale:>18.4f} {diff / scale:>10.1e}')
     # Pass/fail is on what pytorch-fid itself computes (its network and its bilinear resize). The

@@ -43,7 +43,8 @@ def test_frechet_distance_diagonal_closed_form(method):
     rng = np.random.RandomState(0)
     s1, s2, mu1, mu2 = rng.rand(16) + 0.1, rng.rand(16) + 0.1, rng.randn(16), rng.randn(16)
     exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()
-    assert evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), method=method) == pytest.approx(exact, rel=1e-9)
+    fd = evaluate.frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2), method=method)
+    assert fd == pytest.approx(exact, rel=1e-9)
 
 
 @pytest.mark.parametrize('method', ['eigh', 'sqrtm'])
@@ -492,7 +493,8 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
     torch.save(evaluate.LeNetFeatures(1, 10, 16).state_dict(), tmp_path / 'lenet.pth')
     common = ['--network', 'lenet', '--lenet-weights', str(tmp_path / 'lenet.pth'), '--metrics', 'fid,kid']
     args = evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'train.npz'), *common,
-                                '--save-stats', str(tmp_path / 'stats.npz'), '--memorization', str(tmp_path / 'train.npz'),
+                                '--save-stats', str(tmp_path / 'stats.npz'),
+                                '--memorization', str(tmp_path / 'train.npz'),
                                 '--pairs-png', str(tmp_path / 'pairs.png'), '--conditions', 'real'])
     first = evaluate.main(args)
     out = capsys.readouterr().out
