@@ -22,7 +22,9 @@ any size; features are (N, D) arrays; statistics are float64 numpy. The FID netw
 FID graph as ported to PyTorch by pytorch-fid; its weights are the standard file
 `pt_inception-2015-12-05-6726825d.pth`, which this file loads under its own key names.
 
-Usage:  python evaluate.py samples.npz reference_folder/ --metrics fid,kid,is,pr
+Usage:  python sample.py --ckpt runs/x/ckpt.pt -n 2000 --npz samples.npz   # samples of a checkpoint
+        python evaluate.py samples.npz reference_folder/ --metrics fid,kid,is,pr
+        python evaluate.py samples.npz ref_stats.npz      # cached statistics (--save-stats makes them)
         python evaluate.py --demo          # closed-form checks that need no weights
 """
 import argparse
@@ -450,12 +452,15 @@ def load_images(path, limit=None):
 
 
 def load_labels(path):
-    """Class labels stored beside the images in an .npz ('labels' or 'y'), else None."""
+    """Class labels stored beside the images in an .npz ('labels' or 'y'), else None.
+
+    sample.py writes an empty 'labels' array for unconditional samples: that counts as no labels.
+    """
     if not path.endswith('.npz'):
         return None
     with np.load(path) as data:
         key = next((k for k in ('labels', 'y') if k in data), None)
-        return None if key is None else data[key].astype(np.int64)
+        return None if key is None or data[key].size == 0 else data[key].astype(np.int64)
 
 
 def is_statistics_file(path):
@@ -960,7 +965,8 @@ def main(args):
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
     print(format_results(results, len(fake_feats), num_ref, args.resize, split, args.conditions))
     fake_labels, real_labels = load_labels(args.generated), load_labels(args.reference)
-    if real_feats is not None and fake_labels is not None and real_labels is not None:
+    if (real_feats is not None and fake_labels is not None and real_labels is not None
+            and len(fake_labels) >= len(fake_feats) and len(real_labels) >= num_ref):
         fd_name = 'FID' if net.name == 'inception' else f'FD_{net.name}'
         per_class = per_class_fd(fake_feats, fake_labels[:len(fake_feats)], real_feats, real_labels[:num_ref])
         results['per_class'] = per_class

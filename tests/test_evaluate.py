@@ -476,9 +476,12 @@ def test_load_images_folder_and_npz(tmp_path):
         Image.fromarray(img).save(tmp_path / f'{i}.png')
     np.savez(tmp_path / 'nhwc.npz', arr_0=images)
     np.savez(tmp_path / 'float.npz', images=images.transpose(0, 3, 1, 2) / 127.5 - 1)  # [-1, 1] floats
+    # the layout sample.py --npz writes: uint8 NHWC under 'samples', empty 'labels' when unconditional
+    np.savez_compressed(tmp_path / 'sample_py.npz', samples=images, labels=np.zeros(0))
     expected = torch.from_numpy(images).permute(0, 3, 1, 2)
-    for path in (str(tmp_path), str(tmp_path / 'nhwc.npz'), str(tmp_path / 'float.npz')):
+    for path in [str(tmp_path)] + [str(tmp_path / f) for f in ('nhwc.npz', 'float.npz', 'sample_py.npz')]:
         assert torch.equal(evaluate.load_images(path), expected)
+    assert evaluate.load_labels(str(tmp_path / 'sample_py.npz')) is None
     with pytest.raises(FileNotFoundError, match='no images'):
         evaluate.load_images(str(tmp_path / 'empty_dir_that_does_not_exist'))
 
