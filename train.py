@@ -318,7 +318,10 @@ def main(args):
             diffusion.importance.losses = ckpt['importance']['losses'].numpy()
             diffusion.importance.counts = ckpt['importance']['counts'].numpy()
         step = ckpt['step']
-        torch.set_rng_state(ckpt['rng']['torch'][rank % len(ckpt['rng']['torch'])])
+        rng = ckpt['rng'][rank % len(ckpt['rng'])]              # this rank's dropout RNG (CPU and CUDA)
+        torch.set_rng_state(rng['cpu'].cpu())
+        if 'cuda' in rng and device.type == 'cuda':
+            torch.cuda.set_rng_state(rng['cuda'].cpu(), device)
         if is_main:
             print(f'resumed from {resume} at step {step}')
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
@@ -432,14 +435,16 @@ def main(args):
             log.write(json.dumps({'step': step, 'val_loss': val_loss}) + '\n')
             log.flush()
         if step % args.ckpt_every == 0 or step == args.steps or step == args.save_early:
-            rng = [torch.get_rng_state()]
+            rng = [{'cpu': torch.get_rng_state()}]
+            if device.type == 'cuda':
+                rng[0]['cuda'] = torch.cuda.get_rng_state(device)
             if world > 1:                                       # every rank's dropout RNG, for an exact resume
-                rng = [None] * world
-                dist.all_gather_object(rng, torch.get_rng_state())
+                mine, rng = rng[0], [None] * world
+                dist.all_gather_object(rng, mine)
             if is_main:
                 state = {'config': config, 'model': net.state_dict(), 'ema': ema.state_dict(),
                          'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
-                         'args': vars(args), 'rng': {'torch': rng}}
+                         'args': vars(args), 'rng': rng}
                 if diffusion.importance is not None:
                     state['importance'] = {'losses': torch.from_numpy(diffusion.importance.losses),
                                            'counts': torch.from_numpy(diffusion.importance.counts)}
