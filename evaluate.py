@@ -778,11 +778,16 @@ def load_statistics(path):
         return {k: data[k] for k in data.files}
 
 
-def cached_statistics(path, compute_features):
-    """Load the statistics at `path`, or compute them with compute_features() once and save them."""
+def cached_statistics(path, compute_features, **meta):
+    """Load the statistics at `path`, or compute them with compute_features() once and save them.
+
+    meta (network=, resize=) is recorded in a new file and checked against an existing one.
+    """
     if os.path.isfile(path):
-        return load_statistics(path)
-    stats = compute_statistics(compute_features())
+        stats = load_statistics(path)
+        check_statistics_match(stats, meta.get('network', 'inception'), meta.get('resize', 'clean'), path)
+        return stats
+    stats = compute_statistics(compute_features(), **meta)
     save_statistics(path, stats)
     return stats
 
@@ -894,6 +899,8 @@ def parse_args(argv=None):
                    help='how the classes of the generated samples were chosen (printed with the scores); '
                         'per-class scores are added when both .npz files hold labels')
     m.add_argument('--save-stats', default=None, help='write the reference statistics to this .npz')
+    m.add_argument('--stats-cache', default=None, metavar='DIR',
+                   help='cache reference statistics here, keyed by dataset, resolution, count, network, resize')
     m.add_argument('--memorization', default=None, help='folder/.npz of training images: nearest-neighbour check')
     m.add_argument('--pairs-png', default='nearest_pairs.png', help='where the memorization check saves pairs')
     p.add_argument('--demo', action='store_true', help='print closed-form checks (no weights needed)')
@@ -954,6 +961,15 @@ def main(args):
         ref_stats = load_statistics(args.reference)
         check_statistics_match(ref_stats, net.name, args.resize, args.reference)
         num_ref = int(ref_stats.get('num_images', -1))
+    elif args.stats_cache:  # computed once per (dataset, resolution, count, network, resize), then reused
+        real = load_images(args.reference, args.num_ref)
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.reference)))[0]
+        path = statistics_cache_path(args.stats_cache, name, real.shape[-1], len(real), net.name, args.resize)
+        cached = os.path.isfile(path)
+        ref_stats = cached_statistics(path, lambda: extract_features(real, net, args.batch_size, args.device),
+                                      network=net.name, resize=args.resize)
+        num_ref = len(real)
+        print(f'reference statistics {"read from" if cached else "computed and saved to"} {path}')
     else:
         real = load_images(args.reference, args.num_ref)
         real_feats = extract_features(real, net, args.batch_size, args.device)

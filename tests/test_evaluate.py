@@ -508,6 +508,12 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
     # the saved reference statistics give the same Frechet distance without the reference images
     again = evaluate.main(evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'stats.npz'), *common]))
     assert again['FD_lenet'] == pytest.approx(first['FD_lenet'], rel=1e-9)
+    for expect in ('computed and saved to', 'read from'):  # the cache is filled once, then reused
+        cached = evaluate.main(evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'train.npz'), *common,
+                                                    '--stats-cache', str(tmp_path / 'cache')]))
+        assert expect in capsys.readouterr().out
+        assert cached['FD_lenet'] == pytest.approx(first['FD_lenet'], rel=1e-9)
+    assert os.listdir(tmp_path / 'cache') == ['train_16px_n60_lenet_clean.npz']
     with pytest.raises(ValueError, match='resize=clean'):  # statistics made another way are refused
         evaluate.main(evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'stats.npz'), *common,
                                            '--resize', 'legacy']))
