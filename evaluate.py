@@ -219,7 +219,9 @@ class FIDInceptionV3(nn.Module):
     """The FID Inception network: images in [0, 1] of any size -> 2048-d pool features (and logits).
 
     forward(x) returns the (N, 2048) features; forward(x, return_logits=True) returns
-    (features, logits) with the (N, 1008) logits for the Inception Score.
+    (features, logits) with the (N, 1008) logits for the Inception Score, computed as the original IS
+    code (and guided-diffusion's evaluator) does: pool features times the softmax layer's weight
+    matrix, without its bias. The bias is in self.fc.bias for anyone who needs the full layer.
     """
 
     name = 'inception'  # metric names derive from this: FID for inception, FD_<name> otherwise
@@ -265,7 +267,7 @@ class FIDInceptionV3(nn.Module):
         features = x.mean(dim=(2, 3))  # global average pool ("pool_3"), (N, 2048)
         if not return_logits:
             return features
-        return features, self.fc(features)  # (N, 1008)
+        return features, features @ self.fc.weight.T  # (N, 1008), no bias: see the class docstring
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ evaluate.load_inception and compares, on the same random images:
   2. 2048-d pool features, clean resize    vs  pytorch-fid fed images resized by PIL bicubic per
      channel in float mode (the clean-fid recipe, Parmar et al. 2022, arXiv:2104.11222), plus the
      resized inputs themselves, and both networks on one identical 299x299 input;
-  3. the 1008 logits                      vs  the fc output of pytorch-fid's underlying Inception3.
+  3. the 1008 logits                      vs  the fc output of pytorch-fid's underlying Inception3,
+     less its bias (the Inception Score code of Salimans et al. multiplies by the weights only).
 It also prints the key-name/shape manifest (count and sha256) embedded in tests/test_evaluate.py.
 
 Random weights need care: with PyTorch's default init the activations shrink layer after layer and
@@ -121,6 +122,7 @@ def main():
         rows.append((size, 'net, same input', same, ref_clean.abs().max().item()))
         ref_logits = classifier(2 * torch.nn.functional.interpolate(
             x_uint8_levels, size=(299, 299), mode='bilinear', align_corners=False) - 1)
+        ref_logits = ref_logits - classifier.fc.bias  # the IS logits leave out the bias (original IS code)
         rows.append((size, 'legacy logits', (logits - ref_logits).abs().max().item(), ref_logits.abs().max().item()))
         nhwc = ours_nhwc(x_uint8_levels)
         rows.append((size, 'ours NHWC', (nhwc - ref).abs().max().item(), ref.abs().max().item()))
