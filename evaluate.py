@@ -799,6 +799,11 @@ def cached_statistics(path, compute_features, **meta):
 
 def compute_metrics(fake_feats, ref_stats, fake_logits=None, metrics=('fid', 'kid', 'is', 'pr'),
                     network='inception', kid_subset_size=1000):
+    """The requested metrics of generated features against reference statistics (compute_statistics).
+
+    Names follow the network: FID/KID for Inception, FD_<name>/KD_<name> for any other feature
+    network, so a Frechet distance in LeNet features is never mistaken for FID. IS needs the logits.
+    """
     fd_name = 'FID' if network == 'inception' else f'FD_{network}'
     results = {}
     if 'fid' in metrics:
