@@ -12,7 +12,7 @@ and the reverse SDE adds Langevin noise to it (Eq. 6). The samplers here are its
   euler_ancestral  Euler step to sigma_down, then fresh noise of std sigma_up (Alg. 2 idea, k-diffusion form)
   dpmpp_2m         DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2)
   dpmpp_2m_sde     its SDE variant (the same paper, Appendix; exact integration of the linear part of the SDE)
-  dpmpp_3m         third-order multistep exponential integrator with a UniPC-style corrector (Zhao et al. 2023)
+  dpmpp_3m         DPM-Solver++(3M) with a UniPC-style corrector (Zhao et al. 2023) that makes it third order
   pc               predictor-corrector with Langevin corrector (Song et al. 2021, arXiv:2011.13456, Alg. 2)
 
 In the sigma frame DDPM and DDIM need only the sigmas: alpha_bar = 1 / (1 + sigma^2). Two facts the tests prove:
@@ -297,9 +297,10 @@ def sample_dpmpp_2m_sde(denoiser, x, sigmas, eta=1.0, s_noise=1.0, generator=Non
     return x
 
 
-def _exp_integral(h, x0_cur, newer=None, older=None):
+def _exp_integral(h, x0_cur, newer=None, older=None, quadratic_weight=1.0):
     """int_0^h e^{u-h} P(u) du for P through (0, D_cur) and up to two more points (u, D) given as (D, u) pairs:
-    P(u) = D_cur + a u + b u (u - u_1) in Newton form, integrated with I0, I1, I2 above."""
+    P(u) = D_cur + a u + b u (u - u_1) in Newton form, integrated with I0, I1, I2 above. quadratic_weight scales
+    the b term (1 = exact integral of the quadratic)."""
     e = math.exp(-h)
     I0, I1, I2 = 1 - e, h - 1 + e, h * h - 2 * h + 2 - 2 * e
     out = I0 * x0_cur
@@ -310,24 +311,24 @@ def _exp_integral(h, x0_cur, newer=None, older=None):
         if older is not None:
             (x0_2, u_2) = older
             b = ((x0_2 - x0_cur) / u_2 - a) / (u_2 - u_1)          # second divided difference
-            out = out + (I2 - u_1 * I1) * b                        # int e^{u-h} u (u - u_1) du
+            out = out + quadratic_weight * (I2 - u_1 * I1) * b     # int e^{u-h} u (u - u_1) du
     return out
 
 
 @torch.no_grad()
 def sample_dpmpp_3m(denoiser, x, sigmas, corrector=True, progress=False, **cond):
-    """A third-order multistep exponential integrator in data prediction (the 3M member of DPM-Solver++, Lu et al.
-    2022, Sec. 4), with the corrector idea of UniPC (Zhao et al. 2023, arXiv:2302.04867).
+    """DPM-Solver++(3M) (Lu et al. 2022, Sec. 4, multistep in data prediction) with the corrector idea of UniPC
+    (Zhao et al. 2023, arXiv:2302.04867), which makes it third order at no extra cost.
 
     Predictor: D is the quadratic through the last three outputs at u = 0, -h_1, -h_1 - h_2 (u = lambda - lambda_cur),
-    integrated exactly against e^{u-h}. Corrector (corrector=True): once D(x_pred) at sigma_next is known (the next
-    step needs it anyway, so no extra evaluation), redo the step with the quadratic through u = h, 0, -h_1 (the
-    Adams-Moulton counterpart). The first steps use lower order while history builds up, and the step into the
-    smallest sigma is first order (DPM-Solver's 'lower_order_final', which stabilises few-step sampling).
-
-    Note: k-diffusion's and the reference DPM-Solver code's 3M weight the second-difference term by half of its
-    exact integral (their phi_3 d2 equals I2 b / 2), so they converge at second order; this one is third order
-    (tests/test_samplers.py, benchmarks/samplers.py)."""
+    integrated against e^{u-h}. Here the b term gets half its exact integral, as in the published DPM-Solver++(3M)
+    coefficients (the reference code and k-diffusion: their phi_3 d2 equals I2 b / 2), which damps the
+    extrapolation at the large steps of few-step sampling but leaves that method second order (see the tests).
+    Corrector (corrector=True): once D(x_pred) at sigma_next is known (the next step needs it anyway, so no extra
+    evaluation), redo the step with the exact integral of the quadratic through u = h, 0, -h_1 (the Adams-Moulton
+    counterpart); this restores third order. The first steps use lower order while history builds up, and the step
+    into the smallest sigma is first order (DPM-Solver's 'lower_order_final', which stabilises few-step sampling).
+    corrector=False is the published DPM-Solver++(3M) with that lower-order final step."""
     check_inputs(x, sigmas)
     n = len(sigmas) - 1
     history = []                                              # previous (D, u) pairs, newest first
@@ -339,7 +340,7 @@ def sample_dpmpp_3m(denoiser, x, sigmas, corrector=True, progress=False, **cond)
             break
         h = math.log(sigma / sigma_next)
         order = min(3, len(history) + 1, n - 1 - i)
-        x_pred = (sigma_next / sigma) * x + _exp_integral(h, x0_cur, *history[:order - 1])
+        x_pred = (sigma_next / sigma) * x + _exp_integral(h, x0_cur, *history[:order - 1], quadratic_weight=0.5)
         x0_next = _denoise(denoiser, x_pred, sigma_next, cond)
         if corrector:
             x = (sigma_next / sigma) * x + _exp_integral(h, x0_cur, (x0_next, h), *history[:min(order, 2) - 1])

@@ -22,22 +22,21 @@ def ode_error(name, n, x_T, sigma_max=80.0, **kwargs):
 
 
 @pytest.mark.parametrize('name, order, kwargs', [('euler', 1, {}), ('ddim', 1, {}), ('heun', 2, {}), ('dpmpp_2m', 2, {}),
-                                                  ('dpmpp_3m', 3, dict(corrector=False))])
+                                                  ('dpmpp_3m', 3, {}), ('dpmpp_3m', 2, dict(corrector=False))])
 def test_convergence_order(name, order, kwargs):
     """Doubling the steps divides the global error by about 2^order (Euler 1st order, Heun and DPM-Solver++(2M)
-    2nd, the 3M integrator 3rd)."""
+    2nd, dpmpp_3m 3rd; without its corrector, i.e. with the published 3M coefficients, only 2nd)."""
     x_T = 80 * torch.randn(200, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     e32, e64, e128 = (ode_error(name, n, x_T, **kwargs) for n in (32, 64, 128))
     for ratio in (e32 / e64, e64 / e128):
         assert 2 ** order * 0.8 < ratio < 2 ** order * 1.4, (name, e32, e64, e128)
 
 
-def test_the_3m_corrector_is_more_accurate_and_at_least_third_order():
+def test_the_3m_corrector_is_more_accurate():
     x_T = 80 * torch.randn(200, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    plain = [ode_error('dpmpp_3m', n, x_T, corrector=False) for n in (32, 64, 128)]
-    corrected = [ode_error('dpmpp_3m', n, x_T) for n in (32, 64, 128)]
-    assert all(c < 0.6 * p for c, p in zip(corrected, plain)), (plain, corrected)   # measured: 0.5, 0.23, 0.07
-    assert all(corrected[i] / corrected[i + 1] > 8 for i in range(2)), corrected
+    plain = [ode_error('dpmpp_3m', n, x_T, corrector=False) for n in (16, 32, 64)]
+    corrected = [ode_error('dpmpp_3m', n, x_T) for n in (16, 32, 64)]
+    assert all(c < 0.6 * p for c, p in zip(corrected, plain)), (plain, corrected)   # measured: 0.53, 0.32, 0.18
 
 
 def test_ddim_eta0_is_euler_and_eta1_is_ddpm():
