@@ -57,7 +57,7 @@ def parse_args(argv=None):
     g.add_argument('--t-sampler', default='low_discrepancy', choices=['uniform', 'low_discrepancy', 'importance'], help='how the batch\'s noise levels are drawn')
     g.add_argument('--sigma-data', type=float, default=0.5, help='data standard deviation for EDM preconditioning')
     g = p.add_argument_group('optimisation')
-    g.add_argument('--steps', type=int, default=3000, help='optimizer steps')
+    g.add_argument('--steps', type=int, default=1000, help='optimizer steps (1000: about 10 minutes on a 2-core CPU)')
     g.add_argument('--batch-size', type=int, default=64, help='global batch size (split over processes and accumulation)')
     g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimizer step')
     g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate (Adam)')
