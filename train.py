@@ -164,7 +164,8 @@ def make_config(args, dataset):
             'diffusion': {'prediction': args.prediction, 'schedule': args.schedule or DEFAULT_SCHEDULE[args.prediction],
                           't_sampler': args.t_sampler, 'sigma_data': args.sigma_data},
             'data': {'dataset': args.dataset, 'resolution': dataset.resolution, 'channels': dataset.channels,
-                     'num_classes': num_classes, 'class_names': list(getattr(dataset, 'class_names', None) or [])}}
+                     'num_classes': num_classes, 'class_names': list(getattr(dataset, 'class_names', None) or []),
+                     'frames': getattr(dataset, 'frames', 0)}}
 
 
 def config_mismatch(a, b, prefix=''):
@@ -227,11 +228,15 @@ def save_grid(images, path, nrow=None):
 
 def sample_grid(net, diffusion, config, args, path, device):
     """A grid of EMA samples: one row per class (up to 10) when conditional, else a square."""
-    num_classes = config['data']['num_classes']
-    shape = (config['data']['channels'], config['data']['resolution'], config['data']['resolution'])
+    num_classes, d = config['data']['num_classes'], config['data']
+    shape = (d['channels'],) + ((d['frames'],) if d.get('frames') else ()) + (d['resolution'], d['resolution'])
     n_rows = min(num_classes, 10) if num_classes else 8
     labels = torch.arange(n_rows).repeat_interleave(8) if num_classes else None
-    images = generate(net, diffusion, 8 * n_rows, shape, device, labels, num_classes, args.sampler,
+    n = 8 * n_rows
+    if d.get('frames'):                                         # videos: one row of frames each, up to 4
+        labels = labels[::8][:4] if labels is not None else None
+        n = len(labels) if labels is not None else 4
+    images = generate(net, diffusion, n, shape, device, labels, num_classes, args.sampler,
                       args.sample_steps, args.guidance, seed=args.seed, aug_dim=config['net'].get('aug_dim', 0))
     save_grid(images, path, nrow=8)
 

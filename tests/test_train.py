@@ -120,3 +120,13 @@ def test_two_process_ddp_with_gloo_stays_in_sync(tmp_path):
     sums = [r['ddp_param_checksums'] for r in read_log(out / 'log.jsonl') if 'ddp_param_checksums' in r][0]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert torch.load(out / 'ckpt.pt', weights_only=True)['step'] == 3
+
+
+def test_video_model_trains_and_samples_to_a_gif(tmp_path):
+    run(tmp_path, '--steps', '2', '--dataset', 'video-shapes', '--config', 'tiny-video', '--batch-size', '4')
+    ckpt = tmp_path / 'run' / 'ckpt.pt'
+    assert torch.load(ckpt, weights_only=True)['config']['data']['frames'] == 8
+    sample.main(sample.parse_args(['--ckpt', str(ckpt), '-n', '2', '--steps', '2', '--out', str(tmp_path / 'v.png')]))
+    from PIL import Image
+    gif = Image.open(tmp_path / 'v.gif')
+    assert gif.n_frames == 8 and Image.open(tmp_path / 'v.png').size == (8 * 18 + 2, 2 * 18 + 2)
