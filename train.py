@@ -80,6 +80,13 @@ def parse_args(argv=None):
     g.add_argument('--sampler', default='heun', choices=list(SAMPLERS), help='sampler for the grids')
     g.add_argument('--sample-steps', type=int, default=18, help='noise levels of the sampling schedule')
     g.add_argument('--guidance', type=float, default=2.0, help='CFG weight of class-conditional grids (1 = none)')
+    g = p.add_argument_group('evaluation (evaluate.py)')
+    g.add_argument('--eval-every', type=int, default=0, help='KID and Frechet distance of EMA samples every N steps (0 = off)')
+    g.add_argument('--eval-samples', type=int, default=2000, help='samples per evaluation (2,000: KID is reliable, FD a trend; 50,000 for a headline FID)')
+    g.add_argument('--eval-network', default='lenet', choices=['lenet', 'inception'],
+                   help='features: a LeNet trained on this dataset (offline, scores named FD_lenet/KD_lenet) or the FID Inception')
+    g.add_argument('--inception-weights', default=None, help='pt_inception-2015-12-05-6726825d.pth (see evaluate.py)')
+    g = p.add_argument_group('misc')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--device', default=None, help='default: cuda if available, else cpu')
     g.add_argument('--no-progress', action='store_true', help='no tqdm bar (for logs)')
@@ -241,6 +248,42 @@ def sample_grid(net, diffusion, config, args, path, device):
     save_grid(images, path, nrow=8)
 
 
+def setup_evaluation(args, dataset, train_index, config, device):
+    """Feature network and reference statistics of the training images, for KID/FD during training (evaluate.py)."""
+    import evaluate
+    x, y = get_batch(dataset, train_index[:10000])
+    if args.eval_network == 'lenet':
+        if not config['data']['num_classes']:
+            raise SystemExit('error: --eval-network lenet trains a classifier on the labels; this dataset has none. '
+                             'Use --eval-network inception.')
+        model = evaluate.train_classifier((x + 1) / 2, y, config['data']['num_classes'], steps=300, seed=args.seed)
+    else:
+        model = evaluate.load_inception(args.inception_weights, device)
+    feats = evaluate.extract_features((x + 1) / 2, model.to(device), device=device, progress=False)
+    return model, evaluate.compute_statistics(feats, network=model.name), y
+
+
+def run_evaluation(args, ema, diffusion, config, eval_state, step, device):
+    """KID and FD of args.eval_samples EMA samples, labels drawn from the data's own label distribution."""
+    import evaluate
+    model, ref, train_labels = eval_state
+    d = config['data']
+    g = torch.Generator().manual_seed(args.seed)
+    labels = train_labels[torch.randint(len(train_labels), (args.eval_samples,), generator=g)] if d['num_classes'] else None
+    shape = (d['channels'], d['resolution'], d['resolution'])
+    batches = iter(range(0, args.eval_samples, 250))
+    def make(n):
+        start = next(batches)
+        return generate(ema, diffusion, n, shape, device, None if labels is None else labels[start:start + n],
+                        d['num_classes'], args.sampler, args.sample_steps, args.guidance, seed=args.seed + 1 + start,
+                        aug_dim=config['net'].get('aug_dim', 0))
+    results = evaluate.evaluate_generator(make, ref, model, args.eval_samples, batch_size=250, device=device)
+    print(evaluate.format_results(results, args.eval_samples, int(ref['num_images']), 'clean', 'training images',
+                                  'labels drawn from the data' if labels is not None else None))
+    return {'step': step, 'eval': {k: float(v) for k, v in results.items()}, 'eval_samples': args.eval_samples,
+            'eval_network': model.name, 'guidance': args.guidance}
+
+
 # ----------------------------------------------------------------------------------------------------
 # The training loop.
 
@@ -351,6 +394,7 @@ def main(args):
         overfit = get_batch(dataset, train_index[torch.randint(len(train_index), (micro_batch,), generator=g)])
         overfit += (diffusion.sample_sigma(micro_batch, g)[0], torch.randn(overfit[0].shape, generator=g))
 
+    eval_state = setup_evaluation(args, dataset, train_index, config, device) if args.eval_every and is_main else None
     n_buckets = 8                                               # loss per noise-level bucket, in log sigma
     log_lo, log_hi = math.log(diffusion.sigma_min), math.log(diffusion.sigma_max)
     stats = torch.zeros(3, n_buckets + 1, dtype=torch.float64)  # sums: count, loss; [:, -1] the total
@@ -456,6 +500,10 @@ def main(args):
                 save_checkpoint(ckpt_path, state)
                 if step == args.save_early:
                     save_checkpoint(os.path.join(args.out, f'ckpt_{step:07d}.pt'), state)
+        if eval_state is not None and (step % args.eval_every == 0 or step == args.steps):
+            ema.eval()
+            log.write(json.dumps(run_evaluation(args, ema, diffusion, config, eval_state, step, device)) + '\n')
+            log.flush()
         if is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
             path = os.path.join(args.out, f'samples_{step:07d}.png')
             ema.eval()

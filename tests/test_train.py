@@ -130,3 +130,10 @@ def test_video_model_trains_and_samples_to_a_gif(tmp_path):
     from PIL import Image
     gif = Image.open(tmp_path / 'v.gif')
     assert gif.n_frames == 8 and Image.open(tmp_path / 'v.png').size == (8 * 18 + 2, 2 * 18 + 2)
+
+
+def test_evaluation_during_training_logs_kid_and_fd(tmp_path):
+    run(tmp_path, '--steps', '2', '--eval-every', '2', '--eval-samples', '40')
+    evals = [r for r in read_log(tmp_path / 'run' / 'log.jsonl') if 'eval' in r]
+    assert len(evals) == 1 and evals[0]['eval_network'] == 'lenet'
+    assert evals[0]['eval']['FD_lenet'] > 0 and 'KD_lenet' in evals[0]['eval'] and 'FID' not in evals[0]['eval']
