@@ -883,7 +883,7 @@ def demo():
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='FID / KID / IS / precision-recall of generated images.')
-    p.add_argument('generated', nargs='?', help='folder of images or .npz of generated samples')
+    p.add_argument('generated', nargs='?', help='folder of images, .npz of generated samples, or a train.py checkpoint (.pt)')
     p.add_argument('reference', nargs='?', help='folder/.npz of reference images, or a statistics .npz')
     g = p.add_argument_group('feature network')
     g.add_argument('--network', default='inception', choices=['inception', 'lenet'],
@@ -910,6 +910,11 @@ def parse_args(argv=None):
                    help='cache reference statistics here, keyed by dataset, resolution, count, network, resize')
     m.add_argument('--memorization', default=None, help='folder/.npz of training images: nearest-neighbour check')
     m.add_argument('--pairs-png', default='nearest_pairs.png', help='where the memorization check saves pairs')
+    s = p.add_argument_group('sampling a checkpoint (when GENERATED is a .pt file)')
+    s.add_argument('--sampler', default='heun', help='a name in samplers.SAMPLERS')
+    s.add_argument('--steps', type=int, default=18, help='noise levels of the Karras schedule')
+    s.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance weight (1 = none)')
+    s.add_argument('--class', dest='fixed_class', type=int, default=0, help='the class of --conditions fixed')
     p.add_argument('--demo', action='store_true', help='print closed-form checks (no weights needed)')
     p.add_argument('--train-lenet', default=None, metavar='NPZ',
                    help='train the FD_lenet classifier on an .npz of images and labels, save it to --lenet-weights')
@@ -952,6 +957,28 @@ def train_lenet_command(args):
     print(f'saved to {args.lenet_weights}')
 
 
+def sample_checkpoint(args):
+    """Generate --num-gen images (2,000 by default) from a train.py checkpoint: (images in [0, 1], labels or None).
+    Conditions: fixed (--class) or uniform; 'data' and 'real' need the reference labels, so sample with sample.py."""
+    from sample import load_model        # the command line may import the checkpoint loader (STYLE.md); the
+    from train import generate           # metric code above stays a leaf
+    net, diffusion, config = load_model(args.generated, args.device)
+    d, n = config['data'], args.num_gen or 2000
+    labels = None
+    if d['num_classes']:
+        mode = args.conditions or 'uniform'
+        if mode not in ('fixed', 'uniform'):
+            raise ValueError(f"--conditions {mode} needs the reference labels: write samples with sample.py --npz")
+        args.conditions = mode
+        labels = torch.from_numpy(choose_conditions(mode, n, d['num_classes'], fixed_class=args.fixed_class))
+    images = [generate(net, diffusion, len(idx), (d['channels'], d['resolution'], d['resolution']), args.device,
+                       None if labels is None else labels[idx], d['num_classes'], args.sampler, args.steps,
+                       args.guidance, seed=int(idx[0]), aug_dim=config['net'].get('aug_dim', 0)).cpu()
+              for idx in tqdm(torch.arange(n).split(args.batch_size), desc='sampling')]
+    print(f'sampled {n} images from {args.generated} ({args.sampler}, {args.steps} steps, guidance {args.guidance})')
+    return (torch.cat(images) + 1) / 2, labels
+
+
 def main(args):
     if args.demo:
         return demo()
@@ -960,7 +987,10 @@ def main(args):
     metrics = tuple(args.metrics.split(','))
     net = build_network(args)
     want_logits = 'is' in metrics and net.name == 'inception'
-    fake = load_images(args.generated, args.num_gen)
+    if args.generated.endswith('.pt'):
+        fake, _ = sample_checkpoint(args)
+    else:
+        fake = load_images(args.generated, args.num_gen)
     out = extract_features(fake, net, args.batch_size, args.device, return_logits=want_logits)
     fake_feats, fake_logits = out if want_logits else (out, None)
     real_feats = None
@@ -987,7 +1017,8 @@ def main(args):
     results = compute_metrics(fake_feats, ref_stats, fake_logits, metrics, net.name)
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
     print(format_results(results, len(fake_feats), num_ref, args.resize, split, args.conditions))
-    fake_labels, real_labels = load_labels(args.generated), load_labels(args.reference)
+    fake_labels = None if args.generated.endswith('.pt') else load_labels(args.generated)
+    real_labels = load_labels(args.reference)
     if (real_feats is not None and fake_labels is not None and real_labels is not None
             and len(fake_labels) >= len(fake_feats) and len(real_labels) >= num_ref):
         fd_name = 'FID' if net.name == 'inception' else f'FD_{net.name}'

@@ -137,3 +137,22 @@ def test_evaluation_during_training_logs_kid_and_fd(tmp_path):
     evals = [r for r in read_log(tmp_path / 'run' / 'log.jsonl') if 'eval' in r]
     assert len(evals) == 1 and evals[0]['eval_network'] == 'lenet'
     assert evals[0]['eval']['FD_lenet'] > 0 and 'KD_lenet' in evals[0]['eval'] and 'FID' not in evals[0]['eval']
+
+
+def test_evaluate_command_line_samples_a_checkpoint(tmp_path, capsys):
+    import numpy as np
+    import data
+    import evaluate
+    run(tmp_path, '--steps', '2')
+    real = data.load_dataset('shapes', resolution=16, num_images=600)
+    x, y = real.batch(torch.arange(600))
+    clf = evaluate.train_classifier((x + 1) / 2, y, 6, steps=50)
+    torch.save(clf.state_dict(), tmp_path / 'lenet.pt')
+    np.savez(tmp_path / 'ref.npz', images=real.images.numpy())
+    results = evaluate.main(evaluate.parse_args([str(tmp_path / 'run' / 'ckpt.pt'), str(tmp_path / 'ref.npz'),
+                                                 '--network', 'lenet', '--lenet-weights', str(tmp_path / 'lenet.pt'),
+                                                 '--num-gen', '24', '--metrics', 'fid,kid', '--steps', '2',
+                                                 '--conditions', 'fixed', '--class', '2', '--device', 'cpu']))
+    assert results['FD_lenet'] > 0 and 'KD_lenet' in results
+    out = capsys.readouterr().out
+    assert 'sampled 24 images' in out and 'conditions=fixed' in out and 'trend only' in out
