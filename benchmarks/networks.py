@@ -195,8 +195,8 @@ def parse_args(argv=None):
     parser.add_argument('--batch-size', type=int, default=8, help='images per step')
     parser.add_argument('--steps', type=int, default=5, help='timed calls per measurement (median is reported)')
     parser.add_argument('--warmup', type=int, default=2, help='untimed calls before timing')
-    parser.add_argument('--configs', nargs='+', default=['tiny', 'ddpm-cifar10', 'DiT-S/2', 'DiT-B/2'],
-                        help=f'any of {list(UNET_CONFIGS)} or {list(DIT_CONFIGS)}')
+    parser.add_argument('--configs', nargs='*', default=['tiny', 'ddpm-cifar10', 'DiT-S/2', 'DiT-B/2'],
+                        help=f'any of {list(UNET_CONFIGS)} or {list(DIT_CONFIGS)}; none = race only')
     parser.add_argument('--compare-rounds', type=int, default=5,
                         help='interleaved rounds of the diffusers race (0 = skip the race)')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
@@ -228,7 +228,7 @@ def main(args):
             print(f'{name:<24} failed: {result.stderr.strip().splitlines()[-1]}')
             continue
         r = json.loads(result.stdout.strip().splitlines()[-1])
-        print(f'{name:<24}{r["params"] / 1e6:>11.2f}M{r["fwd"]:>12.1f}{r["train"]:>13.1f}{r["peak"] / 2**30:>10.2f}GB')
+        print(f'{name:<24}{r["params"] / 1e6:>11.2f}M{r["fwd"]:>12.2f}{r["train"]:>13.2f}{r["peak"] / 2**30:>10.2f}GB')
 
     if args.compare_rounds <= 0:
         return
@@ -243,8 +243,10 @@ def main(args):
     print(f'{"model":<24}{"params":>12}{"fwd img/s":>12}{"train img/s":>13}   per-round train img/s')
     for name, c in contenders.items():
         rates = c['rates']
-        print(f'{name:<24}{c["params"] / 1e6:>11.2f}M{statistics.median(rates["fwd"]):>12.1f}'
-              f'{statistics.median(rates["train"]):>13.1f}   {" ".join(f"{r:.1f}" for r in rates["train"])}')
+        print(f'{name:<24}{c["params"] / 1e6:>11.2f}M{statistics.median(rates["fwd"]):>12.2f}'
+              f'{statistics.median(rates["train"]):>13.2f}   {" ".join(f"{r:.2f}" for r in rates["train"])}')
+    wins = sum(a > b for a, b in zip(*(c['rates']['train'] for c in contenders.values())))
+    print(f'rounds in which our training step was faster: {wins} of {args.compare_rounds}')
     ours, theirs = (statistics.median(contenders[n]['rates']['train']) for n in contenders)
     print(f'train-step speed, ours / diffusers = {ours / theirs:.2f}x')
 
