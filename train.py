@@ -155,7 +155,7 @@ def make_config(args, dataset):
     num_classes = 0 if args.unconditional else dataset.num_classes
     aug_dim = data.AUG_DIM if args.aug_p > 0 else 0
     if args.model == 'unet':
-        name = args.config or 'tiny'
+        name = args.config or 'micro'
         net = dict(UNET_CONFIGS[name], in_channels=dataset.channels, image_size=dataset.resolution,
                    num_classes=num_classes, aug_dim=aug_dim)
         if args.dropout is not None:

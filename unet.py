@@ -448,7 +448,10 @@ class UNet(nn.Module):
 # Named configurations
 
 UNET_CONFIGS = {
-    # CPU default for 32x32 images: ~2M parameters, trains at a useful speed on two cores.
+    # train.py's default: 0.3M parameters; 1000 steps of batch 64 on 32x32 images take about 8 minutes on 2 CPU cores.
+    'micro': dict(model_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
+                  head_channels=32, norm_groups=8, dropout=0.0),
+    # A small model for 32x32 images: 1.2M parameters (about 3x slower per step than 'micro').
     'tiny': dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                  head_channels=32, norm_groups=8, dropout=0.0),
     # Ho et al. 2020, CIFAR-10 (App. B): ch=128, mult (1,2,2,2), 2 blocks, attention at 16x16, dropout 0.1, one
