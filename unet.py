@@ -457,7 +457,8 @@ UNET_CONFIGS = {
     # Ho et al. 2020, CIFAR-10 (App. B): ch=128, mult (1,2,2,2), 2 blocks, attention at 16x16, dropout 0.1, one
     # head, additive time embedding, no classes: 35.7M parameters.
     'ddpm-cifar10': dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-                         attention_resolutions=(16,), dropout=0.1, head_channels=256, scale_shift_norm=False),
+                         attention_resolutions=(16,), dropout=0.1, head_channels=256, scale_shift_norm=False,
+                         rope=False),   # DDPM's attention has no position encoding
     # Not a paper configuration: ADM's architecture choices (Dhariwal & Nichol 2021: 3 blocks, attention at 16 and
     # 8 with 64-channel heads, AdaGN, resampling residual blocks) at a CIFAR-10 size, class-conditional.
     'adm-32': dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
