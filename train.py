@@ -528,4 +528,7 @@ def main(args):
 
 
 if __name__ == '__main__':
-    main(parse_args())
+    try:
+        main(parse_args())
+    except (data.DatasetNotFoundError, ValueError) as e:     # a missing dataset, a bad flag value: the message only
+        raise SystemExit(f'error: {e}')
