@@ -21,9 +21,9 @@ from train import build_diffusion, build_network, generate, load_checkpoint, sav
 
 
 def load_model(path, device='cpu', use_ema=True):
-    """(network in eval mode, Diffusion, config) from a train.py checkpoint."""
+    """(network in eval mode, Diffusion, config) from a train.py checkpoint; config['args'] holds the run's flags."""
     ckpt = load_checkpoint(path, device)
-    config = ckpt['config']
+    config = dict(ckpt['config'], args=ckpt.get('args', {}))
     net = build_network(config).to(device)
     net.load_state_dict(ckpt['ema' if use_ema else 'model'])
     return net.eval().requires_grad_(False), build_diffusion(config), config
@@ -94,8 +94,8 @@ def run_inverse(args, net, diffusion, config, device):
         x0 = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(r, r, c)).permute(2, 0, 1)[None] / 127.5 - 1
     else:
         import data
-        ds = data.load_dataset(config['data']['dataset'], split=config['args'].get('split', 'train') if 'args' in config else 'train',
-                               resolution=r)
+        ds = data.load_dataset(config['data']['dataset'], data_dir=config['args'].get('data_dir'),
+                               split=config['args'].get('split', 'train'), resolution=r)
         x0 = ds[0][0][None]
     x0 = x0.to(device)
     g = torch.Generator().manual_seed(args.seed)
@@ -123,8 +123,7 @@ def run_inverse(args, net, diffusion, config, device):
 def main(args):
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     net, diffusion, config = load_model(args.ckpt, device, use_ema=not args.raw)
-    trained = torch.load(args.ckpt, map_location='cpu', weights_only=True).get('args', {})
-    config['args'] = trained
+    trained = config['args']
     if args.inverse:
         return run_inverse(args, net, diffusion, config, device)
     sampler = args.sampler or trained.get('sampler', 'heun')

@@ -393,12 +393,13 @@ SAMPLERS = {
     'pc': sample_pc,
 }
 
-# Denoiser evaluations per step (the rest use one): Heun evaluates twice except on the last step, PC 1 + n_corrector.
+# Samplers that draw fresh noise, and so take generator=.
 STOCHASTIC = ('ddpm', 'euler_ancestral', 'dpmpp_2m_sde', 'pc')
 
 
 def steps_for_nfe(name, nfe):
-    """The number of sigmas (before the final 0) that makes a sampler use about `nfe` denoiser evaluations."""
+    """The number of sigmas (before the final 0) that makes a sampler use about `nfe` denoiser evaluations. Most
+    samplers evaluate once per step; Heun twice except on the last step, PC 1 + n_corrector (here 1)."""
     if name == 'heun':
         return (nfe + 1) // 2 + (1 if nfe % 2 == 0 else 0) if nfe > 1 else 1    # 2(n-1) + 1 evaluations
     if name == 'pc':

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 import data
 from diffusion import SCHEDULES, Diffusion
+from guidance import ClassifierFreeGuidance
 from dit import DIT_CONFIGS, DiT
 from samplers import SAMPLERS, STOCHASTIC, karras_sigmas
 from unet import UNET_CONFIGS, UNet
@@ -202,13 +203,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     if num_classes:
         y = labels.to(device) if labels is not None else torch.full((n,), num_classes, device=device)
         if guidance != 1.0 and labels is not None:
-            base = denoiser
-            def denoiser(x, sigma, y, **kw):
-                # classifier-free guidance, one batched call: D_uncond + w (D_cond - D_uncond) (Ho & Salimans 2021)
-                both = base(torch.cat([x, x]), torch.cat([sigma, sigma]), y=torch.cat([y, torch.full_like(y, num_classes)]),
-                            **{k: torch.cat([v, v]) for k, v in kw.items()})
-                d_cond, d_uncond = both.chunk(2)
-                return d_uncond + guidance * (d_cond - d_uncond)
+            denoiser = ClassifierFreeGuidance(denoiser, w=guidance, null_class=num_classes)   # one batched call
         cond['y'] = y
     sigmas = karras_sigmas(steps, diffusion.sigma_min, diffusion.sigma_max).to(device)
     x = sigmas[0] * torch.randn((n,) + tuple(shape), generator=g).to(device)
@@ -424,12 +419,10 @@ def main(args):
                 noise = torch.randn(x0.shape, generator=g)
             sync = nullcontext() if (world == 1 or micro == args.grad_accum - 1) else model.no_sync()
             with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss, _ = diffusion.loss(model, x0.to(device), sigma.to(device), noise.to(device), **cond)
                 if diffusion.importance is not None and overfit is None:
-                    loss, _ = diffusion.loss(model, x0.to(device), sigma.to(device), noise.to(device), **cond)
-                    diffusion.importance.update(t_index, loss)
+                    diffusion.importance.update(t_index, loss)        # the history before reweighting
                     loss = loss * weight.to(device)
-                else:
-                    loss, _ = diffusion.loss(model, x0.to(device), sigma.to(device), noise.to(device), **cond)
                 scaler.scale(loss.mean() / args.grad_accum).backward()
             step_loss += loss.detach().mean() / args.grad_accum
             bucket = ((sigma.double().log() - log_lo) / (log_hi - log_lo) * n_buckets).long().clamp(0, n_buckets - 1)

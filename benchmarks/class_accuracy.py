@@ -27,7 +27,9 @@ def main(args):
     d = config['data']
     if not d['num_classes']:
         raise SystemExit('error: the model is unconditional; class accuracy needs a class-conditional model')
-    trained = torch.load(args.ckpt, map_location='cpu', weights_only=True).get('args', {})
+    if d.get('frames'):
+        raise SystemExit('error: this is a video model; class accuracy is measured on image models only')
+    trained = config['args']
     dataset = data.load_dataset(d['dataset'], data_dir=args.data_dir or trained.get('data_dir'),
                                 split=trained.get('split', 'train'), resolution=d['resolution'])
     x, y = dataset.batch(torch.arange(len(dataset)))
