@@ -1,5 +1,5 @@
 """Tests of data.py: procedural data is deterministic and means what its labels say, real data loads with its
-published statistics, missing files give a message naming them, and augmentation records what it applied."""
+published statistics, missing files give a message naming them, and big folders stream with the same batches."""
 import gzip
 import os
 import pickle
@@ -264,96 +264,36 @@ def test_unknown_dataset_lists_the_names():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Augmentation
+# Streaming a folder that does not fit the memory budget
 
-def cond_with(**entries):
-    """One aug_cond row with the named entries set."""
-    cond = torch.zeros(1, data.AUG_DIM)
-    for name, value in entries.items():
-        cond[0, data.AUG_COND_NAMES.index(name)] = value
-    return cond
-
-
-@pytest.fixture
-def batch():
-    return data.ShapesDataset(num_images=64, seed=5).batch(torch.arange(64))[0]
-
-
-def test_augment_p0_is_identity_with_zero_labels(batch):
-    x_aug, cond = data.AugmentPipe(p=0.0)(batch, generator=torch.Generator().manual_seed(0))
-    assert torch.equal(x_aug, batch) and cond.shape == (64, data.AUG_DIM) and (cond == 0).all()
-
-
-def test_each_aug_cond_entry_means_what_the_docstring_says(batch):
-    x = batch[:1]
-    W = x.shape[-1]
-    apply = data.apply_augment
-    assert torch.equal(apply(x, cond_with(xflip=1)), x.flip(-1))
-    assert torch.equal(apply(apply(x, cond_with(xflip=1)), cond_with(xflip=1)), x)     # x-flip twice = identity
-    assert torch.equal(apply(x, cond_with(yflip=1)), x.flip(-2))
-    quarter = cond_with(rot90_cos=-1, rot90_sin=1)                                      # k = 1: cos - 1, sin
-    assert torch.equal(apply(x, quarter), torch.rot90(x, 1, dims=(-2, -1)))
-    assert torch.equal(apply(x, cond_with(rot90_cos=-2, rot90_sin=0)), torch.rot90(x, 2, dims=(-2, -1)))
-    shifted = apply(x, cond_with(translate_x=3 / W, translate_y=-2 / W))                # 3 px right, 2 px up
-    assert torch.equal(shifted[..., :-2, 3:], x[..., 2:, :-3])
-    assert torch.equal(shifted[..., :-2, 2], x[..., 2:, 1])                             # reflect padding
-    # 2x zoom about the centre: output pixel i (centre i + 0.5) samples the input at 16 + (i + 0.5 - 16) / 2,
-    # so even i = 8 + 2j lands at index 11.75 + j: bilinear weights 1/4, 3/4 on pixels 11 + j, 12 + j per axis.
-    zoom = apply(x, cond_with(log2_scale=1.0))
-    rows = 0.25 * x[..., 11:19, :] + 0.75 * x[..., 12:20, :]
-    assert torch.allclose(zoom[..., 8:24:2, 8:24:2], 0.25 * rows[..., 11:19] + 0.75 * rows[..., 12:20], atol=1e-5)
-    assert torch.allclose(apply(x, cond_with(brightness=0.1)), x + 0.1)
-    assert torch.allclose(apply(x, cond_with(log2_contrast=1.0)), 2 * x)
-    saturated = apply(x, cond_with(log2_saturation=1.0))
-    mean = x.mean(1, keepdim=True)
-    assert torch.allclose(saturated, mean + 2 * (x - mean), atol=1e-6)
-    assert torch.allclose(saturated.mean(1), x.mean(1), atol=1e-6)                      # grey level kept
+def test_folder_over_the_memory_budget_streams_the_same_batches(tmp_path):
+    rng = np.random.default_rng(3)
+    for k, cls in enumerate(('a', 'b')):
+        (tmp_path / cls).mkdir()
+        for i in range(12):                                      # 24 images of 20x24 px, resized/cropped to 16
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(tmp_path / cls / f'{i}.png')
+    size = 24 * 3 * 16 * 16                                      # decoded bytes at resolution 16
+    in_memory = data.load_dataset(f'folder:{tmp_path}', resolution=16, memory_budget=size)   # fits exactly
+    streamed = data.load_dataset(f'folder:{tmp_path}', resolution=16, memory_budget=size - 1)
+    assert not in_memory.streaming and hasattr(in_memory, 'images')
+    assert streamed.streaming and not hasattr(streamed, 'images')          # nothing decoded up front
+    # The (seed, step)-drawn indices of a training run, with repeats and in no sorted order.
+    g = torch.Generator().manual_seed(0)
+    index_tensors = [torch.randint(24, (5,), generator=g) for _ in range(6)]
+    expected = list(data.make_loader(in_memory, index_tensors))
+    for workers in (0, 2):
+        got = list(data.make_loader(streamed, iter(index_tensors), num_workers=workers))   # a one-shot iterator
+        assert len(got) == len(expected)
+        for (x, y), (x_ref, y_ref), index in zip(got, expected, index_tensors):
+            assert torch.equal(x, x_ref) and torch.equal(y, y_ref) and y.dtype == torch.long
+            assert torch.equal(y, (index >= 12).long())                    # sub-folder b is class 1
 
 
-def test_aug_cond_records_exactly_what_was_applied(batch):
-    g = torch.Generator().manual_seed(1)
-    pipe = data.AugmentPipe(p=0.7)
-    x_aug, cond = pipe(batch, generator=g)
-    assert (cond != 0).any(0).all()                                         # every entry was exercised
-    assert torch.equal(data.apply_augment(batch, cond), x_aug)               # the labels alone reproduce it
-    # Without resampling transforms, inverting the recorded transform recovers the images (to float error).
-    exact = data.AugmentPipe(p=0.7, translate=0, scale_std=0)
-    x_aug, cond = exact(batch, generator=g)
-    assert (x_aug - batch).abs().max() > 0.5
-    assert (data.invert_augment(x_aug, cond) - batch).abs().max() < 1e-5
-    # Integer translation is exact too, except for the pixels that came in from the reflected border.
-    shifted, cond = data.AugmentPipe(p=1.0, xflip=False, yflip=False, rotate90=False, scale_std=0, brightness_std=0,
-                                     contrast_std=0, saturation_std=0)(batch, generator=g)
-    m = round(0.125 * 32)
-    assert (cond[:, 4:6].abs() * 32 <= m + 1e-4).all() and (cond[:, 4:6] != 0).any()
-    assert torch.equal(data.invert_augment(shifted, cond)[..., m:-m, m:-m], batch[..., m:-m, m:-m])
-    # Same generator seed, same augmentation (reproducible runs).
-    a = pipe(batch, generator=torch.Generator().manual_seed(7))
-    b = pipe(batch, generator=torch.Generator().manual_seed(7))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
-
-
-def test_each_augmentation_is_applied_with_probability_p():
-    p, n = 0.3, 20000
-    cond = data.AugmentPipe(p=p).sample(n, channels=3, resolution=32, generator=torch.Generator().manual_seed(0))
-    on = cond != 0
-    tolerance = 5 * (p * (1 - p) / n) ** 0.5                                  # 5 standard deviations
-    names = data.AUG_COND_NAMES
-    for name in ('xflip', 'yflip', 'log2_scale', 'brightness', 'log2_contrast', 'log2_saturation'):
-        assert abs(on[:, names.index(name)].float().mean() - p) < tolerance, name
-    turned = on[:, 2] | on[:, 3]
-    assert abs(turned.float().mean() - p) < tolerance
-    k = torch.round(torch.atan2(cond[turned, 3], cond[turned, 2] + 1) / (torch.pi / 2)).long() % 4
-    assert k.bincount(minlength=4)[0] == 0 and (k.bincount(minlength=4)[1:] > 0.3 * turned.sum() / 3).all()
-    # A drawn shift can be 0 (9 values -4..4 px), so a translation is visible at rate p * 8/9.
-    assert abs(on[:, 4].float().mean() - p * 8 / 9) < tolerance
-    grey = data.AugmentPipe(p=p).sample(100, channels=1, generator=torch.Generator().manual_seed(0))
-    assert (grey[:, names.index('log2_saturation')] == 0).all()              # no saturation for 1 channel
-
-
-def test_augment_moves_all_frames_of_a_video_together():
-    videos = data.VideoShapesDataset(num_videos=6, frames=4, seed=0).batch(torch.arange(6))[0]
-    v_aug, cond = data.AugmentPipe(p=0.8)(videos, generator=torch.Generator().manual_seed(3))
-    assert v_aug.shape == videos.shape
-    for f in range(4):
-        assert torch.allclose(v_aug[:, :, f], data.apply_augment(videos[:, :, f], cond), atol=1e-6)
+def test_holdout_split_holds_out_one_in_twenty_and_nothing_below_twenty():
+    train, val = data.holdout_split(100, seed=4)
+    assert len(val) == 5 and sorted(torch.cat([train, val]).tolist()) == list(range(100))
+    assert torch.equal(val, data.holdout_split(100, seed=4)[1])             # fixed by the seed
+    assert len(data.holdout_split(50000, seed=0)[1]) == 1000               # at most 1000
+    train, val = data.holdout_split(19, seed=0)
+    assert len(val) == 0 and len(train) == 19                              # empty: the caller skips val loss
+    assert len(data.holdout_split(20, seed=0)[1]) == 1
