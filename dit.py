@@ -5,7 +5,8 @@ Paper: Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", arXiv:
 Also: Dosovitskiy et al. 2021, ViT, arXiv:2010.11929 (patchify); Nichol & Dhariwal 2021, arXiv:2102.09672
 (learned sigma); Chen et al. 2023, PixArt-alpha, arXiv:2310.00426 (cross-attention inside a DiT block).
 
-  tokens = Patchify(x) + PE_sincos                     (Sec. 3.2: T = (I/p)^2 tokens of width d, Fig. 4)
+  tokens = Patchify(x) + PE_sincos                     (Sec. 3.2: T = (I/p)^2 tokens of width d, Fig. 4;
+                                                     PE: MAE's 2-D table, column half first)
   c      = MLP(sinusoid(noise_level) + W_aug aug_cond) + E[y]
   (g1, b1, a1, g2, b2, a2) = Linear(SiLU(c))           (adaLN-Zero, Sec. 3.2; Linear zero-initialised)
   z = z + a1 * Attn(LN(z) * (1 + g1) + b1)
@@ -19,12 +20,17 @@ Tensor conventions: x: (N, C, H, W) with H, W divisible by patch_size; noise_lev
 index num_classes = "no class"; context: (N, L, context_dim), context_mask: (N, L) bool, True = keep;
 x_cond: (N, cond_channels, H, W); aug_cond: (N, aug_dim).
 Learned sigma: with learn_sigma=True the output has 2C channels: out[:, :C] is the usual prediction F, and
-out[:, C:] is v of Improved DDPM Eq. 15, Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t). With the default
-learn_sigma=False the output is shaped like x.
+out[:, C:] sets the variance of Improved DDPM Eq. 15, Sigma = exp(v log beta_t + (1 - v) log beta_tilde_t), with
+v = (out + 1) / 2 as in their code (and the official DiT's). With the default learn_sigma=False the output is shaped
+like x. Samplers here use only F (the official DiT's eps half).
+
+Official weights: load_official_dit('DiT-XL-2-256x256.pt') maps the key names of facebookresearch/DiT models.py
+(same network, timm module names) and refuses anything else; the stored position table must equal ours.
 
 Usage: net = create_dit('DiT-S/2', input_size=32, in_channels=4); out = net(x, noise_level, y)
 """
 import math
+import re
 
 import numpy as np
 import torch
@@ -44,18 +50,22 @@ def timestep_embedding(noise_level, dim, max_period=10000.0):
 
 
 def sincos_pos_embed_2d(dim, grid_h, grid_w):
-    """Fixed 2-D sin-cos position embeddings (MAE / DiT): half the channels encode the row, half the column.
+    """Fixed 2-D sin-cos position embeddings in the MAE / DiT layout: (grid_h * grid_w, dim), raster order.
 
-    Returns (grid_h * grid_w, dim) in raster order, as float32 numpy (built once, not learned).
+    Channels [0, dim/2) encode the token's column, channels [dim/2, dim) its row (MAE's get_2d_sincos_pos_embed
+    builds its grid with np.meshgrid(grid_w, grid_h), so the half it calls "h" holds the column index). Each half
+    is [sin(pos w_k), cos(pos w_k)] with w_k = 10000^(-k / (dim/4)), k = 0 .. dim/4 - 1 (Vaswani et al. 2017,
+    Sec. 3.5, per axis). Official DiT checkpoints store this table; the same weights with the halves swapped
+    compute a different function, so the order is part of the model, not a free choice. float32 numpy.
     """
     assert dim % 4 == 0, 'hidden size must be divisible by 4 for 2-D sin-cos embeddings'
     omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))   # (dim/4,)
-    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')
+    rows, cols = np.meshgrid(np.arange(grid_h), np.arange(grid_w), indexing='ij')   # (grid_h, grid_w) each
 
     def encode(pos):                                                       # (T,) -> (T, dim/2)
         angles = pos.reshape(-1)[:, None] * omega[None]
         return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
-    return np.concatenate([encode(rows), encode(cols)], axis=1).astype(np.float32)
+    return np.concatenate([encode(cols), encode(rows)], axis=1).astype(np.float32)   # column half first (MAE)
 
 
 def modulate(x, shift, scale):
@@ -269,6 +279,120 @@ DIT_CONFIGS['DiT-tiny/2'] = dict(depth=2, hidden_size=64, num_heads=4, patch_siz
 def create_dit(name='DiT-S/2', **overrides):
     """Build a named configuration, with any constructor argument overridden (e.g. input_size=32, in_channels=3)."""
     return DiT(**{**DIT_CONFIGS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------
+# Official checkpoints (facebookresearch/DiT: DiT-XL-2-256x256.pt, DiT-XL-2-512x512.pt)
+#
+# Their models.py builds the same network from timm parts, so only the module names differ: PatchEmbed's conv is
+# `proj`, TimestepEmbedder wraps its MLP in `mlp`, LabelEmbedder names its table `embedding_table`, and timm's Mlp
+# names its two linears `fc1` / `fc2`. The fixed position table is stored in the file (a frozen nn.Parameter
+# there, a buffer rebuilt from the formula here): it is compared with ours instead of being loaded, so a table in
+# another layout is refused rather than silently transposing every position.
+
+_OFFICIAL_DIT_KEYS = [                   # (official name, regular expression) -> our name
+    (r'x_embedder\.proj\.(weight|bias)', r'x_embedder.\1'),
+    (r't_embedder\.mlp\.([02])\.(weight|bias)', r't_embedder.\1.\2'),
+    (r'y_embedder\.embedding_table\.weight', r'y_embedder.weight'),
+    (r'blocks\.(\d+)\.attn\.(qkv|proj)\.(weight|bias)', r'blocks.\1.attn.\2.\3'),
+    (r'blocks\.(\d+)\.mlp\.fc1\.(weight|bias)', r'blocks.\1.mlp.0.\2'),
+    (r'blocks\.(\d+)\.mlp\.fc2\.(weight|bias)', r'blocks.\1.mlp.2.\2'),
+    (r'blocks\.(\d+)\.adaLN_modulation\.1\.(weight|bias)', r'blocks.\1.adaLN_modulation.1.\2'),
+    (r'final_layer\.linear\.(weight|bias)', r'final_layer.linear.\1'),
+    (r'final_layer\.adaLN_modulation\.1\.(weight|bias)', r'final_layer.adaLN_modulation.1.\1'),
+]
+
+
+def official_dit_key(key):
+    """Our parameter name for an official DiT state-dict key, or None when the key is not an official one."""
+    for pattern, ours in _OFFICIAL_DIT_KEYS:
+        if re.fullmatch(pattern, key):
+            return re.sub(pattern, ours, key)
+    return None
+
+
+def dit_config_from_official(state_dict):
+    """DiT constructor arguments read off the shapes of an official state dict (names must be official).
+
+    The head count is not in the weights, so (depth, width) must match a configuration of Table 1.
+    """
+    need = ['x_embedder.proj.weight', 'y_embedder.embedding_table.weight', 'final_layer.linear.weight', 'pos_embed']
+    missing = [k for k in need if k not in state_dict]
+    if missing:
+        raise ValueError(f'not an official DiT state dict: no {", ".join(missing)} (keys start with '
+                         f'{sorted(state_dict)[:4]}); expected the file of facebookresearch/DiT (DiT-XL-2-256x256.pt)')
+    hidden, in_channels, patch_size, _ = state_dict['x_embedder.proj.weight'].shape
+    depth = len({k.split('.')[1] for k in state_dict if k.startswith('blocks.')})
+    out_channels = state_dict['final_layer.linear.weight'].shape[0] // patch_size ** 2
+    grid = math.isqrt(state_dict['pos_embed'].shape[1])
+    sizes = [name for name, c in DIT_CONFIGS.items()
+             if (c['depth'], c['hidden_size'], c['patch_size']) == (depth, hidden, patch_size)]
+    if not sizes:
+        raise ValueError(f'no DiT configuration has depth {depth}, width {hidden} and patch size {patch_size}; '
+                         f'the official models are the {", ".join(n for n in DIT_CONFIGS if "tiny" not in n)}')
+    return dict(DIT_CONFIGS[sizes[0]], input_size=grid * patch_size, in_channels=in_channels,
+                # the table has one extra row, the "no class" label of classifier-free guidance (index num_classes)
+                num_classes=state_dict['y_embedder.embedding_table.weight'].shape[0] - 1,
+                learn_sigma=out_channels == 2 * in_channels,
+                mlp_ratio=state_dict['blocks.0.mlp.fc1.weight'].shape[0] / hidden)
+
+
+def convert_official_dit(state_dict, net):
+    """Rename an official DiT state dict to this file's names, checking everything before anything is loaded.
+
+    Refuses (ValueError, listing the offending keys) unknown keys, missing keys, shape mismatches, and a stored
+    position table that differs from sincos_pos_embed_2d (another layout, or not a DiT). Returns a state dict
+    for net.load_state_dict.
+    """
+    ours = net.state_dict()
+    converted, unknown, wrong_shape = {}, [], []
+    for key, value in state_dict.items():
+        if key == 'pos_embed':
+            continue                                     # checked below against the formula, never loaded
+        name = official_dit_key(key)
+        if name is None or name not in ours:
+            unknown.append(key)
+        elif tuple(value.shape) != tuple(ours[name].shape):
+            wrong_shape.append(f'{key} {tuple(value.shape)} (expected {tuple(ours[name].shape)})')
+        else:
+            converted[name] = value
+    missing = [k for k in ours if k not in converted]
+    problems = [f'{len(unknown)} unknown keys: {unknown[:5]}' if unknown else '',
+                f'{len(missing)} missing parameters (our names): {missing[:5]}' if missing else '',
+                f'{len(wrong_shape)} shape mismatches: {wrong_shape[:5]}' if wrong_shape else '']
+    if 'pos_embed' not in state_dict:
+        problems.append('no pos_embed: official DiT files store the fixed position table')
+    else:
+        stored = state_dict['pos_embed'].float().reshape(net.pos_embed.shape)
+        gap = (stored - net.pos_embed.float()).abs().max().item()
+        if gap > 1e-5:                           # float32 round-off of sin/cos is ~1e-7
+            problems.append(f'the stored position table differs from the MAE/DiT sin-cos table by up to {gap:.3g}: '
+                            'a different layout (rows and columns swapped?) or not a DiT checkpoint')
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError('cannot load this as an official DiT checkpoint: ' + '; '.join(problems))
+    return converted
+
+
+def load_official_dit(checkpoint, device='cpu'):
+    """Build the DiT an official checkpoint describes and load it: checkpoint is a path or a state dict.
+
+    A training checkpoint of the official train.py ({'model', 'ema', ...}) gives its EMA weights, as their
+    download.find_model does. The result predicts eps and a learned variance (2C output channels, see the module
+    docstring) for DiT's 1000-step linear schedule; class index num_classes (1000) is "no class".
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    if 'ema' in checkpoint and isinstance(checkpoint['ema'], dict):
+        checkpoint = checkpoint['ema']
+    with torch.device('meta'):                   # shapes only: nothing is initialised that is then overwritten
+        net = DiT(**dit_config_from_official(checkpoint))
+    # The table is a buffer computed at construction, so rebuild it for real before comparing with the file's.
+    net = net.to_empty(device='cpu')
+    grid = math.isqrt(net.pos_embed.shape[1])
+    net.pos_embed.copy_(torch.from_numpy(sincos_pos_embed_2d(net.pos_embed.shape[-1], grid, grid))[None])
+    net.load_state_dict(convert_official_dit(checkpoint, net))
+    return net.to(device).eval()
 
 
 # ----------------------------------------------------------------------------

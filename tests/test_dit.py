@@ -1,4 +1,6 @@
-"""Tests for dit.py: zero init, gradient flow, conditioning paths, patchify geometry, paper parameter counts."""
+"""Tests for dit.py: zero init, gradient flow, conditioning paths, patchify geometry, paper parameter counts, the
+MAE/DiT position table and the official checkpoint loader."""
+import math
 import os
 
 import pytest
@@ -225,3 +227,104 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(net)
     with torch.no_grad():
         torch.testing.assert_close(compiled(**data), net(**data), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# The official layout: MAE/DiT position table and the official checkpoint names
+
+def test_position_table_is_the_mae_dit_formula():
+    """MAE's get_2d_sincos_pos_embed, written out for a 2 x 3 grid of width 8: token (r, c) in raster order is
+    [sin(c w0), sin(c w1), cos(c w0), cos(c w1), sin(r w0), sin(r w1), cos(r w0), cos(r w1)], w_k = 10000^(-k/2).
+    (Planted mistake caught: the row half first, this file's layout before issue 18.)"""
+    w = [1.0, 10000 ** -0.5]
+    expected = []
+    for r in range(2):
+        for c in range(3):
+            expected.append([math.sin(c * w[0]), math.sin(c * w[1]), math.cos(c * w[0]), math.cos(c * w[1]),
+                             math.sin(r * w[0]), math.sin(r * w[1]), math.cos(r * w[0]), math.cos(r * w[1])])
+    torch.testing.assert_close(torch.from_numpy(sincos_pos_embed_2d(8, 2, 3)).double(),
+                               torch.tensor(expected, dtype=torch.float64), atol=1e-7, rtol=0)
+
+
+def official_dit_state_dict(depth=12, hidden=384, patch=2, channels=4, num_classes=1000, grid=4, seed=0):
+    """A state dict with the names and shapes of facebookresearch/DiT models.py (DiT-S/2 by default; random values),
+    written out from their module tree, not from ours: PatchEmbed.proj, TimestepEmbedder.mlp, LabelEmbedder.
+    embedding_table (+1 row for "no class"), timm Attention qkv/proj and Mlp fc1/fc2, adaLN_modulation.1, FinalLayer.
+    The frozen pos_embed is the MAE table written by hand (column half first)."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {'x_embedder.proj.weight': (hidden, channels, patch, patch), 'x_embedder.proj.bias': (hidden,),
+              't_embedder.mlp.0.weight': (hidden, 256), 't_embedder.mlp.0.bias': (hidden,),
+              't_embedder.mlp.2.weight': (hidden, hidden), 't_embedder.mlp.2.bias': (hidden,),
+              'y_embedder.embedding_table.weight': (num_classes + 1, hidden)}
+    for i in range(depth):
+        shapes.update({f'blocks.{i}.attn.qkv.weight': (3 * hidden, hidden), f'blocks.{i}.attn.qkv.bias': (3 * hidden,),
+                       f'blocks.{i}.attn.proj.weight': (hidden, hidden), f'blocks.{i}.attn.proj.bias': (hidden,),
+                       f'blocks.{i}.mlp.fc1.weight': (4 * hidden, hidden), f'blocks.{i}.mlp.fc1.bias': (4 * hidden,),
+                       f'blocks.{i}.mlp.fc2.weight': (hidden, 4 * hidden), f'blocks.{i}.mlp.fc2.bias': (hidden,),
+                       f'blocks.{i}.adaLN_modulation.1.weight': (6 * hidden, hidden),
+                       f'blocks.{i}.adaLN_modulation.1.bias': (6 * hidden,)})
+    out = patch * patch * 2 * channels                                   # learned sigma: 2C output channels
+    shapes.update({'final_layer.linear.weight': (out, hidden), 'final_layer.linear.bias': (out,),
+                   'final_layer.adaLN_modulation.1.weight': (2 * hidden, hidden),
+                   'final_layer.adaLN_modulation.1.bias': (2 * hidden,)})
+    sd = {k: 0.02 * torch.randn(s, generator=g) for k, s in shapes.items()}
+    omega = [10000 ** (-k / (hidden // 4)) for k in range(hidden // 4)]
+    pos = torch.tensor([[math.sin(c * w) for w in omega] + [math.cos(c * w) for w in omega]
+                        + [math.sin(r * w) for w in omega] + [math.cos(r * w) for w in omega]
+                        for r in range(grid) for c in range(grid)])
+    sd['pos_embed'] = pos[None].float()
+    return sd
+
+
+# Where each official name must land in our module tree (written by hand, not by the loader's table).
+def our_tensor(net, key):
+    parts = key.split('.')
+    if parts[0] == 'blocks':
+        block = net.blocks[int(parts[1])]
+        rest = parts[2:]
+        if rest[0] == 'mlp':
+            layer = block.mlp[{'fc1': 0, 'fc2': 2}[rest[1]]]
+        elif rest[0] == 'attn':
+            layer = getattr(block.attn, rest[1])
+        else:
+            layer = block.adaLN_modulation[1]
+        return getattr(layer, rest[-1])
+    layer = {'x_embedder.proj': net.x_embedder, 't_embedder.mlp.0': net.t_embedder[0],
+             't_embedder.mlp.2': net.t_embedder[2], 'y_embedder.embedding_table': net.y_embedder,
+             'final_layer.linear': net.final_layer.linear,
+             'final_layer.adaLN_modulation.1': net.final_layer.adaLN_modulation[1]}['.'.join(parts[:-1])]
+    return getattr(layer, parts[-1])
+
+
+def test_official_dit_loader_maps_every_key():
+    """Every official key lands on the parameter of the same role, and every parameter of ours is filled.
+    (Planted mistake caught: fc1/fc2 swapped in the rename table.)"""
+    sd = official_dit_state_dict()
+    net = dit.load_official_dit(sd)
+    assert net.config['depth'] == 12 and net.config['num_heads'] == 6 and net.config['input_size'] == 8
+    assert net.out_channels == 8 and net.num_classes == 1000          # learned sigma; index 1000 = no class
+    for key, value in sd.items():
+        if key != 'pos_embed':
+            assert torch.equal(our_tensor(net, key), value), key
+    assert sum(p.numel() for p in net.parameters()) == sum(v.numel() for k, v in sd.items() if k != 'pos_embed')
+    torch.testing.assert_close(net.pos_embed, sd['pos_embed'], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize('break_it, message', [
+    (lambda sd: sd.update({'blocks.0.attn.q_norm.weight': torch.ones(64)}), 'unknown keys'),
+    (lambda sd: sd.pop('blocks.3.mlp.fc2.bias'), 'missing parameters'),
+    (lambda sd: sd.update({'blocks.1.attn.qkv.weight': torch.zeros(384, 384)}), 'shape mismatches'),
+    # our old layout: the row half first; the same weights would compute another function
+    (lambda sd: sd.update({'pos_embed': torch.cat(sd['pos_embed'].chunk(2, dim=-1)[::-1], dim=-1)}), 'position table'),
+])
+def test_official_dit_loader_refuses_what_is_not_official(break_it, message):
+    """(Planted mistake caught: no checks and strict=False loading, which accepts all four.)"""
+    sd = official_dit_state_dict()
+    break_it(sd)
+    with pytest.raises(ValueError, match=message):
+        dit.load_official_dit(sd)
+
+
+def test_official_dit_loader_refuses_other_files():
+    with pytest.raises(ValueError, match='not an official DiT state dict'):
+        dit.load_official_dit({'model.diffusion_model.input_blocks.0.0.weight': torch.zeros(1)})
