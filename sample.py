@@ -1,33 +1,302 @@
 """
 Sample a trained model: `python sample.py --ckpt runs/default/ckpt.pt`.
 
-The checkpoint carries the model configuration and the settings it was trained with (parameterisation, schedule,
+This file is the one place that turns a checkpoint into pictures. train.py (grids, in-training evaluation),
+evaluate.py and the benchmarks import it; it imports only concept files, never train.py (as nanoGPT's and DiT's
+sample.py rebuild the model from the checkpoint's config and import only the model file).
+
+    load_checkpoint(path, device)          -> the checkpoint dict, checked (weights_only=True: it cannot run code)
+    build_network(config), build_diffusion(config)
+    load_model(path, device, use_ema=True) -> (network in eval mode, Diffusion, config)
+    generate(net, diffusion, n, shape, device, labels, num_classes, sampler, steps, guidance, seed, ...)
+        -> (n, *shape) images in [-1, 1] on the CPU: THE seeded, batched, labelled sampling routine
+    save_grid(images, path), save_gif(videos, path)
+
+Sampling integrates the probability-flow ODE or reverse SDE of the trained denoiser D(x, sigma) from
+x_N = sigma_max * n, n ~ N(0, I), down to sigma = 0 (Karras et al. 2022, arXiv:2206.00364, Alg. 1/2) on the
+Karras noise levels sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho
+(their Eq. 5). Class-conditional models are guided by D_w = D(x|y) + (w - 1) (D(x|y) - D(x|null)) (Ho & Salimans
+2022, arXiv:2207.12598, Eq. 6, written with w = 1 meaning no guidance).
+
+The checkpoint carries the model configuration and the flags it was trained with (parameterisation, schedule,
 image size, classes), so a model is never sampled with settings that do not match its training; sampler, steps,
 guidance, class and seed are yours to choose. Writes a PNG grid (videos: one row of frames per sample, and a GIF)
 and optionally an .npz of uint8 samples. With --inverse METHOD it instead solves an inverse problem on an image
 (inpainting or super-resolution, inverse.py) and writes a strip: measurement, reconstruction, original.
 
     python sample.py --ckpt runs/mnist/ckpt.pt --sampler dpmpp_3m --steps 20 --class 3 --guidance 2
+    python sample.py --ckpt runs/mnist/ckpt.pt --sampler ddim --sampler-opt eta=0.5
     python sample.py --ckpt runs/mnist/ckpt.pt --inverse dps --operator sr --image digit.png
 """
 import argparse
+import ast
+import errno
+import inspect
+import math
 import os
+import tempfile
 
 import numpy as np
 import torch
 
-from samplers import SAMPLERS
-from train import build_diffusion, build_network, generate, load_checkpoint, save_grid
+import data
+import samplers
+from diffusion import Diffusion
+from dit import DiT
+from guidance import ClassifierFreeGuidance
+from unet import UNet
+
+NETWORKS = {'unet': UNet, 'dit': DiT}          # config['model'] -> class; config['net'] holds its kwargs
+CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every train.py checkpoint holds, at least
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading a checkpoint. Every failure is a message that says what the file is and what to do, never a KeyError
+# from deep inside: a checkpoint is user input.
+
+def load_checkpoint(path, device='cpu'):
+    """Load with weights_only=True (a checkpoint cannot run code) and check that it is a train.py checkpoint."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: checkpoint {path!r} does not exist')
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:                                       # truncated, not a checkpoint, or unsafe content
+        raise SystemExit(f'error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}). '
+                         'Is it a file written by train.py, and complete?') from None
+    # A state_dict saved alone, or a list: readable by torch, but not something we can rebuild a model from.
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f'error: {path!r} holds a {type(ckpt).__name__}, not a train.py checkpoint '
+                         f'(a dict with {", ".join(CHECKPOINT_KEYS)})')
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    config = ckpt.get('config')
+    if not missing and isinstance(config, dict):
+        missing = [f'config.{k}' for k in ('model', 'net', 'diffusion', 'data') if not isinstance(config.get(k), (dict, str))]
+    elif not missing:
+        missing = ['config (a dict)']
+    if missing:
+        raise SystemExit(f'error: {path!r} is not a complete train.py checkpoint: missing {", ".join(missing)}'
+                         + (' (it looks like a bare state_dict: save the dict train.py writes)' if 'config' in
+                            ', '.join(missing) and all(torch.is_tensor(v) for v in ckpt.values()) else ''))
+    return ckpt
+
+
+def build_network(config):
+    """Rebuild a network from the config stored in a checkpoint (its class and constructor arguments)."""
+    if config['model'] not in NETWORKS:
+        raise SystemExit(f"error: unknown network {config['model']!r} in the checkpoint; known: {', '.join(NETWORKS)}")
+    return NETWORKS[config['model']](**config['net'])
+
+
+def build_diffusion(config):
+    """The Diffusion (parameterisation, training schedule, noise-level sampler) the model was trained with."""
+    d = config['diffusion']
+    return Diffusion(d['schedule'], d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
 
 
 def load_model(path, device='cpu', use_ema=True):
-    """(network in eval mode, Diffusion, config) from a train.py checkpoint; config['args'] holds the run's flags."""
+    """(network in eval mode, Diffusion, config) from a train.py checkpoint; config['args'] holds the run's flags.
+
+    Weights that are not finite are refused here: sampling them gives NaN images that would be written as
+    black PNGs."""
     ckpt = load_checkpoint(path, device)
     config = dict(ckpt['config'], args=ckpt.get('args', {}))
     net = build_network(config).to(device)
-    net.load_state_dict(ckpt['ema' if use_ema else 'model'])
+    weights = ckpt['ema' if use_ema else 'model']
+    try:
+        net.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as e:      # missing/extra keys, wrong shapes, not a dict
+        raise SystemExit(f'error: the weights in {path!r} do not fit the network its config describes: '
+                         f'{str(e).splitlines()[0][:300]}') from None
+    bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise SystemExit(f"error: {path!r} has non-finite {'EMA' if use_ema else 'raw'} weights ({len(bad)} tensors, "
+                         f'e.g. {bad[0]}): the run blew up. Use an earlier checkpoint.')
     return net.eval().requires_grad_(False), build_diffusion(config), config
 
+
+def sample_shape(config):
+    """(C, H, W) of an image model, (C, F, H, W) of a video model, from the checkpoint's data config."""
+    d = config['data']
+    return (d['channels'],) + ((d['frames'],) if d.get('frames') else ()) + (d['resolution'], d['resolution'])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampler options. A solver's options are its own keyword arguments (samplers.py); the network's conditioning
+# travels separately in `cond`, so a misspelt option is an error naming it, never something handed to the network.
+
+def sampler_options(name):
+    """{option: default} of a sampler (samplers.sampler_options, or read from its signature)."""
+    if hasattr(samplers, 'sampler_options'):
+        return samplers.sampler_options(name)
+    skip = {'denoiser', 'x', 'sigmas', 'cond', 'callback', 'progress', 'generator'}
+    params = inspect.signature(samplers.SAMPLERS[name]).parameters.items()
+    return {k: p.default for k, p in params if k not in skip and p.default is not p.empty}
+
+
+def is_stochastic(name, options):
+    """Does the sampler draw fresh noise with these options (and so take generator=)?"""
+    if hasattr(samplers, 'is_stochastic'):
+        return samplers.is_stochastic(name, options)
+    return name in samplers.STOCHASTIC or (name == 'heun' and options.get('S_churn', 0) > 0) or \
+        (name == 'ddim' and options.get('eta', 0) > 0)
+
+
+def check_sampler_options(name, options=None):
+    """Validate a sampler name and its options before any work: unknown names are ValueErrors that list the valid ones."""
+    if name not in samplers.SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(samplers.SAMPLERS)}")
+    known = sampler_options(name)
+    unknown = sorted(set(options or {}) - set(known))
+    if unknown:
+        raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
+                         + (', '.join(f'{k}={v!r}' for k, v in known.items()) or 'none'))
+    return dict(options or {})
+
+
+def parse_sampler_options(items):
+    """['eta=0.5', 'S_churn=40'] (the --sampler-opt flags) -> {'eta': 0.5, 'S_churn': 40}; values are Python literals."""
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition('=')
+        if not sep or not key.isidentifier():
+            raise ValueError(f'--sampler-opt expects KEY=VALUE (e.g. eta=0.5), got {item!r}')
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value                                 # a plain word: keep it as a string
+    return options
+
+
+def run_sampler(name, denoiser, x, sigmas, options, cond, generator=None, progress=False, callback=None):
+    """Call SAMPLERS[name] with its own options, the conditioning dict and (only if stochastic) the generator."""
+    fn, options = samplers.SAMPLERS[name], dict(options)
+    if is_stochastic(name, options):
+        options['generator'] = generator
+    params = inspect.signature(fn).parameters
+    if 'cond' in params:                                         # the cond= / callback= API (CONTRACTS.md)
+        return fn(denoiser, x, sigmas, cond=cond, callback=callback, progress=progress, **options)
+    return fn(denoiser, x, sigmas, progress=progress, **options, **cond)   # older samplers.py: **cond
+
+
+# ----------------------------------------------------------------------------------------------------
+# Generation: the one routine that draws n samples in seeded, labelled batches.
+
+@torch.no_grad()
+def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampler='heun', steps=18, guidance=1.0,
+             seed=0, progress=False, aug_dim=0, sampler_options=None, batch_size=None, sigmas=None, cond=None,
+             guide=None, callback=None):
+    """n samples (n, *shape) in [-1, 1] on the CPU.
+
+    labels: (n,) class indices (guided with weight `guidance` when != 1), or None for unconditional samples of a
+    class-conditional model (the "no class" index num_classes). Batches of batch_size (default: all n) start from
+    the noise of torch.Generator().manual_seed(seed + start), start = the batch's first index, so a sample depends
+    on (seed, batch_size, its index) only. sampler_options: the solver's own keyword options (checked here, so a
+    misspelt one fails before any sampling). sigmas: an explicit noise-level schedule (default: Karras, `steps`).
+    cond: extra per-sample conditioning {name: (n, ...) tensor} for the network (x_cond, context, ...).
+    guide: denoiser -> denoiser, applied after classifier-free guidance (other guidance methods).
+    """
+    options = check_sampler_options(sampler, sampler_options)
+    if n < 1 or (batch_size is not None and batch_size < 1):
+        raise ValueError(f'need at least one sample and a batch size of at least 1, got n={n}, batch_size={batch_size}')
+    if not math.isfinite(guidance):
+        raise ValueError(f'guidance weight must be a finite number, got {guidance}')
+    if sigmas is None:
+        sigmas = samplers.karras_sigmas(steps, diffusion.sigma_min, diffusion.sigma_max)
+    sigmas, batch_size = sigmas.to(device), batch_size or n
+    out = []
+    for start in range(0, n, batch_size):
+        b = min(batch_size, n - start)
+        g = torch.Generator(device='cpu').manual_seed(seed + start)
+        # The network's conditioning for this batch: extra inputs, "no augmentation", and the class.
+        batch_cond = {k: v[start:start + b].to(device) for k, v in (cond or {}).items()}
+        if aug_dim:
+            batch_cond['aug_cond'] = torch.zeros(b, aug_dim, device=device)         # "no augmentation" (EDM App. C.4)
+        denoiser = diffusion.denoiser(net)
+        if num_classes:
+            y = labels[start:start + b].to(device) if labels is not None else torch.full((b,), num_classes, device=device)
+            if guidance != 1.0 and labels is not None:
+                denoiser = ClassifierFreeGuidance(denoiser, w=guidance, null_class=num_classes)   # one batched call
+            batch_cond['y'] = y
+        if guide is not None:
+            denoiser = guide(denoiser)
+        x = sigmas[0] * torch.randn((b,) + tuple(shape), generator=g).to(device)   # x_N = sigma_max n
+        x = run_sampler(sampler, denoiser, x, sigmas, options, batch_cond, g, progress, callback)
+        # A NaN image clamps to NaN and would be written as black: stop here with the reason instead.
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f'sampling produced non-finite values (batch at {start}): the model or the '
+                                     f'sampler settings ({sampler}, {len(sigmas) - 1} steps, guidance {guidance}) diverge')
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing pictures and arrays. Output paths are checked before sampling (check_output_path), files are written
+# to a temporary name and renamed, so an interrupted write never leaves half a file under the final name.
+
+def check_output_path(path, extensions, flag):
+    """Before any long work: the path has a known extension, its folder exists (created if missing) and is writable."""
+    if os.path.isdir(path):
+        raise SystemExit(f'error: {flag} {path!r} is a folder; give a file name such as {os.path.join(path, "samples" + extensions[0])}')
+    if not path.lower().endswith(extensions):
+        raise SystemExit(f'error: {flag} {path!r} needs one of the extensions {", ".join(extensions)}')
+    folder = os.path.dirname(path) or '.'
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_test_'):
+            pass                                                 # a real write: os.access lies on some mounts
+    except OSError as e:
+        raise SystemExit(f'error: cannot write {flag} {path!r}: {e.strerror or e}') from None
+
+
+def atomic_write(path, write):
+    """write(tmp_path), then rename onto path; a full disk becomes a 'disk full' error and the temp file is removed."""
+    tmp = os.path.join(os.path.dirname(path) or '.', f'.{os.path.basename(path)}.tmp{os.path.splitext(path)[1]}')
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f'disk full while writing {path}; free space and rerun') from None
+        raise
+
+
+def save_grid(images, path, nrow=None):
+    """Save (N, C, H, W) images in [-1, 1] as one PNG grid (videos: (N, C, F, H, W) become rows of frames)."""
+    from PIL import Image
+    if images.ndim == 5:
+        nrow = images.shape[2]
+        images = images.transpose(1, 2).flatten(0, 1)
+    n, c, h, w = images.shape
+    nrow = nrow or int(math.ceil(math.sqrt(n)))
+    ncol = int(math.ceil(n / nrow))
+    grid = torch.ones(c, ncol * (h + 2) + 2, nrow * (w + 2) + 2)                # white 2-pixel borders
+    for i, img in enumerate(images.float().cpu()):
+        r, col = divmod(i, nrow)
+        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = img
+    arr = data.to_uint8(grid).permute(1, 2, 0).numpy()
+    atomic_write(path, lambda tmp: Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(tmp, format='PNG'))
+
+
+def save_gif(videos, path):
+    """(N, C, F, H, W) in [-1, 1] -> an animated GIF with the N videos side by side."""
+    from PIL import Image
+    strip = torch.cat(list(data.to_uint8(videos.cpu())), dim=-1)               # (C, F, H, N*W)
+    pics = [Image.fromarray(f.permute(1, 2, 0).squeeze(-1).numpy()) for f in strip.transpose(0, 1)]
+    atomic_write(path, lambda tmp: pics[0].save(tmp, format='GIF', save_all=True, append_images=pics[1:],
+                                                duration=150, loop=0))
+
+
+def save_npz(images, labels, path):
+    """uint8 (N, H, W, C) samples (videos (N, F, H, W, C)) and their labels (empty: unconditional), for evaluate.py."""
+    arr = data.to_uint8(images).movedim(1, -1).numpy()
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, samples=arr,
+                                                       labels=labels.numpy() if labels is not None else np.zeros(0)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command line: flags, their checks (all before loading or sampling), and the two modes.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Sample a trained diffusion model.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -36,12 +305,15 @@ def parse_args(argv=None):
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) in this .npz')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
     p.add_argument('--batch', type=int, default=256, help='samples per batch')
-    p.add_argument('--sampler', default=None, choices=list(SAMPLERS), help="default: the training run's --sampler")
-    p.add_argument('--steps', type=int, default=None, help="noise levels of the Karras schedule; default: the run's --sample-steps")
-    p.add_argument('--guidance', type=float, default=None, help="classifier-free guidance weight (1 = none); default: the run's")
-    p.add_argument('--class', dest='label', default=None, help="class index or name; default: cycle through all classes ('none': unconditional)")
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
+    g = p.add_argument_group('sampler')
+    g.add_argument('--sampler', default=None, choices=list(samplers.SAMPLERS), help="default: the training run's --sampler")
+    g.add_argument('--steps', type=int, default=None, help="noise levels of the Karras schedule; default: the run's --sample-steps")
+    g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE',
+                   help="a sampler's own option, e.g. eta=0.5 for ddim or S_churn=40 for heun (repeatable)")
+    g.add_argument('--guidance', type=float, default=None, help="classifier-free guidance weight (1 = none); default: the run's")
+    g.add_argument('--class', dest='label', default=None, help="class index or name; default: cycle through all classes ('none': unconditional)")
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
     p.add_argument('--device', default=None, help='default: cuda if available')
     g = p.add_argument_group('inverse problems (inverse.py)')
     g.add_argument('--inverse', default=None, help='method: replacement, pocs, ilvr, ccdf, mcg, reconstruction_guidance, dps')
@@ -50,6 +322,31 @@ def parse_args(argv=None):
     g.add_argument('--noise-std', type=float, default=0.0, help='measurement noise')
     g.add_argument('--image', default=None, help='image file to measure and reconstruct; default: a held-out dataset image')
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Range checks of the flags that do not need the checkpoint: a clear message before anything is loaded."""
+    problems = []
+    if args.num < 1:
+        problems.append(f'-n must be at least 1 (got {args.num})')
+    if args.batch < 1:
+        problems.append(f'--batch must be at least 1 (got {args.batch})')
+    if args.steps is not None and args.steps < 1:
+        problems.append(f'--steps must be at least 1 (got {args.steps})')
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        problems.append(f'--guidance must be a finite number (got {args.guidance})')
+    if args.noise_std < 0 or not math.isfinite(args.noise_std):
+        problems.append(f'--noise-std must be a finite number >= 0 (got {args.noise_std})')
+    if args.inverse and args.operator not in ('sr', 'inpaint_box', 'inpaint_random'):
+        problems.append(f"--operator must be sr, inpaint_box or inpaint_random (got {args.operator!r})")
+    if args.inverse and args.image and not os.path.isfile(args.image):
+        problems.append(f'--image {args.image!r} does not exist')
+    if problems:
+        raise SystemExit('error: ' + '\n       '.join(problems))
+    try:
+        args.sampler_options = parse_sampler_options(args.sampler_opt)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
 
 
 def resolve_label(label, config, n):
@@ -70,30 +367,33 @@ def resolve_label(label, config, n):
     return torch.full((n,), int(label))
 
 
-def save_gif(videos, path):
-    """(N, C, F, H, W) in [-1, 1] -> an animated GIF with the N videos side by side."""
-    from PIL import Image
-    frames = ((videos.clamp(-1, 1) + 1) * 127.5).round().byte()         # (N, C, F, H, W)
-    strip = torch.cat(list(frames), dim=-1)                              # (C, F, H, N*W)
-    pics = [Image.fromarray(f.permute(1, 2, 0).squeeze(-1).numpy()) for f in strip.transpose(0, 1)]
-    pics[0].save(path, save_all=True, append_images=pics[1:], duration=150, loop=0)
+def read_image(path, channels, resolution):
+    """An image file -> (1, C, R, R) in [-1, 1], prepared exactly as training prepares folder images (data.load_image:
+    transparency composited on white, shorter side resized, centre crop; never a stretch)."""
+    try:
+        rgb = data.load_image(path, resolution)                                   # uint8 (3, R, R)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    if channels == 1:                                   # ITU-R 601-2 luma, as PIL's convert('L')
+        rgb = (rgb.double() * torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)[:, None, None]).sum(0, keepdim=True).round().to(torch.uint8)
+    return data.to_float(rgb)[None]
 
 
 def run_inverse(args, net, diffusion, config, device):
     """Measure one image, reconstruct it with the chosen method, save measurement | reconstruction | original."""
     import inverse
-    from PIL import Image
+    c, r = config['data']['channels'], config['data']['resolution']
+    if config['data'].get('frames'):
+        raise SystemExit('error: --inverse works on image models; this checkpoint is a video model')
     if args.inverse not in inverse.INVERSE_METHODS:
         raise SystemExit(f"error: unknown --inverse {args.inverse!r}; choose from {', '.join(inverse.INVERSE_METHODS)}")
-    c, r = config['data']['channels'], config['data']['resolution']
+    if args.operator == 'sr' and (args.factor < 2 or r % args.factor):
+        raise SystemExit(f'error: --factor must be at least 2 and divide the model resolution {r} (got {args.factor})')
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', f'inverse_{args.inverse}_{args.operator}.png')
+    check_output_path(out, ('.png',), '--out')
     if args.image:
-        try:
-            img = Image.open(args.image).convert('L' if c == 1 else 'RGB').resize((r, r), Image.BICUBIC)
-        except OSError as e:
-            raise SystemExit(f'error: cannot read image {args.image!r}: {e}') from None
-        x0 = torch.from_numpy(np.asarray(img, dtype=np.float32).reshape(r, r, c)).permute(2, 0, 1)[None] / 127.5 - 1
+        x0 = read_image(args.image, c, r)
     else:
-        import data
         ds = data.load_dataset(config['data']['dataset'], data_dir=config['args'].get('data_dir'),
                                split=config['args'].get('split', 'train'), resolution=r)
         x0 = ds[0][0][None]
@@ -101,52 +401,68 @@ def run_inverse(args, net, diffusion, config, device):
     g = torch.Generator().manual_seed(args.seed)
     op = inverse.make_operator(args.operator, tuple(x0.shape[1:]), generator=g, noise_std=args.noise_std, factor=args.factor)
     y = op.measure(x0, generator=g)
-    from samplers import karras_sigmas
-    sigmas = karras_sigmas(args.steps or 50, diffusion.sigma_min, diffusion.sigma_max).to(device)
+    sigmas = samplers.karras_sigmas(args.steps or 50, diffusion.sigma_min, diffusion.sigma_max).to(device)
+    # The model's conditioning: unconditional class, no augmentation; passed as the solver's cond dict.
     cond = {}
     if config['data']['num_classes']:
-        cond['y'] = torch.full((1,), config['data']['num_classes'], device=device)      # unconditional
+        cond['y'] = torch.full((1,), config['data']['num_classes'], device=device)
     if config['net'].get('aug_dim'):
         cond['aug_cond'] = torch.zeros(1, config['net']['aug_dim'], device=device)
-    denoiser = diffusion.denoiser(net)
-    den = (lambda x, sigma, **kw: denoiser(x, sigma, **cond, **kw)) if cond else denoiser
     x = sigmas[0] * torch.randn(x0.shape, generator=g).to(device)
-    recon = inverse.INVERSE_METHODS[args.inverse](den, x, sigmas, op, y, generator=g).clamp(-1, 1)
+    recon = inverse.INVERSE_METHODS[args.inverse](diffusion.denoiser(net), x, sigmas, op, y, generator=g,
+                                                  cond=cond).clamp(-1, 1)
     shown = op.pinv(y).clamp(-1, 1)
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), f'inverse_{args.inverse}_{args.operator}.png')
     save_grid(torch.cat([shown, recon, x0]).detach(), out, nrow=3)
     psnr = 10 * torch.log10(4 / ((recon - x0) ** 2).mean()).item()
     print(f'wrote {out} (measurement | reconstruction | original); PSNR {psnr:.2f} dB, '
           f'|A x - y| = {(op.forward(recon) - y).abs().max().item():.3g}')
 
 
+def write_samples(images, labels, out, npz):
+    """The arrays first (they are the data), then the pictures. If a write fails anyway, the samples are kept in
+    a file in the temporary folder, so an hour of sampling is not lost to a full disk or a vanished folder."""
+    try:
+        if npz:
+            save_npz(images, labels, npz)
+        save_grid(images, out)
+        if images.ndim == 5:
+            save_gif(images[:8], os.path.splitext(out)[0] + '.gif')
+    except OSError as e:
+        rescue = os.path.join(tempfile.gettempdir(), f'samples_rescued_{os.getpid()}.pt')
+        try:
+            torch.save({'samples': images, 'labels': labels}, rescue)
+            kept = f'the samples are kept in {rescue} (torch.load it)'
+        except OSError:
+            kept = 'and they could not be kept anywhere'
+        raise SystemExit(f'error: {e.strerror if e.strerror else e}; {kept}') from None
+
+
 def main(args):
+    check_args(args)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    # Output paths before the model: a typo in --out must not cost the sampling time.
+    out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png')
+    if not args.inverse:
+        check_output_path(out, ('.png',), '--out')
+        if args.npz:
+            check_output_path(args.npz, ('.npz',), '--npz')
     net, diffusion, config = load_model(args.ckpt, device, use_ema=not args.raw)
     trained = config['args']
     if args.inverse:
         return run_inverse(args, net, diffusion, config, device)
+    # Sampler settings: the command line's, else those the run used for its own grids.
     sampler = args.sampler or trained.get('sampler', 'heun')
     steps = args.steps or trained.get('sample_steps', 18)
     guidance = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
-    d = config['data']
-    shape = (d['channels'],) + ((d['frames'],) if d.get('frames') else ()) + (d['resolution'], d['resolution'])
     labels = resolve_label(args.label, config, args.num)
-    chunks = []
-    for start in range(0, args.num, args.batch):
-        n = min(args.batch, args.num - start)
-        chunks.append(generate(net, diffusion, n, shape, device, None if labels is None else labels[start:start + n],
-                               d['num_classes'], sampler, steps, guidance, seed=args.seed + start, progress=True,
-                               aug_dim=config['net'].get('aug_dim', 0)).cpu())
-    images = torch.cat(chunks)
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png')
-    save_grid(images, out, nrow=None if images.ndim == 4 else None)
-    if images.ndim == 5:
-        save_gif(images[:8], os.path.splitext(out)[0] + '.gif')
-    if args.npz:
-        arr = ((images + 1) * 127.5).round().byte()
-        np.savez_compressed(args.npz, samples=arr.movedim(1, -1).numpy(),
-                            labels=(labels.numpy() if labels is not None else np.zeros(0)))
+    try:
+        options = check_sampler_options(sampler, args.sampler_options)
+        images = generate(net, diffusion, args.num, sample_shape(config), device, labels,
+                          config['data']['num_classes'], sampler, steps, guidance, seed=args.seed, progress=True,
+                          aug_dim=config['net'].get('aug_dim', 0), sampler_options=options, batch_size=args.batch)
+    except (ValueError, FloatingPointError) as e:
+        raise SystemExit(f'error: {e}') from None
+    write_samples(images, labels, out, args.npz)
     print(f"wrote {out}: {args.num} samples, {sampler}, {steps} steps, guidance {guidance}"
           + (f', class {args.label}' if args.label is not None else ''))
 

@@ -1,42 +1,70 @@
 """
 Train a diffusion model: `python train.py` on a laptop CPU, `torchrun --nproc_per_node=8 train.py ...` on GPUs.
 
-The loop is the one every paper uses (Ho et al. 2020, Alg. 1; Karras et al. 2022, Sec. 5): draw images x0, noise
-levels sigma and noise, and regress the network onto the target of its parameterisation (diffusion.Diffusion.loss).
-Around it, what makes a run usable:
-  - EMA of the weights with a warm-up: decay_t = min(decay, (1 + t) / (10 + t)), so early samples are not an
-    average dominated by the random initialisation (the schedule of Tensorflow's ExponentialMovingAverage with
-    num_updates, as used by DDPM's code)
+The loop is the one every paper uses (Ho et al. 2020, arXiv:2006.11239, Alg. 1; Karras et al. 2022,
+arXiv:2206.00364, Sec. 5), in `train_step`:
+    x0 ~ data,  sigma ~ p_train(sigma),  noise ~ N(0, I)
+    gradient step on  E || F(c_in (x0 + sigma noise), c_noise(sigma)) - target(x0, noise, sigma) ||^2
+(diffusion.Diffusion.loss: each parameterisation's own target; Karras et al. 2022, Eq. 8), then an EMA of the
+weights. Around it, what makes a run usable:
+  - EMA with a warm-up: decay_t = min(decay, (1 + t) / (10 + t)), so early samples are not an average dominated
+    by the random initialisation (Tensorflow's ExponentialMovingAverage with num_updates, as DDPM's code uses)
   - CUDA mixed precision: bf16 where the GPU supports it, otherwise fp16 with a gradient scaler; fp32 weights
-  - label dropout (p_uncond = 0.1) so one network is both conditional and unconditional (Ho & Salimans 2021)
+  - label dropout (p_uncond = 0.1) so one network is both conditional and unconditional (Ho & Salimans 2022)
   - DDP through torchrun (NCCL on GPUs, gloo on CPU); gradient accumulation; gradient clipping
-  - atomic checkpoints and exact resume: each step's batch, noise and label dropout come from a generator seeded
-    by (seed, step, rank), so a resumed run draws exactly what an uninterrupted one would have
-  - a JSON-lines log with the loss per noise-level bucket and a held-out validation loss; PNG sample grids
+  - exact resume: each micro-batch's images, augmentation, label dropout, noise levels and noise come from
+    generators seeded by (seed, step, rank, micro-batch), and every other piece of state (weights, EMA,
+    optimizer, scaler, importance-sampling history, dropout RNG) from its owner's state_dict(); large image
+    folders stream from disk through a DataLoader with workers fed those same indices
+  - nothing lost: a run folder is never silently reused, checkpoints are written to a temp file and renamed,
+    non-finite or exploded weights never replace the last good checkpoint, a full disk is reported as such
+  - a JSON-lines log (loss per noise-level bucket, held-out loss, KID/FD) and PNG sample grids (sample.py)
 
-Layout as in DiT's train.py: parse_args() -> main(args); nanoGPT-style get_lr; a five-line update_ema.
+Layout as in DiT's train.py: parse_args() -> main(args), phase by phase; nanoGPT's get_lr; a five-line
+update_ema. Where things go: a new --task adds its model in `make_config`/`build_trainee` and its step next to
+`train_step`; sampling and checkpoint reading live in sample.py, which this file imports (never the reverse).
 """
 import argparse
+import errno
 import json
 import math
 import os
-import sys
 import time
 import warnings
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
-from diffusion import SCHEDULES, Diffusion
-from guidance import ClassifierFreeGuidance
+import sample
 from dit import DIT_CONFIGS, DiT
-from samplers import SAMPLERS, STOCHASTIC, karras_sigmas
+from samplers import SAMPLERS
+# generate and load_checkpoint are re-exported for code written against the old train.py (evaluate.py until
+# it moves to sample.py); new code imports them from sample.py.
+from sample import build_diffusion, build_network, generate, load_checkpoint  # noqa: F401
 from unet import UNET_CONFIGS, UNet
 
+try:                                           # the names of CONTRACTS.md (helpers samplers-review, evaluate-data)
+    from diffusion import NOISE_SCHEDULES
+except ImportError:                            # diffusion.py before the rename
+    from diffusion import SCHEDULES as NOISE_SCHEDULES
+try:
+    from augment import AUG_DIM, AugmentPipe
+except ImportError:                            # data.py before augment.py was split off
+    from data import AUG_DIM, AugmentPipe
+
+TASKS = ('diffusion',)                         # --task: what the network learns (make_config, build_trainee)
+# Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
+RESUME_FLAGS = ('split', 'seed', 'batch_size', 'grad_accum', 'lr', 'warmup', 'lr_decay', 'weight_decay',
+                'grad_clip', 'ema_decay', 'p_uncond', 'aug_p', 'overfit_batch', 'amp')
+MAX_WEIGHT = 1e4                               # |weight| above this: the run has blown up (trained nets: |w| < 10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line: flags in groups, then one function that checks every value before any long work.
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Train a diffusion model.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -47,14 +75,17 @@ def parse_args(argv=None):
     g.add_argument('--resolution', type=int, default=None, help='image size; default: the dataset\'s own')
     g.add_argument('--aug-p', type=float, default=0.0, help='probability of each augmentation; labels go to the network as aug_cond (Karras et al. 2022, App. C.4)')
     g.add_argument('--unconditional', action='store_true', help='ignore class labels')
+    g.add_argument('--workers', type=int, default=2, help='DataLoader workers for image folders streamed from disk')
+    g.add_argument('--memory-budget', type=float, default=4.0, help='GB: image folders larger than this decoded are streamed from disk')
     g = p.add_argument_group('model')
+    g.add_argument('--task', default='diffusion', choices=TASKS, help='what the network learns')
     g.add_argument('--model', default='unet', choices=['unet', 'dit'])
     g.add_argument('--config', default=None, help=f"named configuration; unet: {', '.join(UNET_CONFIGS)}; dit: {', '.join(DIT_CONFIGS)}")
     g.add_argument('--dropout', type=float, default=None, help='override the configuration\'s dropout (U-Net)')
     g.add_argument('--model-channels', type=int, default=None, help='override the U-Net\'s width (model_channels)')
     g = p.add_argument_group('diffusion')
     g.add_argument('--prediction', default='edm', choices=['eps', 'x0', 'v', 'edm', 'flow'], help='parameterisation of the network output')
-    g.add_argument('--schedule', default=None, choices=list(SCHEDULES), help='training noise levels and c_noise; default: the natural one for --prediction')
+    g.add_argument('--schedule', default=None, choices=list(NOISE_SCHEDULES), help='training noise levels and c_noise; default: the natural one for --prediction')
     g.add_argument('--t-sampler', default='low_discrepancy', choices=['uniform', 'low_discrepancy', 'importance'], help='how the batch\'s noise levels are drawn')
     g.add_argument('--sigma-data', type=float, default=0.5, help='data standard deviation for EDM preconditioning')
     g = p.add_argument_group('optimisation')
@@ -66,20 +97,24 @@ def parse_args(argv=None):
     g.add_argument('--lr-decay', default='cosine', choices=['cosine', 'constant'], help='after warm-up')
     g.add_argument('--weight-decay', type=float, default=0.0)
     g.add_argument('--grad-clip', type=float, default=1.0, help='max gradient norm (0 = off)')
-    g.add_argument('--ema-decay', type=float, default=0.999, help='EMA decay after warm-up')
+    g.add_argument('--ema-decay', type=float, default=0.999, help='EMA decay after warm-up, in [0, 1)')
     g.add_argument('--p-uncond', type=float, default=0.1, help='label dropout for classifier-free guidance')
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'], help='CUDA mixed precision (CPU always fp32)')
     g.add_argument('--overfit-batch', action='store_true', help='train on one fixed batch with fixed noise: the loss must go to ~0')
     g = p.add_argument_group('output')
     g.add_argument('--out', default='runs/default', help='run folder: checkpoints, samples, log')
     g.add_argument('--resume', default=None, help="checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
+    g.add_argument('--overwrite', action='store_true', help='start afresh in an --out that already holds a run (its checkpoint and log are replaced)')
+    g.add_argument('--allow-changes', action='store_true', help='resume although --seed/--lr/--batch-size/... differ from the run (no longer exact)')
     g.add_argument('--log-every', type=int, default=50)
     g.add_argument('--val-every', type=int, default=500, help='held-out loss every N steps (0 = off)')
     g.add_argument('--sample-every', type=int, default=1000, help='sample grid every N steps (0 = only at the end)')
     g.add_argument('--ckpt-every', type=int, default=1000, help='checkpoint every N steps (and at the end)')
     g.add_argument('--save-early', type=int, default=0, help='also keep the checkpoint of this step (a "bad" model for autoguidance)')
+    g = p.add_argument_group('sample grids (sample.py)')
     g.add_argument('--sampler', default='heun', choices=list(SAMPLERS), help='sampler for the grids')
     g.add_argument('--sample-steps', type=int, default=18, help='noise levels of the sampling schedule')
+    g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE', help="the sampler's own options, e.g. S_churn=40 (repeatable)")
     g.add_argument('--guidance', type=float, default=2.0, help='CFG weight of class-conditional grids (1 = none)')
     g = p.add_argument_group('evaluation (evaluate.py)')
     g.add_argument('--eval-every', type=int, default=0, help='KID and Frechet distance of EMA samples every N steps (0 = off)')
@@ -94,11 +129,47 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-DEFAULT_SCHEDULE = {'eps': 'cosine', 'x0': 'cosine', 'v': 'cosine', 'edm': 'edm', 'flow': 'flow'}
+def check_args(args):
+    """Every flag's range, the model/config pairing and the sampler options, with one message listing all problems.
+    Runs before the dataset is read, so a typo costs seconds, not the run."""
+    bad = []
+    def need(ok, message):
+        if not ok:
+            bad.append(message)
+    finite = lambda v: v is not None and math.isfinite(v)
+    for flag in ('steps', 'batch_size', 'grad_accum', 'log_every', 'ckpt_every', 'sample_steps', 'eval_samples'):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    for flag in ('warmup', 'val_every', 'sample_every', 'eval_every', 'save_early', 'workers'):
+        need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
+    need(finite(args.lr) and args.lr > 0, f'--lr must be a finite number > 0 (got {args.lr})')
+    need(finite(args.ema_decay) and 0 <= args.ema_decay < 1, f'--ema-decay must be in [0, 1) (got {args.ema_decay}; 1 never moves, > 1 or < 0 extrapolates)')
+    for flag in ('aug_p', 'p_uncond'):
+        need(finite(getattr(args, flag)) and 0 <= getattr(args, flag) <= 1, f"--{flag.replace('_', '-')} is a probability in [0, 1] (got {getattr(args, flag)})")
+    need(args.dropout is None or (finite(args.dropout) and 0 <= args.dropout < 1), f'--dropout must be in [0, 1) (got {args.dropout})')
+    for flag in ('weight_decay', 'grad_clip', 'memory_budget'):
+        need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, flag)})")
+    need(finite(args.sigma_data) and args.sigma_data > 0, f'--sigma-data must be > 0 (got {args.sigma_data})')
+    need(finite(args.guidance), f'--guidance must be a finite number (got {args.guidance})')
+    need(args.model_channels is None or args.model_channels >= 1, f'--model-channels must be at least 1 (got {args.model_channels})')
+    configs = UNET_CONFIGS if args.model == 'unet' else DIT_CONFIGS
+    need(args.config is None or args.config in configs, f"--config {args.config!r} is not a {args.model} configuration; "
+                                                        f"choose from {', '.join(configs)}")
+    need(args.resolution is None or args.resolution >= 1, f'--resolution must be a positive size (got {args.resolution})')
+    need(args.split in ('train', 'test'), f"--split must be 'train' or 'test' (got {args.split!r})")
+    try:
+        args.device_obj = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        bad.append(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)")
+    try:
+        args.sampler_options = sample.check_sampler_options(args.sampler, sample.parse_sampler_options(args.sampler_opt))
+    except ValueError as e:
+        bad.append(str(e))
+    if bad:
+        raise SystemExit('error: ' + '\n       '.join(bad))
 
 
 # ----------------------------------------------------------------------------------------------------
-# Small pieces: learning rate, EMA, checkpoints.
+# Small pieces: learning rate and EMA.
 
 def get_lr(step, args):
     """Linear warm-up, then constant or cosine decay to 10% (nanoGPT's get_lr)."""
@@ -123,57 +194,395 @@ def ema_decay(step, max_decay):
     return min(max_decay, (1 + step) / (10 + step))
 
 
-def save_checkpoint(path, state):
-    """Write to a temporary file and rename: a crash never leaves a half-written checkpoint (rename is atomic)."""
-    tmp = path + '.tmp'
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+# ----------------------------------------------------------------------------------------------------
+# The model each task trains. The config is everything sample.py needs to rebuild it; it is stored in every
+# checkpoint. A new --task adds a branch to make_config (its network and settings) and to build_trainee.
+
+DEFAULT_SCHEDULE = {'eps': 'cosine', 'x0': 'cosine', 'v': 'cosine', 'edm': 'edm', 'flow': 'flow'}
 
 
-def load_checkpoint(path, device='cpu'):
-    """Load with weights_only=True: a checkpoint cannot run code. Clear errors for missing or damaged files."""
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: checkpoint {path!r} does not exist')
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:                                       # truncated, not a checkpoint, or unsafe content
-        raise SystemExit(f'error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}). '
-                         'Is it a file written by train.py, and complete?') from None
-
-
-def build_network(config):
-    """Rebuild a network from the config stored in a checkpoint."""
-    return (UNet if config['model'] == 'unet' else DiT)(**config['net'])
-
-
-def build_diffusion(config):
-    d = config['diffusion']
-    return Diffusion(SCHEDULES[d['schedule']](), d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
+def network_config(args, dataset, num_classes, aug_dim):
+    """Constructor arguments of the U-Net or DiT for this dataset, checked against the image size first."""
+    r = dataset.resolution
+    if args.model == 'unet':
+        name = args.config or 'micro'
+        net = dict(UNET_CONFIGS[name], in_channels=dataset.channels, image_size=r, num_classes=num_classes, aug_dim=aug_dim)
+        if args.dropout is not None:
+            net['dropout'] = args.dropout
+        if args.model_channels is not None:
+            net['model_channels'] = args.model_channels
+        factor = 2 ** (len(net['channel_mult']) - 1)                    # one halving per level below the first
+        if r % factor:
+            raise SystemExit(f"error: resolution {r} does not suit U-Net '{name}': its {len(net['channel_mult'])} "
+                             f'levels halve the image {len(net["channel_mult"]) - 1} times, so it needs a multiple of {factor}')
+        return name, UNet(**net).config
+    name = args.config or 'DiT-S/4'
+    patch = DIT_CONFIGS[name]['patch_size']
+    if r % patch:
+        raise SystemExit(f"error: resolution {r} does not suit DiT '{name}': it needs a multiple of its patch size {patch}")
+    return name, DiT(**dict(DIT_CONFIGS[name], input_size=r, in_channels=dataset.channels, num_classes=num_classes,
+                            aug_dim=aug_dim)).config
 
 
 def make_config(args, dataset):
     """Everything needed to rebuild the model and sample it as trained; stored in every checkpoint."""
     num_classes = 0 if args.unconditional else dataset.num_classes
-    aug_dim = data.AUG_DIM if args.aug_p > 0 else 0
-    if args.model == 'unet':
-        name = args.config or 'micro'
-        net = dict(UNET_CONFIGS[name], in_channels=dataset.channels, image_size=dataset.resolution,
-                   num_classes=num_classes, aug_dim=aug_dim)
-        if args.dropout is not None:
-            net['dropout'] = args.dropout
-        if args.model_channels is not None:
-            net['model_channels'] = args.model_channels
-        net = UNet(**net).config
-    else:
-        name = args.config or 'DiT-S/4'
-        net = DiT(**dict(DIT_CONFIGS[name], input_size=dataset.resolution, in_channels=dataset.channels,
-                         num_classes=num_classes, aug_dim=aug_dim)).config
-    return {'model': args.model, 'config_name': name, 'net': net,
+    name, net = network_config(args, dataset, num_classes, AUG_DIM if args.aug_p > 0 else 0)
+    return {'task': args.task, 'model': args.model, 'config_name': name, 'net': net,
             'diffusion': {'prediction': args.prediction, 'schedule': args.schedule or DEFAULT_SCHEDULE[args.prediction],
                           't_sampler': args.t_sampler, 'sigma_data': args.sigma_data},
             'data': {'dataset': args.dataset, 'resolution': dataset.resolution, 'channels': dataset.channels,
                      'num_classes': num_classes, 'class_names': list(getattr(dataset, 'class_names', None) or []),
                      'frames': getattr(dataset, 'frames', 0)}}
+
+
+@dataclass
+class Trainee:
+    """What a run trains and everything an exact resume must restore, each piece owned by one object that has
+    its own state_dict(): the network, its EMA, the Diffusion (importance-sampling history), the optimizer and
+    the gradient scaler. `model` is the network as the loss sees it (DDP-wrapped when there are several ranks)."""
+    net: torch.nn.Module                        # the weights being trained
+    ema: torch.nn.Module                        # their exponential moving average: what is sampled
+    diffusion: object                           # diffusion.Diffusion: parameterisation, schedule, t-sampler
+    optimizer: torch.optim.Optimizer            # Adam
+    scaler: torch.amp.GradScaler                # fp16 loss scaling (disabled otherwise)
+    model: torch.nn.Module = None               # net, or DDP(net)
+    amp_dtype: torch.dtype = None               # autocast dtype on CUDA, None = fp32
+    step: int = 0                               # optimizer steps done
+    skipped: int = 0                            # consecutive steps skipped for a non-finite loss
+    grad_norm: float = 0.0                      # gradient norm of the last update (before clipping)
+
+    def state_dict(self):
+        return {'model': self.net.state_dict(), 'ema': self.ema.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                'scaler': self.scaler.state_dict(), 'diffusion': diffusion_state_dict(self.diffusion), 'step': self.step}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state['model'])
+        self.ema.load_state_dict(state['ema'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scaler.load_state_dict(state['scaler'])
+        load_diffusion_state_dict(self.diffusion, state.get('diffusion', {}))
+        self.step = state['step']
+
+
+def diffusion_state_dict(diffusion):
+    """Diffusion.state_dict(): the importance sampler's loss history (empty without one)."""
+    if hasattr(diffusion, 'state_dict'):
+        return diffusion.state_dict()
+    imp = diffusion.importance                   # diffusion.py before state_dict() (CONTRACTS.md) landed
+    return {} if imp is None else {'importance': {'losses': torch.from_numpy(imp.losses), 'counts': torch.from_numpy(imp.counts)}}
+
+
+def load_diffusion_state_dict(diffusion, state):
+    if hasattr(diffusion, 'load_state_dict'):
+        return diffusion.load_state_dict(state)
+    if diffusion.importance is not None and 'importance' in state:
+        diffusion.importance.losses = state['importance']['losses'].numpy().copy()
+        diffusion.importance.counts = state['importance']['counts'].numpy().copy()
+
+
+def build_trainee(args, config, device, world):
+    """Network, EMA copy (starting equal), Diffusion, Adam and the AMP scaler for the run's task."""
+    net = build_network(config).to(device)
+    ema = build_network(config).to(device).requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    amp_dtype, use_scaler = amp_settings(args, device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    return Trainee(net, ema, build_diffusion(config), optimizer, torch.amp.GradScaler('cuda', enabled=use_scaler),
+                   model, amp_dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Algorithm 1. Everything else in this file exists to feed this function and to keep what it produces.
+
+def train_step(run, micro_batches, args):
+    """One optimizer step of Ho et al. 2020, Alg. 1 (in the sigma frame of Karras et al. 2022, Sec. 5).
+
+    micro_batches: one dict per gradient-accumulation step with x0 (on the device), cond (the network's
+    conditioning), generator (for sigma and noise) and, in --overfit-batch mode, fixed sigma and noise.
+    Returns the per-sample (loss, sigma) of every micro-batch, or None when the step was skipped."""
+    losses = []
+    for i, b in enumerate(micro_batches):
+        # In DDP the gradients need syncing only on the last micro-batch (nanoGPT): the others accumulate locally.
+        last = i == len(micro_batches) - 1
+        sync = run.model.no_sync() if run.model is not run.net and not last else nullcontext()
+        with sync, torch.autocast(b['x0'].device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            # sigma ~ p_train, noise ~ N(0, I), loss = ||F - target||^2 per sample (Alg. 1 lines 2-5); reweighted
+            # by the importance sampler inside Diffusion.loss when --t-sampler importance.
+            loss, sigma = run.diffusion.loss(run.model, b['x0'], b.get('sigma'), b.get('noise'),
+                                             generator=b['generator'], **b['cond'])
+            run.scaler.scale(loss.mean() / len(micro_batches)).backward()
+        losses.append((loss.detach(), sigma.detach()))
+    # Every rank must take the same decision about skipping, so the loss is averaged over ranks first.
+    step_loss = torch.stack([l.mean() for l, _ in losses]).mean()
+    if dist.is_initialized():
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+    if not torch.isfinite(step_loss):
+        skip_step(run)
+        return None
+    run.skipped = 0
+    # Gradient step (Alg. 1 line 5) with clipping; the scaler undoes fp16 loss scaling first.
+    run.scaler.unscale_(run.optimizer)
+    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    update_ema(run.ema, run.net, ema_decay(run.step, args.ema_decay))
+    return losses
+
+
+def skip_step(run):
+    """A non-finite loss (fp16 overflow, a bad batch, a blown-up run): no update; stop after 10 in a row."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler.is_enabled():
+        run.scaler.update(run.scaler.get_scale() / 2)
+    run.skipped += 1
+    warnings.warn(f'step {run.step}: non-finite loss, update skipped ({run.skipped} in a row)')
+    if run.skipped >= 10:
+        raise SystemExit(f'error: the loss was not finite for 10 steps in a row (steps {run.step - 9}..{run.step}). '
+                         'The weights were not updated by those steps. Lower --lr, use --amp bf16 or none, or check '
+                         'the data for NaNs; then --resume auto continues from the last checkpoint.')
+
+
+def condition_batch(args, config, x0, y, g, augment_pipe, device):
+    """The network's conditioning for one micro-batch: augmentation labels and class labels with dropout."""
+    cond = {}
+    if augment_pipe is not None:
+        x0, aug_cond = augment_pipe(x0, generator=g)                 # ADA-style, labels to the net (EDM App. C.4)
+        cond['aug_cond'] = aug_cond.to(device)
+    if config['data']['num_classes']:
+        drop = torch.rand(len(y), generator=g) < args.p_uncond      # label dropout (Ho & Salimans 2022)
+        cond['y'] = torch.where(drop, torch.full_like(y, config['data']['num_classes']), y).to(device)
+    return x0.to(device), cond
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data: the training set (streamed when large), the held-out split, and the batches of every step.
+
+def load_training_data(args):
+    """The dataset; image folders bigger than --memory-budget GB decoded are streamed from disk."""
+    kw = {}
+    if args.dataset.lower().startswith('folder'):
+        kw['memory_budget'] = int(args.memory_budget * 2 ** 30)
+    try:
+        return data.load_dataset(args.dataset, data_dir=args.data_dir, split=args.split, resolution=args.resolution,
+                                 seed=args.seed, **kw)
+    except TypeError:                       # data.py without memory_budget (before CONTRACTS.md's streaming)
+        return data.load_dataset(args.dataset, data_dir=args.data_dir, split=args.split, resolution=args.resolution,
+                                 seed=args.seed)
+
+
+def split_held_out(n, seed):
+    """Hold out a fixed 5% (at most 1000) for the validation loss: rising while the training loss falls is the sign
+    of memorisation. Datasets under 20 images hold none out (no held-out loss rather than a NaN one)."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = min(1000, n // 20)
+    return order[n_val:], order[:n_val]
+
+
+def step_generator(args, step, rank, micro=0, stream=0):
+    """The generator of one micro-batch: a pure function of (seed, step, rank), so resuming is exact.
+    stream 0 draws the image indices (consumed by the loader), stream 1 the rest (augment, dropout, sigma, noise)."""
+    return torch.Generator().manual_seed((((args.seed * 1_000_003 + step) * 4099 + rank) * 131 + micro) * 2 + stream)
+
+
+def make_loader(dataset, batch_indices, num_workers=0):
+    """data.make_loader: (x, y) per index tensor, in order; in-memory sets slice, streamed ones use workers."""
+    if hasattr(data, 'make_loader'):
+        return data.make_loader(dataset, batch_indices, num_workers=num_workers)
+    return (dataset.batch(i) for i in batch_indices)                # data.py before make_loader landed
+
+
+def training_batches(args, dataset, train_index, rank, micro_batch, start_step):
+    """Iterator of (x0, y) for every micro-batch from start_step on. The indices come from the (seed, step, rank,
+    micro) generators, so a resumed run reads exactly the images an uninterrupted one would have."""
+    def indices():
+        for step in range(start_step, args.steps):
+            for micro in range(args.grad_accum):
+                g = step_generator(args, step, rank, micro, stream=0)
+                yield train_index[torch.randint(len(train_index), (micro_batch,), generator=g)]
+    return make_loader(dataset, indices(), args.workers)
+
+
+def load_batch(dataset, indices):
+    """(x, y) of the given indices, streamed or in memory."""
+    return next(iter(make_loader(dataset, [indices])))
+
+
+def overfit_batches(args, dataset, train_index, diffusion, micro_batch, rank):
+    """--overfit-batch: the same images, noise levels and noise at every step, so the loss must go to ~0."""
+    g = step_generator(args, 0, rank, stream=0)
+    x0, y = load_batch(dataset, train_index[torch.randint(len(train_index), (micro_batch,), generator=g)])
+    sigma = diffusion.sample_sigma(micro_batch, g)[0]
+    fixed = {'x0': x0, 'y': y, 'sigma': sigma, 'noise': torch.randn(x0.shape, generator=g)}
+    while True:
+        yield fixed
+
+
+def micro_batches(args, config, batches, step, rank, augment_pipe, device):
+    """The dicts train_step consumes for one step: images, conditioning and the generator of each micro-batch."""
+    out = []
+    for micro in range(args.grad_accum):
+        b = next(batches)
+        fixed = b if isinstance(b, dict) else {'x0': b[0], 'y': b[1]}
+        g = step_generator(args, step, rank, micro, stream=1)
+        x0, cond = condition_batch(args, config, fixed['x0'], fixed['y'], g, augment_pipe, device)
+        out.append({'x0': x0, 'cond': cond, 'generator': g})
+        if 'sigma' in fixed:
+            out[-1].update(sigma=fixed['sigma'].to(device), noise=fixed['noise'].to(device))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bookkeeping: loss per noise level, the held-out loss, the log file.
+
+class LossByNoiseLevel:
+    """Mean loss in equal bins of log sigma between sigma_min and sigma_max, and the mean step loss, since the last
+    log line. Training loss varies over orders of magnitude with sigma, so the total alone hides where a model
+    improves (Karras et al. 2022, Fig. 5a shows the same per-sigma view)."""
+
+    def __init__(self, sigma_min, sigma_max, n_buckets=8):
+        self.lo, self.hi, self.n = math.log(sigma_min), math.log(sigma_max), n_buckets
+        self.reset()
+
+    def reset(self):
+        self.count = torch.zeros(self.n, dtype=torch.float64)          # samples per bucket
+        self.total = torch.zeros(self.n, dtype=torch.float64)          # summed loss per bucket
+        self.steps, self.step_loss = 0, 0.0
+
+    def add(self, losses):
+        """losses: the list of (per-sample loss, sigma) that train_step returns."""
+        for loss, sigma in losses:
+            b = ((sigma.double().log().cpu() - self.lo) / (self.hi - self.lo) * self.n).long().clamp(0, self.n - 1)
+            self.count.index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
+            self.total.index_add_(0, b, loss.double().cpu())
+        self.steps += 1
+        self.step_loss += torch.stack([l.mean() for l, _ in losses]).mean().item()
+
+    def summary(self):
+        """(mean step loss, {bucket centre sigma: mean loss}) since the last reset."""
+        centre = lambda b: f'{math.exp(self.lo + (b + 0.5) * (self.hi - self.lo) / self.n):.3g}'
+        by_sigma = {centre(b): round((self.total[b] / self.count[b]).item(), 5) for b in range(self.n) if self.count[b] > 0}
+        return self.step_loss / max(self.steps, 1), by_sigma
+
+
+def held_out_batch(dataset, val_index, diffusion, config):
+    """A fixed held-out batch with fixed noise levels and noise, so its loss is comparable from one evaluation to the
+    next; unconditional and unaugmented. None when the dataset is too small to hold images out."""
+    if len(val_index) == 0:
+        return None
+    g = torch.Generator().manual_seed(12345)
+    x, _ = load_batch(dataset, val_index[:256])
+    n = len(x)
+    u = torch.linspace(0.01, 0.99, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
+    batch = {'x0': x, 'sigma': diffusion.schedule.sigma(u).float(), 'noise': torch.randn(x.shape, generator=g), 'cond': {}}
+    if config['data']['num_classes']:
+        batch['cond']['y'] = torch.full((n,), config['data']['num_classes'])
+    if config['net'].get('aug_dim'):
+        batch['cond']['aug_cond'] = torch.zeros(n, config['net']['aug_dim'])
+    return batch
+
+
+@torch.no_grad()
+def held_out_loss(run, batch, device):
+    """The EMA network's loss on the held-out batch."""
+    to = lambda v: v.to(device)
+    cond = {k: to(v) for k, v in batch['cond'].items()}
+    return run.diffusion.loss(run.ema, to(batch['x0']), to(batch['sigma']), to(batch['noise']), **cond)[0].mean().item()
+
+
+class RunLog:
+    """log.jsonl: one JSON record per line. On resume from step K, records after K (written by the interrupted
+    run after its last checkpoint) are dropped first, so every step appears once."""
+
+    def __init__(self, path, step):
+        self.path = path
+        if os.path.exists(path):
+            with open(path) as f:
+                keep = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+            write_text(path, ''.join(keep))
+        self.file = open(path, 'a')
+
+    def write(self, record):
+        self.file.write(json.dumps(record) + '\n')
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder: never reuse one silently, checkpoints that are always loadable, and exact resume.
+
+def disk_full(path, e, keep=''):
+    return SystemExit(f'error: disk full while writing {path} ({e.strerror}); the partial file was removed{keep}. '
+                      'Free space, then rerun with --resume auto.')
+
+
+def write_text(path, text):
+    """Atomic text write (temp file + rename)."""
+    tmp = path + '.tmp'
+    try:
+        with open(tmp, 'w') as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise disk_full(path, e) if e.errno == errno.ENOSPC else e
+
+
+def save_checkpoint(path, state):
+    """Write to a temporary file and rename: a crash never leaves a half-written checkpoint (rename is atomic), and
+    a full disk removes the temporary file and leaves the previous checkpoint as it was."""
+    tmp = path + '.tmp'
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        if e.errno == errno.ENOSPC:
+            raise disk_full(path, e, f'; {path} still holds the previous checkpoint' if os.path.exists(path) else '') from None
+        raise SystemExit(f'error: cannot write checkpoint {path}: {e}') from None
+
+
+def weights_problem(run):
+    """Why the weights must not be saved (non-finite, or exploded past MAX_WEIGHT), or None; raw and EMA."""
+    for name, module in (('weights', run.net), ('EMA weights', run.ema)):
+        for key, p in module.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                return f'the {name} are not finite ({key})'
+            if p.is_floating_point() and p.numel() and p.abs().max() > MAX_WEIGHT:
+                return f'the {name} exploded (max |{key}| = {p.abs().max().item():.3g} > {MAX_WEIGHT:g})'
+    return None
+
+
+def prepare_run_folder(args):
+    """Create --out, refusing a folder that holds another run unless told what to do with it; returns
+    (checkpoint path, checkpoint to resume from or None)."""
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f'error: --out {args.out!r} is a file; give a folder for the run')
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        probe = os.path.join(args.out, '.write_test')
+        open(probe, 'w').close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f'error: cannot write to --out {args.out!r}: {e.strerror or e}') from None
+    ckpt_path = os.path.join(args.out, 'ckpt.pt')
+    resume = ckpt_path if args.resume == 'auto' and os.path.exists(ckpt_path) else (None if args.resume == 'auto' else args.resume)
+    has_run = os.path.exists(ckpt_path) or os.path.exists(os.path.join(args.out, 'log.jsonl'))
+    continues_it = resume is not None and os.path.abspath(resume) == os.path.abspath(ckpt_path)
+    if has_run and not continues_it and args.resume != 'auto':
+        if not args.overwrite:
+            raise SystemExit(f'error: {args.out} already holds a run (ckpt.pt / log.jsonl). Use --resume auto to continue '
+                             f'it, a new --out for a new run, or --overwrite to replace it.')
+        for name in ('ckpt.pt', 'log.jsonl'):                           # --overwrite: start afresh, knowingly
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    return ckpt_path, resume
 
 
 def config_mismatch(a, b, prefix=''):
@@ -188,65 +597,89 @@ def config_mismatch(a, b, prefix=''):
     return out
 
 
+def resume_run(run, path, config, args, world, device):
+    """Restore every owner's state from a checkpoint of the same configuration. Flags that change what an
+    uninterrupted run would do (RESUME_FLAGS, the number of processes) must match unless --allow-changes."""
+    ckpt = load_checkpoint(path, device)
+    diff = config_mismatch(ckpt['config'], config)
+    if diff:
+        raise SystemExit(f'error: {path} was trained with another configuration:\n  ' + '\n  '.join(diff) +
+                         '\nUse the same flags as that run, or a new --out.')
+    old = ckpt.get('args', {})
+    changed = [f"--{k.replace('_', '-')}: run had {old[k]!r}, now {getattr(args, k)!r}" for k in RESUME_FLAGS
+               if k in old and old[k] != getattr(args, k)]
+    if len(ckpt.get('rng', [])) not in (0, world):
+        changed.append(f"processes: run had {len(ckpt['rng'])}, now {world}")
+    if changed and not args.allow_changes:
+        raise SystemExit(f'error: resuming {path} with other settings than the run used:\n  ' + '\n  '.join(changed) +
+                         '\nUse the run\'s values, or --allow-changes to continue with these (no longer identical '
+                         'to an uninterrupted run).')
+    if changed:
+        print('resuming with changed settings (the result is no longer that of an uninterrupted run):\n  ' + '\n  '.join(changed))
+    missing = [k for k in ('optimizer', 'scaler', 'step', 'rng') if k not in ckpt]
+    if missing:
+        raise SystemExit(f'error: {path} cannot be resumed: it lacks {", ".join(missing)} (a sampling-only checkpoint?)')
+    run.load_state_dict(ckpt)
+    set_rng_state(ckpt['rng'][dist.get_rank() % len(ckpt['rng']) if dist.is_initialized() else 0], device)
+    return ckpt['step']
+
+
+def rng_states(device, world):
+    """Every rank's dropout RNG (CPU and CUDA), gathered to rank 0 for an exact resume."""
+    rng = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        rng['cuda'] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [rng]
+    states = [None] * world
+    dist.all_gather_object(states, rng)
+    return states
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng['cpu'].cpu())
+    if 'cuda' in rng and device.type == 'cuda':
+        torch.cuda.set_rng_state(rng['cuda'].cpu(), device)
+
+
+def checkpoint(run, config, args, path, world, device, is_main, last_good):
+    """Save the run, unless its weights are not finite or exploded: then the last good checkpoint stays and the
+    run stops with the reason (every rank checks, so all stop together)."""
+    problem = weights_problem(run)
+    if problem:
+        raise SystemExit(f'error: step {run.step}: {problem}. Not saved: {path} still holds step {last_good}. '
+                         'Lower --lr (or --warmup longer), then --resume auto --allow-changes.')
+    rng = rng_states(device, world)
+    if is_main:
+        state = dict(run.state_dict(), config=config, args={k: v for k, v in vars(args).items() if k != 'device_obj'}, rng=rng)
+        save_checkpoint(path, state)
+        if run.step == args.save_early:                              # a kept early model (autoguidance)
+            save_checkpoint(os.path.join(args.out, f'ckpt_{run.step:07d}.pt'), state)
+    return run.step
+
+
 # ----------------------------------------------------------------------------------------------------
-# Sampling grids (also used by sample.py).
+# Sample grids and in-training evaluation, both through sample.generate.
 
-@torch.no_grad()
-def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampler='heun', steps=18, guidance=1.0,
-             seed=0, progress=False, aug_dim=0):
-    """Sample n images with the EMA network: class-conditional with classifier-free guidance when labels are given."""
-    g = torch.Generator(device='cpu').manual_seed(seed)
-    denoiser = diffusion.denoiser(net)
-    cond = {}
-    if aug_dim:
-        cond['aug_cond'] = torch.zeros(n, aug_dim, device=device)          # "no augmentation" at sampling time
-    if num_classes:
-        y = labels.to(device) if labels is not None else torch.full((n,), num_classes, device=device)
-        if guidance != 1.0 and labels is not None:
-            denoiser = ClassifierFreeGuidance(denoiser, w=guidance, null_class=num_classes)   # one batched call
-        cond['y'] = y
-    sigmas = karras_sigmas(steps, diffusion.sigma_min, diffusion.sigma_max).to(device)
-    x = sigmas[0] * torch.randn((n,) + tuple(shape), generator=g).to(device)
-    opts = {'generator': g} if sampler in STOCHASTIC else {}
-    return SAMPLERS[sampler](denoiser, x, sigmas, progress=progress, **opts, **cond).clamp(-1, 1)
-
-
-def save_grid(images, path, nrow=None):
-    """Save (N, C, H, W) images in [-1, 1] as one PNG grid (videos: (N, C, F, H, W) become rows of frames)."""
-    from PIL import Image
-    if images.ndim == 5:
-        nrow = images.shape[2]
-        images = images.transpose(1, 2).flatten(0, 1)
-    n, c, h, w = images.shape
-    nrow = nrow or int(math.ceil(math.sqrt(n)))
-    ncol = int(math.ceil(n / nrow))
-    grid = torch.ones(c, ncol * (h + 2) + 2, nrow * (w + 2) + 2)
-    for i, img in enumerate(images.float().cpu()):
-        r, col = divmod(i, nrow)
-        grid[:, 2 + r * (h + 2):2 + r * (h + 2) + h, 2 + col * (w + 2):2 + col * (w + 2) + w] = img
-    arr = ((grid.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
-    Image.fromarray(arr[:, :, 0] if c == 1 else arr).save(path)
-
-
-def sample_grid(net, diffusion, config, args, path, device):
+def sample_grid(ema, diffusion, config, args, path, device):
     """A grid of EMA samples: one row per class (up to 10) when conditional, else a square."""
     num_classes, d = config['data']['num_classes'], config['data']
-    shape = (d['channels'],) + ((d['frames'],) if d.get('frames') else ()) + (d['resolution'], d['resolution'])
     n_rows = min(num_classes, 10) if num_classes else 8
     labels = torch.arange(n_rows).repeat_interleave(8) if num_classes else None
     n = 8 * n_rows
     if d.get('frames'):                                         # videos: one row of frames each, up to 4
         labels = labels[::8][:4] if labels is not None else None
         n = len(labels) if labels is not None else 4
-    images = generate(net, diffusion, n, shape, device, labels, num_classes, args.sampler,
-                      args.sample_steps, args.guidance, seed=args.seed, aug_dim=config['net'].get('aug_dim', 0))
-    save_grid(images, path, nrow=8)
+    images = generate(ema, diffusion, n, sample.sample_shape(config), device, labels, num_classes, args.sampler,
+                      args.sample_steps, args.guidance, seed=args.seed, aug_dim=config['net'].get('aug_dim', 0),
+                      sampler_options=args.sampler_options)
+    sample.save_grid(images, path, nrow=8)
 
 
 def setup_evaluation(args, dataset, train_index, config, device):
     """Feature network and reference statistics of the training images, for KID/FD during training (evaluate.py)."""
     import evaluate
-    x, y = get_batch(dataset, train_index[:10000])
+    x, y = load_batch(dataset, train_index[:10000])
     if args.eval_network == 'lenet':
         if not config['data']['num_classes']:
             raise SystemExit('error: --eval-network lenet trains a classifier on the labels; this dataset has none. '
@@ -265,13 +698,14 @@ def run_evaluation(args, ema, diffusion, config, eval_state, step, device):
     d = config['data']
     g = torch.Generator().manual_seed(args.seed)
     labels = train_labels[torch.randint(len(train_labels), (args.eval_samples,), generator=g)] if d['num_classes'] else None
-    shape = (d['channels'], d['resolution'], d['resolution'])
-    batches = iter(range(0, args.eval_samples, 250))
-    def make(n):
-        start = next(batches)
-        return generate(ema, diffusion, n, shape, device, None if labels is None else labels[start:start + n],
-                        d['num_classes'], args.sampler, args.sample_steps, args.guidance, seed=args.seed + 1 + start,
-                        aug_dim=config['net'].get('aug_dim', 0))
+    starts = iter(range(0, args.eval_samples, 250))
+
+    def make(n):                                                # batch k: seed + 1 + its first index, as sample.py
+        start = next(starts)
+        return generate(ema, diffusion, n, sample.sample_shape(config), device,
+                        None if labels is None else labels[start:start + n], d['num_classes'], args.sampler,
+                        args.sample_steps, args.guidance, seed=args.seed + 1 + start,
+                        aug_dim=config['net'].get('aug_dim', 0), sampler_options=args.sampler_options)
     results = evaluate.evaluate_generator(make, ref, model, args.eval_samples, batch_size=250, device=device)
     print(evaluate.format_results(results, args.eval_samples, int(ref['num_images']), 'clean', 'training images',
                                   'labels drawn from the data' if labels is not None else None))
@@ -280,12 +714,14 @@ def run_evaluation(args, ema, diffusion, config, eval_state, step, device):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The training loop.
+# Processes and devices.
 
 def setup_distributed(args):
     """One process, or one per GPU/CPU slot under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE)."""
     if 'RANK' not in os.environ:
-        device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        device = args.device_obj or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise SystemExit(f'error: --device {args.device} but this machine has no CUDA GPU; use --device cpu')
         return 0, 1, device
     backend = 'nccl' if torch.cuda.is_available() and args.device != 'cpu' else 'gloo'
     dist.init_process_group(backend)
@@ -307,217 +743,120 @@ def amp_settings(args, device):
     return torch.float16, True
 
 
-def step_generator(args, step, rank, micro=0):
-    """The generator of one micro-batch: a pure function of (seed, step, rank), so resuming is exact."""
-    return torch.Generator().manual_seed(((args.seed * 1_000_003 + step) * 4099 + rank) * 131 + micro)
+def check_replicas(run, world, log, is_main):
+    """DDP keeps the replicas identical by averaging gradients; check it, since a silent divergence (a buffer
+    updated on one rank only, a rank-dependent branch) ruins a run without any error."""
+    checksum = torch.stack([p.detach().double().sum() for p in run.net.parameters()]).sum().cpu()
+    sums = [None] * world
+    dist.all_gather_object(sums, checksum.item())
+    if is_main:
+        log.write({'step': run.step, 'ddp_param_checksums': sums})
+        if max(sums) - min(sums) > 1e-6 * (1 + abs(sums[0])):
+            warnings.warn(f'DDP replicas diverged: parameter checksums {sums}')
 
 
-def get_batch(dataset, indices):
-    """(x0, y) for a tensor of indices: in-memory datasets slice one tensor, others go item by item."""
-    if hasattr(dataset, 'batch'):
-        return dataset.batch(indices)
-    items = [dataset[i] for i in indices.tolist()]
-    return torch.stack([it[0] for it in items]), torch.tensor([int(it[1]) for it in items])
-
+# ----------------------------------------------------------------------------------------------------
+# The main function, phase by phase.
 
 def main(args):
+    # Setup: every flag checked before anything slow; processes, device, the dropout RNG (saved on resume).
+    check_args(args)
     rank, world, device = setup_distributed(args)
     is_main = rank == 0
-    torch.manual_seed(args.seed + rank)                          # dropout noise; saved and restored on resume
+    torch.manual_seed(args.seed + rank)
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f'error: --batch-size {args.batch_size} must be divisible by processes x --grad-accum = {world * args.grad_accum}')
     micro_batch = args.batch_size // (world * args.grad_accum)
+    ckpt_path, resume = prepare_run_folder(args) if is_main else (os.path.join(args.out, 'ckpt.pt'), None)
+    if world > 1:                                    # every rank resumes from what rank 0 decided
+        resume = [resume]
+        dist.broadcast_object_list(resume)
+        resume = resume[0]
 
-    dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, split=args.split, resolution=args.resolution, seed=args.seed)
-    # Hold out a fixed 5% (at most 1000 images) for the validation loss: rising while the training loss falls is
-    # the sign of memorisation on a small dataset.
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))
-    n_val = min(1000, len(dataset) // 20)
-    train_index, val_index = order[n_val:], order[:n_val]
+    # Setup data: the training set, and a held-out split whose loss shows memorisation.
+    dataset = load_training_data(args)
+    train_index, val_index = split_held_out(len(dataset), args.seed)
+
+    # Setup model: network, EMA, diffusion, optimizer for the task; then resume restores all of them exactly.
     config = make_config(args, dataset)
-    net = build_network(config).to(device)
-    ema = build_network(config).to(device).requires_grad_(False)
-    ema.load_state_dict(net.state_dict())
-    diffusion = build_diffusion(config)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    amp_dtype, use_scaler = amp_settings(args, device)
-    scaler = torch.amp.GradScaler('cuda', enabled=use_scaler)
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, 'ckpt.pt')
-
-    step = 0
-    resume = ckpt_path if args.resume == 'auto' and os.path.exists(ckpt_path) else (None if args.resume == 'auto' else args.resume)
+    run = build_trainee(args, config, device, world)
     if resume:
-        ckpt = load_checkpoint(resume, device)
-        diff = config_mismatch(ckpt['config'], config)
-        if diff:
-            raise SystemExit(f'error: {resume} was trained with another configuration:\n  ' + '\n  '.join(diff) +
-                             '\nUse the same flags as that run, or a new --out.')
-        net.load_state_dict(ckpt['model'])
-        ema.load_state_dict(ckpt['ema'])
-        optimizer.load_state_dict(ckpt['optimizer'])
-        scaler.load_state_dict(ckpt['scaler'])
-        if diffusion.importance is not None and 'importance' in ckpt:
-            diffusion.importance.losses = ckpt['importance']['losses'].numpy()
-            diffusion.importance.counts = ckpt['importance']['counts'].numpy()
-        step = ckpt['step']
-        rng = ckpt['rng'][rank % len(ckpt['rng'])]              # this rank's dropout RNG (CPU and CUDA)
-        torch.set_rng_state(rng['cpu'].cpu())
-        if 'cuda' in rng and device.type == 'cuda':
-            torch.cuda.set_rng_state(rng['cuda'].cpu(), device)
+        resume_run(run, resume, config, args, world, device)
         if is_main:
-            print(f'resumed from {resume} at step {step}')
-    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
-
+            print(f'resumed from {resume} at step {run.step}')
+    last_good = run.step
+    log = RunLog(os.path.join(args.out, 'log.jsonl'), run.step) if is_main else None
     if is_main:
-        n_params = sum(p.numel() for p in net.parameters())
-        print(f"{config['model']} '{config['config_name']}' {n_params / 1e6:.2f}M parameters; {args.dataset}: "
-              f"{len(train_index)} training + {n_val} held-out images {dataset.channels}x{dataset.resolution}x{dataset.resolution}, "
-              f"{config['data']['num_classes']} classes; {config['diffusion']}; device {device}, {world} process(es), "
-              f"AMP {amp_dtype or 'off'}")
-    log = open(os.path.join(args.out, 'log.jsonl'), 'a') if is_main else None
-    # A fixed held-out batch with fixed noise levels and noise: its loss is comparable from one evaluation to the next.
-    g_val = torch.Generator().manual_seed(12345)
-    val_x, val_y = get_batch(dataset, val_index[:256])
-    n_v = len(val_y)
-    val_sigma = diffusion.schedule.sigma(torch.linspace(0.01, 0.99, n_v, dtype=torch.float64)[torch.randperm(n_v, generator=g_val)]).float()
-    val_noise = torch.randn(val_x.shape, generator=g_val)
-    augment_pipe = data.AugmentPipe(p=args.aug_p) if args.aug_p > 0 else None
-    overfit = None
+        print(f"{config['model']} '{config['config_name']}' {sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M "
+              f"parameters; {args.dataset}: {len(train_index)} training + {len(val_index)} held-out images "
+              f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}, {config['data']['num_classes']} classes; "
+              f"{config['diffusion']}; device {device}, {world} process(es), AMP {run.amp_dtype or 'off'}")
+
+    # Setup batches: the step's images from the (seed, step, rank) generators, streamed by the loader.
     if args.overfit_batch:
-        g = step_generator(args, 0, rank)
-        overfit = get_batch(dataset, train_index[torch.randint(len(train_index), (micro_batch,), generator=g)])
-        overfit += (diffusion.sample_sigma(micro_batch, g)[0], torch.randn(overfit[0].shape, generator=g))
-
+        batches = overfit_batches(args, dataset, train_index, run.diffusion, micro_batch, rank)
+    else:
+        batches = iter(training_batches(args, dataset, train_index, rank, micro_batch, run.step))
+    augment_pipe = AugmentPipe(p=args.aug_p) if args.aug_p > 0 else None
+    held_out = held_out_batch(dataset, val_index, run.diffusion, config) if is_main and args.val_every else None
     eval_state = setup_evaluation(args, dataset, train_index, config, device) if args.eval_every and is_main else None
-    n_buckets = 8                                               # loss per noise-level bucket, in log sigma
-    log_lo, log_hi = math.log(diffusion.sigma_min), math.log(diffusion.sigma_max)
-    stats = torch.zeros(3, n_buckets + 1, dtype=torch.float64)  # sums: count, loss; [:, -1] the total
-    bad_steps, t_last, images_seen = 0, time.time(), 0
-    bar = tqdm(total=args.steps, initial=step, disable=not is_main or args.no_progress, desc='train', dynamic_ncols=True)
-    while step < args.steps:
-        lr = get_lr(step, args)
-        for group in optimizer.param_groups:
+    tracker = LossByNoiseLevel(run.diffusion.sigma_min, run.diffusion.sigma_max)
+    bar = tqdm(total=args.steps, initial=run.step, disable=not is_main or args.no_progress, desc='train', dynamic_ncols=True)
+    t_last = time.time()
+
+    while run.step < args.steps:
+        # Train: set the learning rate, then one step of Algorithm 1 (skipped when the loss is not finite).
+        lr = get_lr(run.step, args)
+        for group in run.optimizer.param_groups:
             group['lr'] = lr
-        step_loss = torch.zeros((), device=device)
-        for micro in range(args.grad_accum):
-            g = step_generator(args, step, rank, micro)
-            if overfit is not None:
-                x0, y, sigma, noise = overfit
-            else:
-                x0, y = get_batch(dataset, train_index[torch.randint(len(train_index), (micro_batch,), generator=g)])
-                sigma, noise = None, None
-            cond = {}
-            if args.aug_p > 0:
-                x0, aug_cond = augment_pipe(x0, generator=g)
-                cond['aug_cond'] = aug_cond.to(device)
-            if config['data']['num_classes']:
-                drop = torch.rand(len(y), generator=g) < args.p_uncond     # label dropout (Ho & Salimans 2021)
-                cond['y'] = torch.where(drop, torch.full_like(y, config['data']['num_classes']), y).to(device)
-            if sigma is None:
-                sigma, weight, t_index = diffusion.sample_sigma(micro_batch, g)
-                noise = torch.randn(x0.shape, generator=g)
-            sync = nullcontext() if (world == 1 or micro == args.grad_accum - 1) else model.no_sync()
-            with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss, _ = diffusion.loss(model, x0.to(device), sigma.to(device), noise.to(device), **cond)
-                if diffusion.importance is not None and overfit is None:
-                    diffusion.importance.update(t_index, loss)        # the history before reweighting
-                    loss = loss * weight.to(device)
-                scaler.scale(loss.mean() / args.grad_accum).backward()
-            step_loss += loss.detach().mean() / args.grad_accum
-            bucket = ((sigma.double().log() - log_lo) / (log_hi - log_lo) * n_buckets).long().clamp(0, n_buckets - 1)
-            stats[0].index_add_(0, bucket, torch.ones(len(bucket), dtype=torch.float64))
-            stats[1].index_add_(0, bucket, loss.detach().double().cpu())
-            images_seen += micro_batch * world
-
-        if world > 1:
-            dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        if not torch.isfinite(step_loss):
-            # Skip the update (fp16 overflow or a bad batch); stop if it keeps happening.
-            optimizer.zero_grad(set_to_none=True)
-            if use_scaler:
-                scaler.update(scaler.get_scale() / 2)
-            bad_steps += 1
-            warnings.warn(f'step {step}: non-finite loss, update skipped ({bad_steps} in a row)')
-            if bad_steps >= 10:
-                raise SystemExit('error: the loss was not finite for 10 steps in a row. Lower --lr, use --amp bf16 '
-                                 'or none, or check the data for NaNs.')
-            step += 1
-            continue
-        bad_steps = 0
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        update_ema(ema, net, ema_decay(step, args.ema_decay))
-        step += 1
-        stats[2, -1] += step_loss.item()
-        stats[0, -1] += 1
+        losses = train_step(run, micro_batches(args, config, batches, run.step, rank, augment_pipe, device), args)
+        run.step += 1
         bar.update(1)
+        if losses is not None:
+            tracker.add(losses)
+        done = run.step == args.steps
 
-        if is_main and (step % args.log_every == 0 or step == args.steps):
-            elapsed = time.time() - t_last
-            record = {'step': step, 'loss': stats[2, -1].item() / max(stats[0, -1].item(), 1), 'lr': lr,
-                      'grad_norm': grad_norm.item(), 'img_per_s': images_seen / elapsed,
-                      'loss_by_sigma': {f'{math.exp(log_lo + (b + 0.5) * (log_hi - log_lo) / n_buckets):.3g}':
-                                        round(stats[1, b].item() / stats[0, b].item(), 5)
-                                        for b in range(n_buckets) if stats[0, b] > 0}}
-            bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f'{lr:.1e}', img_s=f"{record['img_per_s']:.0f}")
-            log.write(json.dumps(record) + '\n')
-            log.flush()
-            stats.zero_()
-            t_last, images_seen = time.time(), 0
-        if is_main and args.val_every and (step % args.val_every == 0 or step == args.steps):
-            val_cond = {'y': torch.full((len(val_y),), config['data']['num_classes'], device=device)} if config['data']['num_classes'] else {}
-            if config['net'].get('aug_dim'):
-                val_cond['aug_cond'] = torch.zeros(len(val_y), config['net']['aug_dim'], device=device)
-            with torch.no_grad():
-                val_loss = diffusion.loss(ema, val_x.to(device), val_sigma.to(device), val_noise.to(device), **val_cond)[0].mean().item()
-            log.write(json.dumps({'step': step, 'val_loss': val_loss}) + '\n')
-            log.flush()
-        if step % args.ckpt_every == 0 or step == args.steps or step == args.save_early:
-            rng = [{'cpu': torch.get_rng_state()}]
-            if device.type == 'cuda':
-                rng[0]['cuda'] = torch.cuda.get_rng_state(device)
-            if world > 1:                                       # every rank's dropout RNG, for an exact resume
-                mine, rng = rng[0], [None] * world
-                dist.all_gather_object(rng, mine)
-            if is_main:
-                state = {'config': config, 'model': net.state_dict(), 'ema': ema.state_dict(),
-                         'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(), 'step': step,
-                         'args': vars(args), 'rng': rng}
-                if diffusion.importance is not None:
-                    state['importance'] = {'losses': torch.from_numpy(diffusion.importance.losses),
-                                           'counts': torch.from_numpy(diffusion.importance.counts)}
-                save_checkpoint(ckpt_path, state)
-                if step == args.save_early:
-                    save_checkpoint(os.path.join(args.out, f'ckpt_{step:07d}.pt'), state)
-        if eval_state is not None and (step % args.eval_every == 0 or step == args.steps):
-            ema.eval()
-            log.write(json.dumps(run_evaluation(args, ema, diffusion, config, eval_state, step, device)) + '\n')
-            log.flush()
-        if is_main and ((args.sample_every and step % args.sample_every == 0) or step == args.steps):
-            path = os.path.join(args.out, f'samples_{step:07d}.png')
-            ema.eval()
-            sample_grid(ema, diffusion, config, args, path, device)
-            bar.write(f'step {step}: wrote {path}')
+        # Log: mean loss, loss per noise level, throughput; the held-out loss; KID/FD when asked.
+        if is_main and (run.step % args.log_every == 0 or done) and tracker.steps:
+            loss, by_sigma = tracker.summary()
+            record = {'step': run.step, 'loss': loss, 'lr': lr, 'grad_norm': float(run.grad_norm),
+                      'img_per_s': tracker.steps * args.batch_size / (time.time() - t_last), 'loss_by_sigma': by_sigma}
+            bar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.1e}', img_s=f"{record['img_per_s']:.0f}")
+            log.write(record)
+            tracker.reset()
+            t_last = time.time()
+        if held_out is not None and (run.step % args.val_every == 0 or done):
+            log.write({'step': run.step, 'val_loss': held_out_loss(run, held_out, device)})
+        if eval_state is not None and (run.step % args.eval_every == 0 or done):
+            log.write(run_evaluation(args, run.ema.eval(), run.diffusion, config, eval_state, run.step, device))
+
+        # Save checkpoint: only weights known to be good replace the previous checkpoint.
+        if run.step % args.ckpt_every == 0 or done or run.step == args.save_early:
+            last_good = checkpoint(run, config, args, ckpt_path, world, device, is_main, last_good)
+
+        # Sample grid: a picture of the EMA model now (the final one is also redone at the end if missing).
+        if is_main and ((args.sample_every and run.step % args.sample_every == 0) or done):
+            path = os.path.join(args.out, f'samples_{run.step:07d}.png')
+            sample_grid(run.ema.eval(), run.diffusion, config, args, path, device)
+            bar.write(f'step {run.step}: wrote {path}')
     bar.close()
+
+    # Finish: the final grid if a kill interrupted it; DDP replica check; a run that ended on non-finite steps fails.
+    final_grid = os.path.join(args.out, f'samples_{run.step:07d}.png')
+    if is_main and not os.path.exists(final_grid):
+        sample_grid(run.ema.eval(), run.diffusion, config, args, final_grid, device)
+        print(f'step {run.step}: wrote {final_grid}')
     if world > 1:
-        # DDP keeps the replicas identical by averaging gradients; check it, since a silent divergence (a buffer
-        # updated on one rank only, a rank-dependent branch) ruins a run without any error.
-        checksum = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().cpu()
-        sums = [None] * world
-        dist.all_gather_object(sums, checksum.item())
-        if is_main:
-            log.write(json.dumps({'step': step, 'ddp_param_checksums': sums}) + '\n')
-            if max(sums) - min(sums) > 1e-6 * (1 + abs(sums[0])):
-                warnings.warn(f'DDP replicas diverged: parameter checksums {sums}')
+        check_replicas(run, world, log, is_main)
         dist.barrier()
         dist.destroy_process_group()
     if log:
         log.close()
-    return net, ema
+    if run.skipped:
+        raise SystemExit(f'error: the last {run.skipped} step(s) had a non-finite loss and were skipped; the checkpoint '
+                         f'holds the weights from before them (step {run.step - run.skipped} of training). Lower --lr '
+                         'or check the data.')
+    return run.net, run.ema
 
 
 if __name__ == '__main__':

@@ -99,7 +99,10 @@ def test_every_parameterisation_trains(tmp_path, prediction):
 def test_importance_sampling_and_augmentation_run(tmp_path):
     run(tmp_path, '--steps', '3', '--prediction', 'eps', '--schedule', 'linear', '--t-sampler', 'importance', '--aug-p', '0.5')
     ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
-    assert ckpt['config']['net']['aug_dim'] == 10 and ckpt['importance']['counts'].sum() == 24
+    assert ckpt['config']['net']['aug_dim'] == 10
+    diffusion = sample.build_diffusion(ckpt['config'])                 # the history through Diffusion's own state
+    train.load_diffusion_state_dict(diffusion, ckpt['diffusion'])
+    assert diffusion.importance.counts.sum() == 3 * 8                  # 3 steps x 8 images, each t counted once
 
 
 def test_mnist_from_shared_data(tmp_path, shared_data):
