@@ -67,6 +67,9 @@ def linear_alpha_bar(T=1000, beta_start=1e-4, beta_end=0.02):
     """DDPM linear betas (Ho et al. 2020, Sec. 4: 1e-4 to 0.02 over T=1000). For other T the end points are
     scaled by 1000/T so the process reaches the same noise level (Nichol & Dhariwal 2021, arXiv:2102.09672)."""
     scale = 1000 / T
+    if beta_end * scale >= 1:       # beta_T = 1 makes alpha_bar_T = 0, i.e. sigma_max = inf
+        raise ValueError(f'T = {T} is too few steps for the scaled linear schedule (beta_T = {beta_end * scale:g} >= 1); '
+                         f'use T > {int(1000 * beta_end)} or the cosine schedule')
     betas = torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
     return torch.cumprod(1 - betas, dim=0)                       # abar_t = prod_{s<=t} (1 - beta_s)
 
@@ -181,7 +184,8 @@ class FlowSchedule:
         return 1000 * sigma / (1 + sigma)                               # t = sigma / (1 + sigma)
 
 
-SCHEDULES = {
+# Training processes (not to be confused with samplers.SIGMA_SCHEDULES, the noise levels a sampler visits).
+NOISE_SCHEDULES = {
     'linear': DiscreteVP.linear,
     'cosine': DiscreteVP.cosine,
     'vp': ContinuousVP,
@@ -208,14 +212,17 @@ def low_discrepancy_u(n, generator=None, device='cpu'):
 
 
 class ImportanceSampler:
-    """Importance sampling of discrete steps from the loss history (Nichol & Dhariwal 2021, Eq. 18):
+    """Importance sampling of discrete steps from the loss history (Nichol & Dhariwal 2021, Sec. 3.3 and Eq. 18):
     p_t proportional to sqrt(E[L_t^2]), estimated from the last `history` losses of each t, and the loss
-    reweighted by 1 / (T p_t) so its expectation is unchanged. Uniform until every t has a full history."""
+    reweighted by 1 / (T p_t) so its expectation is unchanged. Uniform until every t has `history` losses.
+    Diffusion.loss draws from it, reweights and updates it; train.py saves it through state_dict()."""
 
     def __init__(self, T, history=10, uniform_mix=1e-3):
-        self.T, self.history, self.uniform_mix = T, history, uniform_mix
+        self.T = T                                       # number of discrete steps
+        self.history = history                           # losses kept per step (10 in the paper)
+        self.uniform_mix = uniform_mix                   # share of uniform probability, so every step stays reachable
         self.losses = np.zeros((T, history))             # ring buffer of recent losses per step
-        self.counts = np.zeros(T, dtype=np.int64)
+        self.counts = np.zeros(T, dtype=np.int64)        # losses seen per step (the ring buffer's write position)
 
     def probs(self):
         if (self.counts < self.history).any():
@@ -234,6 +241,17 @@ class ImportanceSampler:
         for ti, li in zip(t.tolist(), losses.detach().double().cpu().tolist()):
             self.losses[ti, self.counts[ti] % self.history] = li
             self.counts[ti] += 1
+
+    def state_dict(self):
+        """The loss history as tensors (checkpoints are loaded with weights_only=True)."""
+        return {'losses': torch.from_numpy(self.losses.copy()), 'counts': torch.from_numpy(self.counts.copy())}
+
+    def load_state_dict(self, state):
+        losses, counts = state['losses'].numpy(), state['counts'].numpy()
+        if losses.shape != self.losses.shape or counts.shape != self.counts.shape:
+            raise ValueError(f'importance history of shape {tuple(losses.shape)} does not fit T={self.T}, '
+                             f'history={self.history}; resume with the same schedule')
+        self.losses, self.counts = losses.astype(np.float64).copy(), counts.astype(np.int64).copy()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -278,12 +296,14 @@ def training_target(x0, noise, sigma, prediction, sigma_data=0.5):
 class Diffusion:
     """One trainable diffusion model: a parameterisation, a schedule, and the noise-level sampler.
 
-    prediction: 'eps' | 'x0' | 'v' | 'edm' | 'flow'; schedule: a schedule object or a name in SCHEDULES;
+    prediction: 'eps' | 'x0' | 'v' | 'edm' | 'flow'; schedule: a schedule object or a name in NOISE_SCHEDULES;
     t_sampler: 'uniform' | 'low_discrepancy' | 'importance' (importance needs a DiscreteVP schedule).
     """
 
     def __init__(self, schedule='linear', prediction='eps', t_sampler='uniform', sigma_data=0.5):
-        self.schedule = SCHEDULES[schedule]() if isinstance(schedule, str) else schedule
+        if isinstance(schedule, str) and schedule not in NOISE_SCHEDULES:
+            raise ValueError(f'unknown schedule {schedule!r}; choose one of {sorted(NOISE_SCHEDULES)}')
+        self.schedule = NOISE_SCHEDULES[schedule]() if isinstance(schedule, str) else schedule
         if prediction not in PREDICTIONS:
             raise ValueError(f'unknown prediction {prediction!r}; choose one of {PREDICTIONS}')
         if t_sampler not in ('uniform', 'low_discrepancy', 'importance'):
@@ -314,8 +334,9 @@ class Diffusion:
         sigma = _as_sigma(sigma, x0)
         return append_dims(self.scale(sigma), x0.ndim) * (x0 + append_dims(sigma, x0.ndim) * noise)
 
-    def denoise(self, net, x, sigma, **cond):
-        """D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, Eq. 7). x is in the sigma frame."""
+    def denoise_with(self, net, x, sigma, **cond):
+        """One evaluation D(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (Karras et al. 2022, Eq. 7) of the raw
+        network `net`; x is in the sigma frame. denoiser(net) wraps this as the callable samplers take."""
         sigma = _as_sigma(sigma, x)
         c_skip, c_out, c_in = (append_dims(c, x.ndim) for c in self.preconditioning(sigma))
         F = net(c_in * x, self.schedule.noise_level(sigma), **cond)
@@ -323,7 +344,7 @@ class Diffusion:
 
     def denoiser(self, net):
         """The network as a denoiser D(x, sigma, **cond), the interface of samplers, guidance and inverse solvers."""
-        return lambda x, sigma, **cond: self.denoise(net, x, sigma, **cond)
+        return lambda x, sigma, **cond: self.denoise_with(net, x, sigma, **cond)
 
     def sample_sigma(self, n, generator=None, device='cpu'):
         """Training noise levels (n,) and per-sample loss weights (importance weights; ones otherwise)."""
@@ -334,8 +355,13 @@ class Diffusion:
         return self.schedule.sigma(u).float().to(device), torch.ones(n, device=device), None
 
     def loss(self, net, x0, sigma=None, noise=None, generator=None, **cond):
-        """Per-sample training loss (N,): mean over dims of (F - target)^2, each paper's own loss, which is
-        ||D - x0||^2 weighted by 1/c_out^2 (Karras et al. 2022, Eq. 8). Returns (loss, sigma)."""
+        """Per-sample training loss (N,) and the sigmas used (N,): mean over dims of (F - target)^2, each paper's own
+        loss, which is ||D - x0||^2 weighted by 1/c_out^2 (Karras et al. 2022, Eq. 8). Returns (loss, sigma).
+
+        sigma=None draws the noise levels from the t_sampler; with t_sampler='importance' this is the one place
+        importance sampling happens: the steps are drawn from the history, the history is updated with the raw
+        losses, and the returned loss is already reweighted by 1 / (T p_t) (Nichol & Dhariwal 2021, Eq. 18), so
+        loss.mean() is an unbiased estimate of the uniform-t loss. Given sigmas are used as they are (weight 1)."""
         weight, t = torch.ones(x0.shape[0], device=x0.device), None
         if sigma is None:
             sigma, weight, t = self.sample_sigma(x0.shape[0], generator, x0.device)
@@ -351,6 +377,16 @@ class Diffusion:
         if t is not None:
             self.importance.update(t, loss)                            # history before reweighting
         return loss * weight, sigma
+
+    def state_dict(self):
+        """What a resumed run needs: the importance sampler's loss history ({} without one)."""
+        return {} if self.importance is None else {'importance': self.importance.state_dict()}
+
+    def load_state_dict(self, state):
+        if self.importance is not None and 'importance' in state:
+            self.importance.load_state_dict(state['importance'])
+        elif self.importance is not None and state:
+            raise ValueError('the checkpoint holds no importance-sampling history for this t_sampler=importance run')
 
     def x0_weight(self, sigma):
         """lambda(sigma) = 1/c_out^2: the weight on ||D - x0||^2 that the loss above implies."""
@@ -396,6 +432,10 @@ def vlb_terms(denoiser, x0, schedule, index, noise=None, variance='posterior', d
     r = sp ** 2 / s ** 2
     var_q = sp ** 2 * (1 - r)
     var_p = var_q if variance == 'posterior' else (s ** 2 - sp ** 2) * (1 + sp ** 2) / (1 + s ** 2)   # beta_i / abar_{i-1}
+    # index 0 has no KL term, and its variances are 0 (sigma_prev = sigma): give them 1 before the log, so that the
+    # discarded branch of the torch.where below has finite gradients (0 * inf = NaN would poison the whole batch)
+    has_kl = append_dims(index > 0, x0.ndim)
+    var_q, var_p = torch.where(has_kl, var_q, 1.0), torch.where(has_kl, var_p, 1.0)
     kl = normal_kl(x0 + r * (x - x0), var_q, x0_hat + r * (x - x0_hat), var_p).flatten(1).sum(1)
     # decoder p(x0 | x_1) = N(D(x_1), beta_1): the mean of DDPM's p at t = 1 is exactly x0_hat (abar_0 = 1)
     beta_1 = sigmas[0] ** 2 / (1 + sigmas[0] ** 2)
@@ -563,5 +603,5 @@ if __name__ == '__main__':
         diff = Diffusion(sched, pred)
         c_skip, c_out, c_in = diff.preconditioning(sigma)
         oracle = lambda x_in, c_noise: (gm.denoise(x_in / c_in[:, None], sigma) - c_skip[:, None] * x_in / c_in[:, None]) / c_out[:, None]
-        err = (diff.denoise(oracle, x, sigma) - gm.denoise(x, sigma)).abs().max()
+        err = (diff.denoise_with(oracle, x, sigma) - gm.denoise(x, sigma)).abs().max()
         print(f'{pred:>4}: c_skip={c_skip[1]:.3f} c_out={c_out[1]:+.3f} c_in={c_in[1]:.3f} at sigma=1; |D - exact| = {err:.1e}')

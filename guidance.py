@@ -35,7 +35,7 @@ sampling (Razavi et al. 2019, VQ-VAE-2, arXiv:1906.00446, Sec. 3.3) keeps sample
 Conventions: x is (N, ...) (images in [-1, 1]), sigma is (N,), y is (N,) class indices and index `null_class`
 (num_classes in DESIGN.md) means "no class". Usage:
     D = Thresholded(ClassifierFreeGuidance(model_denoiser, w=4.0, null_class=1000))
-    x = SAMPLERS['heun'](D, sigmas[0] * torch.randn(shape), sigmas, y=labels)
+    x = SAMPLERS['heun'](D, sigmas[0] * torch.randn(shape), sigmas, cond={'y': labels})
 """
 import math
 

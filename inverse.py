@@ -18,8 +18,9 @@ how they stand in for it:
                (A^+ y) to a small sigma_start, then run the replacement loop from there: fewer steps for the same error.
   mcg          Chung et al. 2022, manifold constrained gradient (arXiv:2206.00941, Sec. 3): a reverse step, a step
                along -grad_x ||y - A x0_hat(x)||, then the replacement projection.
-  reconstruction_guidance  Ho et al. 2022, Video Diffusion Models (arXiv:2204.03458, Eq. 7):
-               x0_tilde = x0_hat - (w_r / 2) grad_x ||y - A x0_hat(x)||^2, a guided denoiser for any sampler.
+  reconstruction_guidance  Ho et al. 2022, Video Diffusion Models (arXiv:2204.03458, Eq. 7-8):
+               x0_tilde = x0_hat - (w_r / 2) grad_x ||y - A x0_hat(x)||^2, a guided denoiser for any sampler;
+               reconstruction_guidance_tweedie is our variant with a noise-level-dependent weight.
   dps          Chung et al. 2023, diffusion posterior sampling (arXiv:2209.14687, Alg. 1): the gradient step of MCG
                without the projection, so it tolerates noisy y.
 
@@ -43,12 +44,18 @@ import math
 import torch
 import torch.nn.functional as F
 
-from samplers import SAMPLERS, ancestral_step, check_inputs
+from samplers import SAMPLERS, ancestral_step, check_inputs, is_stochastic
 
 
 def append_dims(v, ndim):
     """Reshape a (N,) tensor to (N, 1, ..., 1) so it broadcasts against a tensor with `ndim` dims."""
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def _report(callback, i, sigmas, x, denoised):
+    """callback(info) once per step, as the samplers do: x is the state at the start of step i, denoised = D(x)."""
+    if callback is not None:
+        callback({'i': i, 'sigma': sigmas[i], 'sigma_next': sigmas[i + 1], 'x': x, 'denoised': denoised})
 
 
 def _randn_like(x, generator):
@@ -214,34 +221,34 @@ def _vp_scale(sigma, sigma_next):
 # Projection methods: the unconditional step, then force consistency with (a noised version of) y.
 
 @torch.no_grad()
-def sample_replacement(denoiser, x, sigmas, operator, y, eta=1.0, generator=None, cond=None):
+def sample_replacement(denoiser, x, sigmas, operator, y, *, eta=1.0, generator=None, cond=None, callback=None):
     """Score SDE imputation: a reverse step (eta = 1: DDPM's ancestral step), then replace the measured part by a
     fresh noised measurement, x <- P_{y_next}(x) with y_next = y + sigma_next A z. Not an exact posterior sampler:
     the unmeasured part is conditioned on a *fresh* noisy copy of y at each step, never on y itself, so it is pulled
     towards the measurement less than the posterior would (tests/test_inverse.py shows the bias)."""
-    check_inputs(x, sigmas)
-    cond = cond or {}
+    cond = check_inputs(x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0_hat = denoiser(x, x.new_full((x.shape[0],), sigma), **cond)
+        _report(callback, i, sigmas, x, x0_hat)
         x = _reverse_step(x, x0_hat, sigma, sigma_next, eta, generator)
         x = operator.project(x, _noised_measurement(operator, y, sigma_next, x, generator))
     return x
 
 
 @torch.no_grad()
-def sample_ilvr(denoiser, x, sigmas, operator, y, sigma_stop=0.0, eta=1.0, generator=None, cond=None):
+def sample_ilvr(denoiser, x, sigmas, operator, y, *, sigma_stop=0.0, eta=1.0, generator=None, cond=None, callback=None):
     """ILVR (Choi et al. 2021, Alg. 1): x <- phi(ref_next) + (I - phi) x after each DDPM step, with phi = A^+ A
     (for average pooling: down- then up-sampling, the paper's phi_N) and ref_next = A^+ y + sigma_next z, the
     reference image diffused by q. Since phi A^+ = A^+, this equals replacement step for step (the test checks it
     with a shared generator). What ILVR adds is the range: refining only while sigma >= sigma_stop leaves the fine
     scales to the model, trading fidelity to y for realism (the paper's conditioning-range experiments)."""
-    check_inputs(x, sigmas)
-    cond = cond or {}
+    cond = check_inputs(x, sigmas, cond)
     ref = operator.pinv(y)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0_hat = denoiser(x, x.new_full((x.shape[0],), sigma), **cond)
+        _report(callback, i, sigmas, x, x0_hat)
         x = _reverse_step(x, x0_hat, sigma, sigma_next, eta, generator)
         if sigma_next >= sigma_stop:
             ref_next = ref + sigma_next * _randn_like(x, generator) if sigma_next > 0 else ref
@@ -250,45 +257,46 @@ def sample_ilvr(denoiser, x, sigmas, operator, y, sigma_stop=0.0, eta=1.0, gener
 
 
 @torch.no_grad()
-def sample_pocs(denoiser, x, sigmas, operator, y, step=1.0, eta=1.0, generator=None, cond=None):
+def sample_pocs(denoiser, x, sigmas, operator, y, *, step=1.0, eta=1.0, generator=None, cond=None, callback=None):
     """Measurement consistency on the denoised estimate: x0_c = x0_hat + step A^+ (y - A x0_hat) (step = 1: the
     projection onto {A x = y}, a convex set, hence 'POCS'; DDNM's range-null decomposition A^+ y + (I - A^+ A) x0_hat),
     then DDPM's posterior step q(x_next | x, x0 = x0_c). Unlike replacement it never adds noise to y; a step < 1
     relaxes the projection when y is noisy."""
-    check_inputs(x, sigmas)
-    cond = cond or {}
+    cond = check_inputs(x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0_hat = denoiser(x, x.new_full((x.shape[0],), sigma), **cond)
+        _report(callback, i, sigmas, x, x0_hat)
         x0_c = x0_hat + step * operator.pinv(y - operator.forward(x0_hat))
         x = _reverse_step(x, x0_c, sigma, sigma_next, eta, generator)
     return x
 
 
 @torch.no_grad()
-def sample_ccdf(denoiser, x, sigmas, operator, y, init=None, eta=1.0, generator=None, cond=None):
+def sample_ccdf(denoiser, x, sigmas, operator, y, *, init=None, eta=1.0, generator=None, cond=None, callback=None):
     """Come-closer-diffuse-faster (Chung, Sim & Ye 2022): a good initial guess x0_init (default A^+ y) diffused
     forward to sigmas[0] is already close to the reverse trajectory, so the reverse process can start at a small
     sigma_start = sigmas[0] instead of sigma_max, and take far fewer steps (pass e.g. karras_sigmas(n, 0.002, 2.0)). The loop is
     replacement's. x on entry is unit noise times sigmas[0] as for every sampler, so x_start = x0_init + x."""
     x0_init = operator.pinv(y) if init is None else init
-    return sample_replacement(denoiser, x0_init + x, sigmas, operator, y, eta=eta, generator=generator, cond=cond)
+    return sample_replacement(denoiser, x0_init + x, sigmas, operator, y, eta=eta, generator=generator, cond=cond,
+                              callback=callback)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Gradient methods: differentiate the measurement error of x0_hat(x) through the denoiser.
 
 @torch.no_grad()
-def sample_mcg(denoiser, x, sigmas, operator, y, zeta=0.5, eta=1.0, generator=None, cond=None):
+def sample_mcg(denoiser, x, sigmas, operator, y, *, zeta=0.5, eta=1.0, generator=None, cond=None, callback=None):
     """MCG (Chung et al. 2022): x' = reverse step, x'' = x' - zeta_i grad_x ||y - A x0_hat(x)||, then the
     replacement projection x = P_{y_next}(x''). The gradient through the denoiser moves the unmeasured part along
     the data manifold to agree with y, which plain replacement cannot do. The step is normalised by the residual
     norm as in DPS below (zeta times the gradient of ||y - A x0_hat||) and taken in DDPM's frame."""
-    check_inputs(x, sigmas)
-    cond = cond or {}
+    cond = check_inputs(x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0_hat, _, grad = _measurement_gradient(denoiser, x, sigma, operator, y, cond, squared=False)
+        _report(callback, i, sigmas, x, x0_hat)
         x_next = _reverse_step(x, x0_hat, sigma, sigma_next, eta, generator)
         x_next = x_next - zeta * _vp_scale(sigma, sigma_next) * grad
         x = operator.project(x_next, _noised_measurement(operator, y, sigma_next, x, generator))
@@ -296,7 +304,7 @@ def sample_mcg(denoiser, x, sigmas, operator, y, zeta=0.5, eta=1.0, generator=No
 
 
 @torch.no_grad()
-def sample_dps(denoiser, x, sigmas, operator, y, zeta=0.5, eta=1.0, generator=None, cond=None):
+def sample_dps(denoiser, x, sigmas, operator, y, *, zeta=0.5, eta=1.0, generator=None, cond=None, callback=None):
     """Diffusion posterior sampling (Chung et al. 2023, Alg. 1): p(y | x) ~ p(y | x0 = x0_hat(x)), so
     grad log p(y | x) ~ -grad_x ||y - A x0_hat||^2 / (2 s_y^2). After each DDPM step, x -= zeta grad_x ||y - A x0_hat||,
     which is Alg. 1's zeta_i grad ||y - A x0_hat||^2 with zeta_i = zeta' / ||y - A x0_hat|| and zeta' = zeta / 2 (the
@@ -304,29 +312,40 @@ def sample_dps(denoiser, x, sigmas, operator, y, zeta=0.5, eta=1.0, generator=No
     approximately, and the step size zeta must be tuned per problem: the normalised step has the same size in any
     dimension, and 0.5 is best on the 16-d Gaussian problems of tests/test_inverse.py but ~4 for 4x SR of 32 x 32
     images (benchmarks/inverse.py). The last step lands on x0_hat plus the final gradient step."""
-    check_inputs(x, sigmas)
-    cond = cond or {}
+    cond = check_inputs(x, sigmas, cond)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
         x0_hat, _, grad = _measurement_gradient(denoiser, x, sigma, operator, y, cond, squared=False)
+        _report(callback, i, sigmas, x, x0_hat)
         x = _reverse_step(x, x0_hat, sigma, sigma_next, eta, generator)
         x = x - zeta * _vp_scale(sigma, sigma_next) * grad
     return x
 
 
-def reconstruction_guided(denoiser, operator, y, w_r=1.0, sigma_data=0.5, cond=None):
-    """Reconstruction guidance (Ho et al. 2022, Eq. 7) as a guided denoiser, usable with any sampler:
-        D_y(x) = x0_hat - (w / 2) grad_x ||y - A x0_hat(x)||^2.
-    Ho et al.'s alpha_t grad_{z_t} is grad_x in the sigma frame, so sigma_data=None gives their w = w_r exactly.
-    With sigma_data set, w = w_r sigma^2 / (r^2 gram + s_y^2), r^2 = sigma^2 sigma_data^2 / (sigma^2 + sigma_data^2):
-    the weight that makes D_y = x0_hat + sigma^2 grad log N(y; A x0_hat, (r^2 A A^T + s_y^2) I), i.e. Tweedie's formula
-    for the posterior with x0 | x taken as N(x0_hat, r^2 I). It grows like sigma^2 where Ho's stays flat, and near
-    sigma = 0 (with s_y = 0) it moves x0_hat onto A x = y, as a projection would."""
+def reconstruction_guided(denoiser, operator, y, w_r=1.0, weighting='ho', sigma_data=0.5, cond=None):
+    """Reconstruction guidance as a guided denoiser, usable with any sampler:
+        D_y(x) = x0_hat - (w / 2) grad_x ||y - A x0_hat(x)||^2,        over all of x.
+
+    weighting='ho' (the default) is Ho et al. 2022's method: Eq. 7 approximates q(x^a | z_t) by
+    N(x0_hat^a, sigma_t^2 / alpha_t^2 I) and gets x0_tilde = x0_hat - (w_r alpha_t / 2) grad_{z_t} ||x^a - x0_hat^a||^2,
+    with w_r = 1 from the approximation and w_r > 1 found to sample better. Here z_t = alpha_t x, so
+    alpha_t grad_{z_t} = grad_x and w = w_r exactly. The gradient covers all of x as in their Eq. 8 (the form they give
+    for spatial super-resolution, where x^a is a downsampled x); for a mask, Eq. 7 would differentiate with respect
+    to the unobserved x^b only (this version also moves the observed pixels of x0_hat towards y).
+
+    weighting='tweedie' is ours (not in the paper): w = w_r sigma^2 / (r^2 gram + s_y^2) with
+    r^2 = sigma^2 sigma_data^2 / (sigma^2 + sigma_data^2), the weight that makes
+    D_y = x0_hat + sigma^2 grad log N(y; A x0_hat, (r^2 A A^T + s_y^2) I), i.e. Tweedie's formula for the posterior
+    with x0 | x taken as N(x0_hat, r^2 I) and the measurement noise s_y included. It grows like sigma^2 where Ho's
+    stays flat, and near sigma = 0 (with s_y = 0) it moves x0_hat onto A x = y, as a projection would. On the
+    Gaussian problems of tests/test_inverse.py it is 4-7x closer to the posterior mean than Ho's weighting at w_r = 1."""
+    if weighting not in ('ho', 'tweedie'):
+        raise ValueError(f"weighting must be 'ho' (Ho et al. 2022, Eq. 7) or 'tweedie' (ours), got {weighting!r}")
     cond = cond or {}
 
     def guided(x, sigma, **unused):
         x0_hat, _, grad = _measurement_gradient(denoiser, x, sigma, operator, y, cond, squared=True)
-        if sigma_data is None:
+        if weighting == 'ho':
             w = torch.full_like(sigma, w_r)
         else:
             r2 = sigma ** 2 * sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
@@ -336,11 +355,28 @@ def reconstruction_guided(denoiser, operator, y, w_r=1.0, sigma_data=0.5, cond=N
     return guided
 
 
-def sample_reconstruction_guidance(denoiser, x, sigmas, operator, y, w_r=1.0, sigma_data=0.5, sampler='euler_ancestral',
-                                   cond=None, **sampler_opts):
-    """Sample with the reconstruction-guided denoiser and any sampler of samplers.py (default: ancestral Euler, which
-    with eta = 1 is DDPM's step, like the other methods here). sampler_opts go to the sampler (e.g. generator)."""
-    return SAMPLERS[sampler](reconstruction_guided(denoiser, operator, y, w_r, sigma_data, cond), x, sigmas, **sampler_opts)
+def sample_reconstruction_guidance(denoiser, x, sigmas, operator, y, *, w_r=1.0, weighting='ho', sigma_data=0.5,
+                                   sampler='euler_ancestral', sampler_options=None, generator=None, cond=None,
+                                   callback=None):
+    """Sample with the reconstruction-guided denoiser (Ho et al. 2022 by default; see reconstruction_guided) and any
+    sampler of samplers.py (default: ancestral Euler, which with eta = 1 is DDPM's step, like the other methods
+    here). sampler_options is a dict of that sampler's own options; generator goes to it when it draws noise."""
+    cond = check_inputs(x, sigmas, cond)
+    options = dict(sampler_options or {})
+    if is_stochastic(sampler, options):
+        options['generator'] = generator
+    guided = reconstruction_guided(denoiser, operator, y, w_r, weighting, sigma_data, cond)
+    return SAMPLERS[sampler](guided, x, sigmas, callback=callback, **options)
+
+
+def sample_reconstruction_guidance_tweedie(denoiser, x, sigmas, operator, y, *, w_r=1.0, sigma_data=0.5,
+                                           sampler='euler_ancestral', sampler_options=None, generator=None, cond=None,
+                                           callback=None):
+    """Ours: reconstruction guidance with weighting='tweedie' (see reconstruction_guided); sigma_data is the data's
+    standard deviation (0.5 as in EDM for images in [-1, 1])."""
+    return sample_reconstruction_guidance(denoiser, x, sigmas, operator, y, w_r=w_r, weighting='tweedie',
+                                          sigma_data=sigma_data, sampler=sampler, sampler_options=sampler_options,
+                                          generator=generator, cond=cond, callback=callback)
 
 
 INVERSE_METHODS = {
@@ -350,6 +386,7 @@ INVERSE_METHODS = {
     'ccdf': sample_ccdf,
     'mcg': sample_mcg,
     'reconstruction_guidance': sample_reconstruction_guidance,
+    'reconstruction_guidance_tweedie': sample_reconstruction_guidance_tweedie,
     'dps': sample_dps,
 }
 

@@ -193,7 +193,7 @@ def main(args):
     for name, make in methods(gm, sigmas, args).items():
         rows = []
         for w in args.weights:
-            x = SAMPLERS['heun'](make(w), x_T, sigmas, y=y)
+            x = SAMPLERS['heun'](make(w), x_T, sigmas, cond={'y': y})
             rows.append(metrics(gm, x, y))
             if (name == 'constant' and w in (args.weights[0], args.weights[-1])) or \
                     (w == args.weights[-1] and name in ('constant +dyn.thr', f'autoguidance (cov x{args.inflate:g})')):

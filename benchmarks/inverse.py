@@ -239,6 +239,8 @@ def model_benchmark(args):
                 opts['zeta'] = zeta
             if name == 'reconstruction_guidance':
                 opts['w_r'] = args.w_r
+            if name == 'reconstruction_guidance_tweedie':
+                opts['w_r'] = args.w_r
                 opts['sigma_data'] = config['diffusion'].get('sigma_data', 0.5)
             t0 = time.perf_counter()
             out = fn(D, x, sigmas, op, y, generator=g, cond=cond, **opts)
@@ -251,7 +253,7 @@ def model_benchmark(args):
         cols.append(x0[:args.show])
         rows.append((task, cols))
         print()
-    short = {'reconstruction_guidance': 'recon. guid.'}
+    short = {'reconstruction_guidance': 'recon. guid.', 'reconstruction_guidance_tweedie': 'recon. (tweedie)'}
     save_picture(rows, ['A^+ y'] + [short.get(m, m) for m in args.methods] + ['original'], args.out)
     print(f'picture: {args.out}')
 

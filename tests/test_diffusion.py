@@ -160,7 +160,7 @@ def test_loss_of_the_exact_network_equals_the_posterior_variance(prediction):
 def test_denoise_rejects_mismatched_sigma():
     diff = Diffusion('edm', 'edm')
     with pytest.raises(ValueError, match='sigma must be a scalar or have shape'):
-        diff.denoise(lambda x, c: x, torch.zeros(4, 2), torch.ones(3))
+        diff.denoise_with(lambda x, c: x, torch.zeros(4, 2), torch.ones(3))
     with pytest.raises(ValueError, match='unknown prediction'):
         Diffusion('linear', 'epsilon')
     with pytest.raises(ValueError, match='importance'):
@@ -282,6 +282,26 @@ def test_importance_sampler_through_the_training_loss():
     assert (diff.importance.counts >= 10).all()
     sigma, weight, t = diff.sample_sigma(1000)
     assert weight.mean().item() == pytest.approx(1.0, rel=0.2)       # E[1/(T p_t)] = 1
+
+
+def test_importance_state_round_trip():
+    """A resumed run draws the same steps with the same weights: the history travels through state_dict(), as
+    tensors (so checkpoints load with weights_only=True); a history of the wrong shape is refused."""
+    diff = Diffusion(DiscreteVP.linear(30), 'eps', t_sampler='importance')
+    net = lambda x, c: 0.1 * c[:, None] * x
+    for seed in range(40):
+        diff.loss(net, torch.randn(16, 2), generator=torch.Generator().manual_seed(seed))
+    state = diff.state_dict()
+    assert all(torch.is_tensor(v) for v in state['importance'].values())
+    resumed = Diffusion(DiscreteVP.linear(30), 'eps', t_sampler='importance')
+    resumed.load_state_dict(state)
+    a, b = (d.sample_sigma(64, torch.Generator().manual_seed(9)) for d in (diff, resumed))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and a[1].std() > 0
+    assert Diffusion('linear', 'eps').state_dict() == {}
+    with pytest.raises(ValueError, match='does not fit'):
+        Diffusion(DiscreteVP.linear(40), 'eps', t_sampler='importance').load_state_dict(state)
+    with pytest.raises(ValueError, match='too few steps'):
+        DiscreteVP.linear(20)                                # beta_T = 1: sigma_max would be infinite
 
 
 # ---- the Gaussian-mixture oracle -----------------------------------------------------------------------

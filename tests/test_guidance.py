@@ -273,8 +273,8 @@ def test_classifier_guided_sampling_reproduces_conditional_sampling(gm, sampler)
     sigmas = karras_sigmas(12, 0.002, 40.0).double()
     x_T = sigmas[0] * torch.randn(256, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.arange(256) % 2
-    conditional = SAMPLERS[sampler](gm, x_T, sigmas, y=y)
-    guided = SAMPLERS[sampler](ClassifierGuidance(gm, exact_log_classifier(gm), 1.0), x_T, sigmas, y=y)
+    conditional = SAMPLERS[sampler](gm, x_T, sigmas, cond={'y': y})
+    guided = SAMPLERS[sampler](ClassifierGuidance(gm, exact_log_classifier(gm), 1.0), x_T, sigmas, cond={'y': y})
     torch.testing.assert_close(guided, conditional, rtol=0, atol=1e-5)
 
 
@@ -284,7 +284,7 @@ def test_schedules_work_inside_heun_with_churn(gm):
     sigmas = karras_sigmas(10, 0.002, 40.0).double()
     x_T = sigmas[0] * torch.randn(128, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     y = torch.arange(128) % 2
-    run = lambda D: SAMPLERS['heun'](D, x_T, sigmas, S_churn=5.0, generator=torch.Generator().manual_seed(1), y=y)
+    run = lambda D: SAMPLERS['heun'](D, x_T, sigmas, S_churn=5.0, generator=torch.Generator().manual_seed(1), cond={'y': y})
     null = gm.num_classes
     torch.testing.assert_close(run(ClassifierFreeGuidance(gm, IntervalSchedule(3.0, 0.0, math.inf), null)),
                                run(ClassifierFreeGuidance(gm, 3.0, null)), rtol=0, atol=0)
@@ -298,6 +298,6 @@ def test_guidance_raises_fidelity_on_the_mixture(gm):
     y = torch.arange(2000) % 2
     fidelity = {}
     for w in [1.0, 4.0]:
-        x = SAMPLERS['heun'](ClassifierFreeGuidance(gm, w, gm.num_classes), x_T, sigmas, y=y)
+        x = SAMPLERS['heun'](ClassifierFreeGuidance(gm, w, gm.num_classes), x_T, sigmas, cond={'y': y})
         fidelity[w] = (gm.class_posterior(x, 0.0).argmax(1) == y).double().mean().item()
     assert fidelity[4.0] > fidelity[1.0] + 0.02, fidelity
