@@ -504,7 +504,7 @@ def high_depth_to_uint8(a, mode):
         if a.min() < 0 or a.max() > 1:
             raise ValueError(f'float image with values in [{a.min():.4g}, {a.max():.4g}]; float images must be '
                              'in [0, 1] (save 8- or 16-bit integers otherwise)')
-        return np.rint(a.astype(np.float64) * 255).astype(np.uint8)
+        return to_uint8(torch.from_numpy(a.astype(np.float64) * 2 - 1)).numpy()   # [0, 1] -> [-1, 1] -> uint8
     if a.min() < 0 or a.max() > 65535:   # mode 'I' holds 16-bit PNG/TIFF data; anything wider is ambiguous
         raise ValueError(f'{mode} image with values in [{a.min()}, {a.max()}] does not fit 16 bits; '
                          'save it as an 8- or 16-bit image')

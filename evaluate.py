@@ -1,15 +1,14 @@
 """Evaluating generative models: FID, KID, IS, precision/recall and memorization, from scratch.
 
 Papers (equations quoted below):
-  Inception V3     Szegedy et al. 2016, "Rethinking the Inception Architecture", arXiv:1512.00567
   FID              Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule", arXiv:1706.08500
-  IS               Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498
   KID              Binkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401
+  IS               Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498
   Precision/recall Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric", arXiv:1904.06991
-  Clean resizing   Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN
-                   Evaluation" (clean-fid), arXiv:2104.11222
   Memorization     Gu et al. 2023, "On Memorization in Diffusion Models", arXiv:2310.02664
                    (a sample is a copy when d(x, NN1) < d(x, NN2) / 3)
+  Clean resizing   Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN
+                   Evaluation" (clean-fid), arXiv:2104.11222
 
 Key equations, for features f of real (r) and generated (g) images:
   FID   = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})               (Heusel Eq. 6)
@@ -17,25 +16,36 @@ Key equations, for features f of real (r) and generated (g) images:
   IS    = exp( E_x KL(p(y|x) || p(y)) )                                       (Salimans Sec. 4)
   prec. = share of generated f inside the k-NN ball of some real feature     (Kynkaanniemi Eq. 1-2)
 
-Conventions: images are float tensors in [0, 1] (or uint8 in [0, 255]), shape (N, C, H, W), C = 1 or 3,
-any size; features are (N, D) arrays; statistics are float64 numpy. The FID network is the TensorFlow
-FID graph as ported to PyTorch by pytorch-fid; its weights are the standard file
-`pt_inception-2015-12-05-6726825d.pth`, which this file loads under its own key names.
+The features come from a feature network: the FID Inception network (inception.py) or a small LeNet trained on
+the data (FD_lenet, for offline machines and MNIST-like data). A score's name says how it was made:
+  FID, KID, IS      Inception with the pytorch-fid/TF resize ('legacy', the default): comparable with papers
+  clean-FID, ...    Inception with antialiased bicubic resizing (--resize clean, Parmar et al. 2022)
+  FD_lenet, KD_lenet  Frechet/kernel distance in LeNet features: a different scale, never called FID
+Reference statistics remember the network's name, resize and a hash of its weights, and are refused when any
+differs from the run's.
+
+Reading order: the metrics (pure functions of features), memorization and conditions, the feature networks and
+images -> features, statistics, and last the command line (which checks every input and output path before any
+long computation, and samples train.py checkpoints through sample.py).
+
+Conventions: images are float tensors in [0, 1] (or uint8 in [0, 255]), shape (N, C, H, W), C = 1 or 3, any
+size; features are (N, D) arrays; statistics are float64 numpy.
 
 Usage:  python sample.py --ckpt runs/x/ckpt.pt -n 2000 --npz samples.npz   # samples of a checkpoint
         python evaluate.py samples.npz reference_folder/ --metrics fid,kid,is,pr
+        python evaluate.py runs/x/ckpt.pt ref_stats.npz --num-gen 2000    # sample and score a checkpoint
         python evaluate.py samples.npz ref_stats.npz      # cached statistics (--save-stats makes them)
         python evaluate.py --demo          # closed-form checks that need no weights
 """
 import argparse
-import glob
 import hashlib
+import json
 import math
 import os
-import shutil
-import sys
+import pickle
 import tempfile
-import urllib.request
+import warnings
+import zipfile
 
 import numpy as np
 import scipy.linalg
@@ -45,449 +55,11 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-FID_WEIGHTS_NAME = 'pt_inception-2015-12-05-6726825d.pth'
-FID_WEIGHTS_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/' + FID_WEIGHTS_NAME
-FID_WEIGHTS_SHA256_PREFIX = '6726825d'  # torch.hub convention: the name carries the sha256 prefix
-FID_WEIGHTS_ENV = 'FID_INCEPTION_WEIGHTS'  # environment variable naming the weight file
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp', '.tif', '.tiff')
-
-
-# ----------------------------------------------------------------------------------------------------
-# Resizing to the network's input size: "clean" (PIL-style antialiased) or "legacy" (pytorch-fid)
-
-def resize_images(x, size, mode='clean'):
-    """Resize float images (N, C, H, W) in [0, 1] to size x size.
-
-    'clean'  : bicubic with an antialiasing filter whose support grows with the downscale factor, as
-               PIL's Image.resize(BICUBIC) does per channel in float mode; Parmar et al. 2022 show that
-               the aliasing of naive resizes moves FID by several points. torch's antialias=True kernel
-               is a port of PIL's (a = -0.5); computed in float64, as PIL accumulates, it agrees
-               with PIL to ~1e-7 (float32 rounding; in float32 the gap grows to ~1e-5).
-    'legacy' : bilinear without antialiasing (align_corners=False), exactly what pytorch-fid does, to
-               compare with numbers in papers computed with pytorch-fid.
-    """
-    if x.shape[-2:] == (size, size):
-        return x  # both modes are the identity at the native size
-    if mode == 'clean':
-        y = F.interpolate(x.double(), size=(size, size), mode='bicubic', align_corners=False, antialias=True)
-        return y.clamp(0, 1).to(x.dtype)  # bicubic overshoots at edges; keep the valid range (as clean-fid)
-    if mode == 'legacy':
-        return F.interpolate(x, size=(size, size), mode='bilinear', align_corners=False)
-    raise ValueError(f"resize mode must be 'clean' or 'legacy', got {mode!r}")
-
-
-# ----------------------------------------------------------------------------------------------------
-# Inception V3, FID variant. It differs from the ImageNet classifier (torchvision's inception_v3) in:
-#  1. 1008 output classes (the 2015 TF graph kept 8 unused ones), read only for the Inception Score;
-#  2. the average-pool branch of blocks A, C and E_1 ignores the zero padding (TF's avg_pool does not
-#     count padded cells: count_include_pad=False);
-#  3. the last block (Mixed_7c, "E_2") pools its pool branch with max, not average, pooling;
-#  4. input scaled to [-1, 1] (x * 2 - 1), no ImageNet mean/std normalization.
-# Module names match the weight file's keys (e.g. 'Mixed_6b.branch7x7_2.conv.weight').
-
-class BasicConv2d(nn.Module):
-    """Conv (no bias) -> BatchNorm (eps 1e-3, TF's default) -> ReLU."""
-
-    def __init__(self, in_channels, out_channels, **conv_kwargs):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, bias=False, **conv_kwargs)
-        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
-
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)), inplace=True)  # in place: one activation buffer less per layer
-
-
-def avg_pool_3x3(x):
-    # TF semantics: the mean over the in-image cells only (difference 2 in the list above).
-    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
-
-
-class InceptionA(nn.Module):
-    """35x35 block (Szegedy Fig. 5): 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1."""
-
-    def __init__(self, in_channels, pool_features):
-        super().__init__()
-        self.branch1x1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch5x5_1 = BasicConv2d(in_channels, 48, kernel_size=1)
-        self.branch5x5_2 = BasicConv2d(48, 64, kernel_size=5, padding=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, padding=1)
-        self.branch_pool = BasicConv2d(in_channels, pool_features, kernel_size=1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b5 = self.branch5x5_2(self.branch5x5_1(x))
-        b3 = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        bp = self.branch_pool(avg_pool_3x3(x))
-        return torch.cat([b1, b5, b3, bp], 1)
-
-
-class InceptionB(nn.Module):
-    """Grid reduction 35 -> 17 (Szegedy Fig. 10): strided 3x3 | 1x1->3x3->strided 3x3 | maxpool."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3 = BasicConv2d(in_channels, 384, kernel_size=3, stride=2)
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 64, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(64, 96, kernel_size=3, padding=1)
-        self.branch3x3dbl_3 = BasicConv2d(96, 96, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3(x)
-        b3d = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
-        return torch.cat([b3, b3d, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class InceptionC(nn.Module):
-    """17x17 block with factorized 7x7 convolutions, 1x7 then 7x1 (Szegedy Fig. 6)."""
-
-    def __init__(self, in_channels, channels_7x7):
-        super().__init__()
-        c7 = channels_7x7
-        self.branch1x1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7_2 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7_3 = BasicConv2d(c7, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_1 = BasicConv2d(in_channels, c7, kernel_size=1)
-        self.branch7x7dbl_2 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_3 = BasicConv2d(c7, c7, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7dbl_4 = BasicConv2d(c7, c7, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7dbl_5 = BasicConv2d(c7, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b7 = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
-        b7d = self.branch7x7dbl_1(x)
-        for layer in (self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5):
-            b7d = layer(b7d)
-        bp = self.branch_pool(avg_pool_3x3(x))
-        return torch.cat([b1, b7, b7d, bp], 1)
-
-
-class InceptionD(nn.Module):
-    """Grid reduction 17 -> 8: 1x1->strided 3x3 | 1x1->1x7->7x1->strided 3x3 | maxpool."""
-
-    def __init__(self, in_channels):
-        super().__init__()
-        self.branch3x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch3x3_2 = BasicConv2d(192, 320, kernel_size=3, stride=2)
-        self.branch7x7x3_1 = BasicConv2d(in_channels, 192, kernel_size=1)
-        self.branch7x7x3_2 = BasicConv2d(192, 192, kernel_size=(1, 7), padding=(0, 3))
-        self.branch7x7x3_3 = BasicConv2d(192, 192, kernel_size=(7, 1), padding=(3, 0))
-        self.branch7x7x3_4 = BasicConv2d(192, 192, kernel_size=3, stride=2)
-
-    def forward(self, x):
-        b3 = self.branch3x3_2(self.branch3x3_1(x))
-        b7 = self.branch7x7x3_1(x)
-        for layer in (self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4):
-            b7 = layer(b7)
-        return torch.cat([b3, b7, F.max_pool2d(x, kernel_size=3, stride=2)], 1)
-
-
-class InceptionE(nn.Module):
-    """8x8 block with expanded filter banks, 1x3 and 3x1 side by side (Szegedy Fig. 7).
-
-    pool='avg' for Mixed_7b (E_1), pool='max' for Mixed_7c (E_2), difference 3 of the FID network.
-    """
-
-    def __init__(self, in_channels, pool='avg'):
-        super().__init__()
-        self.pool = pool
-        self.branch1x1 = BasicConv2d(in_channels, 320, kernel_size=1)
-        self.branch3x3_1 = BasicConv2d(in_channels, 384, kernel_size=1)
-        self.branch3x3_2a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3_2b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch3x3dbl_1 = BasicConv2d(in_channels, 448, kernel_size=1)
-        self.branch3x3dbl_2 = BasicConv2d(448, 384, kernel_size=3, padding=1)
-        self.branch3x3dbl_3a = BasicConv2d(384, 384, kernel_size=(1, 3), padding=(0, 1))
-        self.branch3x3dbl_3b = BasicConv2d(384, 384, kernel_size=(3, 1), padding=(1, 0))
-        self.branch_pool = BasicConv2d(in_channels, 192, kernel_size=1)
-
-    def forward(self, x):
-        b1 = self.branch1x1(x)
-        b3 = self.branch3x3_1(x)
-        b3 = torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1)
-        b3d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        b3d = torch.cat([self.branch3x3dbl_3a(b3d), self.branch3x3dbl_3b(b3d)], 1)
-        pooled = avg_pool_3x3(x) if self.pool == 'avg' else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
-        return torch.cat([b1, b3, b3d, self.branch_pool(pooled)], 1)
-
-
-class FIDInceptionV3(nn.Module):
-    """The FID Inception network: images in [0, 1] of any size -> 2048-d pool features (and logits).
-
-    forward(x) returns the (N, 2048) features; forward(x, return_logits=True) returns
-    (features, logits) with the (N, 1008) logits for the Inception Score, computed as the original IS
-    code (and guided-diffusion's evaluator) does: pool features times the softmax layer's weight
-    matrix, without its bias. The bias is in self.fc.bias for anyone who needs the full layer.
-    """
-
-    name = 'inception'  # metric names derive from this: FID for inception, FD_<name> otherwise
-    feature_dim = 2048
-
-    def __init__(self, resize='clean', channels_last=False):
-        super().__init__()
-        self.resize = resize  # 'clean' (PIL bicubic, antialiased) or 'legacy' (pytorch-fid bilinear)
-        self.channels_last = channels_last  # NHWC activations: faster, equal up to float32 rounding
-        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)  # 299 -> 149
-        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)  # -> 147
-        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)  # max pool -> 73
-        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
-        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)  # -> 71, max pool -> 35
-        self.Mixed_5b = InceptionA(192, pool_features=32)  # -> 256 channels
-        self.Mixed_5c = InceptionA(256, pool_features=64)  # -> 288
-        self.Mixed_5d = InceptionA(288, pool_features=64)  # -> 288
-        self.Mixed_6a = InceptionB(288)  # -> 768 channels at 17x17
-        self.Mixed_6b = InceptionC(768, channels_7x7=128)
-        self.Mixed_6c = InceptionC(768, channels_7x7=160)
-        self.Mixed_6d = InceptionC(768, channels_7x7=160)
-        self.Mixed_6e = InceptionC(768, channels_7x7=192)
-        self.Mixed_7a = InceptionD(768)  # -> 1280 channels at 8x8
-        self.Mixed_7b = InceptionE(1280, pool='avg')  # -> 2048
-        self.Mixed_7c = InceptionE(2048, pool='max')  # -> 2048
-        self.fc = nn.Linear(2048, 1008)  # softmax layer of the TF graph, used only by the IS
-
-    def forward(self, x, return_logits=False):
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # grayscale (MNIST): the same image in R, G and B
-        x = resize_images(x.float(), 299, self.resize)
-        x = 2 * x - 1  # [0, 1] -> [-1, 1], the range the TF graph was trained on
-        if self.channels_last:  # NHWC: oneDNN's fast CPU convolutions want it (~1.4x faster here),
-            x = x.contiguous(memory_format=torch.channels_last)  # at the price of float32 rounding
-        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
-        x = F.max_pool2d(x, kernel_size=3, stride=2)
-        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b,
-                      self.Mixed_6c, self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b,
-                      self.Mixed_7c):
-            x = block(x)
-        features = x.mean(dim=(2, 3))  # global average pool ("pool_3"), (N, 2048)
-        if not return_logits:
-            return features
-        return features, features @ self.fc.weight.T  # (N, 1008), no bias: see the class docstring
-
-
-# ----------------------------------------------------------------------------------------------------
-# Finding, downloading and loading the weight file
-
-def sha256_of(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
-def default_cache_dir():
-    """torch.hub's checkpoint folder, where pytorch-fid also caches this file (so it is reused)."""
-    return os.path.join(torch.hub.get_dir(), 'checkpoints')
-
-
-def weights_help(searched):
-    return (f"FID Inception weights not found (looked in: {', '.join(searched)}).\n"
-            f"Download {FID_WEIGHTS_URL}\n"
-            f"(about 91 MB, sha256 starts with {FID_WEIGHTS_SHA256_PREFIX}) and either pass "
-            f"--inception-weights PATH, set {FID_WEIGHTS_ENV}=PATH, or put it in {default_cache_dir()}/.")
-
-
-def find_inception_weights(path=None, download=True, cache_dir=None):
-    """Return the path of the weight file: argument > $FID_INCEPTION_WEIGHTS > cache > download."""
-    cache_dir = cache_dir or default_cache_dir()
-    candidates = [p for p in (path, os.environ.get(FID_WEIGHTS_ENV)) if p]
-    candidates.append(os.path.join(cache_dir, FID_WEIGHTS_NAME))
-    for candidate in candidates:
-        if os.path.isfile(candidate):
-            return candidate
-    if path:  # an explicit path that does not exist is a mistake, not a reason to download
-        raise FileNotFoundError(f'--inception-weights {path} does not exist.\n' + weights_help(candidates))
-    if not download:
-        raise FileNotFoundError(weights_help(candidates))
-    target = candidates[-1]
-    os.makedirs(cache_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.part')  # renamed only once complete and verified
-    try:
-        with os.fdopen(fd, 'wb') as out, urllib.request.urlopen(FID_WEIGHTS_URL, timeout=30) as response:
-            print(f'downloading {FID_WEIGHTS_URL} to {target}', file=sys.stderr)
-            shutil.copyfileobj(response, out)
-        digest = sha256_of(tmp)
-        if not digest.startswith(FID_WEIGHTS_SHA256_PREFIX):
-            raise RuntimeError(f'downloaded file has sha256 {digest}, expected prefix {FID_WEIGHTS_SHA256_PREFIX} '
-                               '(corrupted or replaced download); nothing was saved.\n' + weights_help(candidates))
-        os.replace(tmp, target)
-        return target
-    except OSError as e:  # offline (URLError is an OSError) or disk trouble
-        raise FileNotFoundError(f'could not download the weights ({e}).\n' + weights_help(candidates)) from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def check_state_dict(state, model, source):
-    """Compare a loaded state dict with the model's: same keys, same shapes, or a clear error.
-
-    BatchNorm's num_batches_tracked counters are optional (unused in eval mode; files written by old
-    PyTorch versions lack them).
-    """
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f'{source} is not a state dict of tensors; expected the FID Inception weight file '
-                         f'{FID_WEIGHTS_NAME} ({FID_WEIGHTS_URL}).')
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    optional = {k for k in expected if k.endswith('num_batches_tracked')}
-    missing = sorted(set(expected) - set(state) - optional)
-    unexpected = sorted(set(state) - set(expected))
-    wrong_shape = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k])
-    if missing or unexpected or wrong_shape:
-        lines = [f'{source} is not the FID Inception weight file {FID_WEIGHTS_NAME}:']
-        for label, keys in (('missing keys', missing), ('unexpected keys', unexpected)):
-            if keys:
-                lines.append(f'  {len(keys)} {label}, e.g. {keys[:3]}')
-        for k in wrong_shape[:3]:
-            lines.append(f'  {k}: shape {tuple(state[k].shape)} in file, {tuple(expected[k])} expected')
-        lines.append(f'Get the right file from {FID_WEIGHTS_URL}')
-        raise ValueError('\n'.join(lines))
-
-
-def load_inception(path=None, device='cpu', resize='clean', download=True, channels_last=False):
-    """The FID Inception network in eval mode on `device`, weights from `path` (see find_inception_weights).
-
-    model(x) maps (N, 3, H, W) floats in [0, 1] to (N, 2048); model(x, return_logits=True) adds the
-    1008 logits. resize='legacy' reproduces pytorch-fid's bilinear resize (for comparison with papers).
-    The default layout gives pytorch-fid's features bit for bit; channels_last=True is ~1.4x faster
-    on CPU and differs by float32 rounding in the convolutions (benchmarks/inception_parity.py).
-    """
-    path = find_inception_weights(path, download=download)
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # a truncated download, an HTML error page saved as .pth, a pickle of code
-        raise ValueError(f'could not read {path} as a PyTorch weight file ({e}).\n'
-                         f'Download it again from {FID_WEIGHTS_URL}') from e
-    with torch.device('meta'):  # shapes only: skip a 24M-parameter random init that would be overwritten
-        model = FIDInceptionV3(resize=resize, channels_last=channels_last)
-    check_state_dict(state, model, path)
-    for key in model.state_dict():
-        state.setdefault(key, torch.zeros((), dtype=torch.long))  # the optional BatchNorm counters
-    model.load_state_dict(state, assign=True)  # take the file's tensors as the module's parameters
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    return model.eval().requires_grad_(False).to(device, memory_format=memory_format)
-
-
-# ----------------------------------------------------------------------------------------------------
-# A small classifier as feature network (MNIST-like data, offline machines): FD_lenet, not FID
-
-class LeNetFeatures(nn.Module):
-    """LeNet-5-style CNN (LeCun et al. 1998) trained on the dataset itself; features = penultimate layer.
-
-    Fréchet distances in its feature space are reported as FD_lenet: they are not comparable with FID.
-    """
-
-    name = 'lenet'
-
-    def __init__(self, in_channels=1, num_classes=10, image_size=28, feature_dim=128, widths=(8, 16)):
-        super().__init__()
-        self.in_channels = in_channels  # 1 for MNIST; colour inputs are averaged to gray if 1
-        self.image_size = image_size  # inputs are resized to this (antialiased)
-        self.feature_dim = feature_dim  # width of the penultimate layer = dimension of the features
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 5, padding=2)  # LeNet-5 widths are (6, 16)
-        self.conv2 = nn.Conv2d(widths[0], widths[1], 5, padding=2)
-        self.fc1 = nn.Linear(widths[1] * (image_size // 4) ** 2, feature_dim)
-        self.fc2 = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x, return_logits=False):
-        x = x.float()
-        if x.shape[1] != self.in_channels:  # gray <-> colour, so any sampler output can be scored
-            x = x.mean(1, keepdim=True).expand(-1, self.in_channels, -1, -1)
-        x = resize_images(x, self.image_size, 'clean')
-        x = 2 * x - 1
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        features = F.relu(self.fc1(x.flatten(1)))
-        return (features, self.fc2(features)) if return_logits else features
-
-
-def train_classifier(images, labels, num_classes=10, steps=500, batch_size=128, lr=1e-3, seed=0):
-    """Train LeNetFeatures on (N, C, H, W) images in [0, 1] (or uint8) and integer labels."""
-    images, labels = to_unit_float(torch.as_tensor(images)), torch.as_tensor(labels).long()
-    generator = torch.Generator().manual_seed(seed)
-    model = LeNetFeatures(images.shape[1], num_classes, images.shape[-1])
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=generator)
-        _, logits = model(images[idx], return_logits=True)
-        loss = F.cross_entropy(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Images in, features out
-
-def to_unit_float(x):
-    """uint8 [0, 255] -> float [0, 1]; floats are taken to be in [0, 1] already."""
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
-
-def load_images(path, limit=None):
-    """A folder of image files or an .npz (first array; NHWC or NCHW) -> uint8 tensor (N, C, H, W)."""
-    if path.endswith('.npz'):
-        with np.load(path) as data:
-            key = next((k for k in ('images', 'samples', 'x', 'arr_0') if k in data), data.files[0])
-            x = data[key][:limit]
-        if x.ndim == 3:
-            x = x[:, None]  # (N, H, W) gray
-        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
-            x = x.transpose(0, 3, 1, 2)  # NHWC (the guided-diffusion reference batches) -> NCHW
-        if x.dtype != np.uint8:  # floats: in [0, 1] or [-1, 1] (the data.py convention)
-            x = (x + 1) / 2 if x.min() < 0 else x
-            x = np.clip(np.rint(x * 255), 0, 255).astype(np.uint8)
-        return torch.from_numpy(np.ascontiguousarray(x))
-    files = sorted(f for f in glob.glob(os.path.join(path, '**', '*'), recursive=True)
-                   if f.lower().endswith(IMAGE_EXTENSIONS))[:limit]
-    if not files:
-        raise FileNotFoundError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) found under {path}')
-    arrays = [np.asarray(Image.open(f).convert('RGB')) for f in files]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
-
-
-def load_labels(path):
-    """Class labels stored beside the images in an .npz ('labels' or 'y'), else None.
-
-    sample.py writes an empty 'labels' array for unconditional samples: that counts as no labels.
-    """
-    if not path.endswith('.npz'):
-        return None
-    with np.load(path) as data:
-        key = next((k for k in ('labels', 'y') if k in data), None)
-        return None if key is None or data[key].size == 0 else data[key].astype(np.int64)
-
-
-def is_statistics_file(path):
-    if not path.endswith('.npz'):
-        return False
-    with np.load(path) as data:
-        return 'mu' in data and 'sigma' in data
-
-
-@torch.no_grad()
-def extract_features(images, model, batch_size=50, device='cpu', return_logits=False, progress=True):
-    """Run `model` over images (tensor/array (N, C, H, W), uint8 or [0, 1]) in batches -> numpy (N, D)."""
-    images = torch.as_tensor(images)
-    if images.ndim != 4:
-        raise ValueError(f'images must be (N, C, H, W), got shape {tuple(images.shape)}')
-    feats, logits = [], []
-    for start in tqdm(range(0, len(images), batch_size), desc=f'{model.name} features', disable=not progress):
-        x = to_unit_float(images[start:start + batch_size]).to(device)
-        out = model(x, return_logits=return_logits)
-        f, l = out if return_logits else (out, None)
-        feats.append(f.double().cpu())
-        if l is not None:
-            logits.append(l.double().cpu())
-    feats = torch.cat(feats).numpy()
-    return (feats, torch.cat(logits).numpy()) if return_logits else feats
+import data
+from inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3,  # noqa: F401 (re-exported)
+                       find_inception_weights, load_inception, resize_images)
+
+METRICS = ('fid', 'kid', 'is', 'pr')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -496,6 +68,11 @@ def extract_features(images, model, batch_size=50, device='cpu', return_logits=F
 def feature_statistics(features):
     """mu (D,) and the unbiased covariance S (D, D) of features (N, D), in float64."""
     features = np.asarray(features, dtype=np.float64)
+    if features.ndim != 2 or len(features) < 2:  # np.cov of one row is NaN ("array must not contain infs")
+        raise ValueError(f'a covariance needs at least 2 feature vectors (N, D), got shape {features.shape}: '
+                         'score at least 2 images (thousands for a meaningful FID)')
+    if not np.isfinite(features).all():
+        raise ValueError(f'{int((~np.isfinite(features)).sum())} feature values are NaN or infinite')
     return features.mean(0), np.cov(features, rowvar=False)
 
 
@@ -585,12 +162,18 @@ def kid(feats_a, feats_b, num_subsets=100, subset_size=1000, degree=3, coef0=1.0
 
     Unbiased, so its expectation is 0 for identical distributions whatever the sample size: this is
     why KID, unlike FID, can be compared across sample counts and is reliable at 1-2k samples.
+    A subset size of at least the smaller set's size is reduced to half of it, with a warning.
     """
     feats_a = torch.as_tensor(np.asarray(feats_a), dtype=torch.float64)
     feats_b = torch.as_tensor(np.asarray(feats_b), dtype=torch.float64)
-    m = min(subset_size, len(feats_a), len(feats_b))
-    if m < 2:
-        raise ValueError(f'KID needs at least 2 samples per set, got {len(feats_a)} and {len(feats_b)}')
+    n = min(len(feats_a), len(feats_b))
+    if n < 4:
+        raise ValueError(f'KID needs at least 4 samples per set (two subsets of 2), got {len(feats_a)} and {len(feats_b)}')
+    m = subset_size
+    if m >= n:  # every subset would be the whole smaller set: the std would be ~1e-13, not an error bar
+        m = n // 2
+        warnings.warn(f'KID subset size {subset_size} >= the {n} samples of the smaller set: reduced to {m}, so '
+                      'that subsets differ and the std means something (set it with --kid-subset-size)')
     g = torch.Generator().manual_seed(seed)
     values = [mmd2_unbiased(feats_a[torch.randperm(len(feats_a), generator=g)[:m]],
                             feats_b[torch.randperm(len(feats_b), generator=g)[:m]], degree, coef0)
@@ -686,7 +269,7 @@ def save_nearest_pairs(samples, train, nearest, ratio, path, num_pairs=16):
     pairs = [torch.cat([samples[i], train[nearest[i]]], dim=2) for i in order]  # side by side, (C, H, 2W)
     grid = torch.cat([F.pad(p, (2, 2, 2, 2), value=1.0) for p in pairs], dim=1)  # stacked vertically
     grid = grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid
-    Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()).save(path)
+    Image.fromarray(data.to_uint8(grid.permute(1, 2, 0) * 2 - 1).numpy()).save(path)  # [0, 1] -> [-1, 1] -> uint8
 
 
 def loss_gap_report(train_losses, val_losses, window=5):
@@ -740,54 +323,277 @@ def per_class_fd(fake_feats, fake_labels, real_feats, real_labels):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reference statistics, computed once and cached
+# A small classifier as feature network (MNIST-like data, offline machines): FD_lenet, not FID
 
-def statistics_cache_path(cache_dir, dataset, resolution, num_images, network='inception', resize='clean'):
-    """One file per (dataset, resolution, sample count, network, resize mode)."""
-    return os.path.join(cache_dir, f'{dataset}_{resolution}px_n{num_images}_{network}_{resize}.npz')
+class LeNetFeatures(nn.Module):
+    """LeNet-5-style CNN (LeCun et al. 1998) trained on the dataset itself; features = penultimate layer.
+
+    Fréchet distances in its feature space are reported as FD_lenet: they are not comparable with FID.
+    """
+
+    name = 'lenet'
+    resize = 'clean'  # its inputs are always resized this way (part of the network, not a protocol choice)
+
+    def __init__(self, in_channels=1, num_classes=10, image_size=28, feature_dim=128, widths=(8, 16)):
+        super().__init__()
+        self.in_channels = in_channels  # 1 for MNIST; colour inputs are averaged to gray if 1
+        self.image_size = image_size  # inputs are resized to this (antialiased)
+        self.feature_dim = feature_dim  # width of the penultimate layer = dimension of the features
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 5, padding=2)  # LeNet-5 widths are (6, 16)
+        self.conv2 = nn.Conv2d(widths[0], widths[1], 5, padding=2)
+        self.fc1 = nn.Linear(widths[1] * (image_size // 4) ** 2, feature_dim)
+        self.fc2 = nn.Linear(feature_dim, num_classes)
+
+    def forward(self, x, return_logits=False):
+        x = x.float()
+        if x.shape[1] != self.in_channels:  # gray <-> colour, so any sampler output can be scored
+            x = x.mean(1, keepdim=True).expand(-1, self.in_channels, -1, -1)
+        x = resize_images(x, self.image_size, self.resize)
+        x = 2 * x - 1
+        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        features = F.relu(self.fc1(x.flatten(1)))
+        return (features, self.fc2(features)) if return_logits else features
 
 
-def compute_statistics(features, kid_features=10000, seed=0, network='inception', resize='clean'):
+def train_classifier(images, labels, num_classes=10, steps=500, batch_size=128, lr=1e-3, seed=0):
+    """Train LeNetFeatures on (N, C, H, W) images in [0, 1] (or uint8) and integer labels."""
+    images, labels = to_unit_float(torch.as_tensor(images)), torch.as_tensor(labels).long()
+    generator = torch.Generator().manual_seed(seed)
+    model = LeNetFeatures(images.shape[1], num_classes, images.shape[-1])
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(len(images), (batch_size,), generator=generator)
+        _, logits = model(images[idx], return_logits=True)
+        loss = F.cross_entropy(logits, labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval().requires_grad_(False)
+
+
+def lenet_from_state_dict(state, source='the state dict'):
+    """Rebuild LeNetFeatures from its saved weights alone (the shapes give the architecture), or a clear error."""
+    try:
+        widths = (state['conv1.weight'].shape[0], state['conv2.weight'].shape[0])
+        image_size = int(math.sqrt(state['fc1.weight'].shape[1] / widths[1])) * 4
+        model = LeNetFeatures(state['conv1.weight'].shape[1], state['fc2.weight'].shape[0], image_size,
+                              state['fc1.weight'].shape[0], widths)
+        model.load_state_dict(state)
+    except (KeyError, IndexError, AttributeError, TypeError, RuntimeError) as e:  # missing keys, another object
+        raise ValueError(f'{source} is not the state dict of a LeNetFeatures ({type(e).__name__}: {e}); make one '
+                         'with --train-lenet') from None
+    return model.eval().requires_grad_(False)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Naming a score after how it was made, and remembering which network made the features
+
+def metric_name(metric, network='inception', resize='legacy'):
+    """The printed and logged name of a score: it names the feature network and, for Inception, the resize.
+
+    FID/KID/IS/precision/recall are reserved for Inception features with the pytorch-fid resize ('legacy'), the
+    protocol of published numbers; clean resizing gives 'clean-FID' etc.; another network gives FD_<name>,
+    KD_<name>, precision_<name>, ... so that a LeNet distance is never read as an FID.
+    """
+    base = {'fid': 'FID', 'kid': 'KID', 'is': 'IS', 'precision': 'precision', 'recall': 'recall'}[metric]
+    if network != 'inception':
+        return {'fid': f'FD_{network}', 'kid': f'KD_{network}'}.get(metric, f'{base}_{network}')
+    return base if resize == 'legacy' else f'{resize}-{base}'
+
+
+def network_id(model):
+    """First 16 hex digits of the sha256 of a feature network's weights (names, shapes and values).
+
+    Stored with reference statistics: two LeNets trained on the same data share a name but not a feature
+    space (the Frechet distance between their statistics was 970 where the right one gave 41.7).
+    """
+    digest = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        digest.update(f'{key} {tuple(value.shape)} {value.dtype}'.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())  # contiguous: NHWC copies hash alike
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Images in, features out
+
+def to_unit_float(x):
+    """uint8 [0, 255] -> float [0, 1]; floats are taken to be in [0, 1] already."""
+    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
+
+
+def open_npz(path):
+    """np.load of an .npz with the file named in every error (a damaged file, a pickle, not a zip)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist')
+    try:
+        return np.load(path, allow_pickle=False)  # never unpickle: an .npz can carry code otherwise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f'cannot read {path} as an .npz of arrays: {e}') from None
+
+
+def float_images_to_uint8(x, source):
+    """Float images in [0, 1] or [-1, 1] (data.py's range) -> uint8, refusing what would be misread.
+
+    One NaN makes x.min() < 0 false, which silently decoded [-1, 1] data as [0, 1]: non-finite pixels and
+    values outside [-1, 1] are errors. Data whose minimum is >= 0 is read as [0, 1].
+    """
+    bad = ~np.isfinite(x)
+    if bad.any():
+        raise ValueError(f'{source}: {int(bad.sum())} pixel values are NaN or infinite (first at index '
+                         f'{tuple(int(i) for i in np.argwhere(bad)[0])}); fix or drop those images')
+    low, high = float(x.min()), float(x.max())
+    if low < -1 - 1e-6 or high > 1 + 1e-6:
+        raise ValueError(f'{source}: float pixel values in [{low:.4g}, {high:.4g}]; float images must be in '
+                         '[0, 1] or [-1, 1] (save 0..255 values as uint8)')
+    signed = x if low < 0 else 2 * np.asarray(x, np.float64) - 1  # [0, 1] -> [-1, 1], data.py's range
+    return data.to_uint8(torch.from_numpy(signed)).numpy()  # the one [-1, 1] -> uint8 conversion
+
+
+def load_images(path, limit=None):
+    """A folder of image files or an .npz (first array; NHWC or NCHW) -> uint8 tensor (N, C, H, W).
+
+    Folders are read with data.decode_image (16-bit and float files scaled correctly, alpha on white) at
+    their own size, which must be the same for every file: a file of another size is named.
+    """
+    if path.endswith('.npz'):
+        with open_npz(path) as npz:
+            if not npz.files:
+                raise ValueError(f'{path} holds no arrays')
+            key = next((k for k in ('images', 'samples', 'x', 'arr_0') if k in npz), npz.files[0])
+            x = npz[key][:limit]
+        if x.ndim == 3:
+            x = x[:, None]  # (N, H, W) gray
+        if x.ndim != 4:
+            raise ValueError(f'{path}: array {key!r} has shape {x.shape}; expected images (N, H, W, C) or (N, C, H, W)')
+        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.transpose(0, 3, 1, 2)  # NHWC (the guided-diffusion reference batches) -> NCHW
+        if x.shape[1] not in (1, 3):
+            raise ValueError(f'{path}: array {key!r} has shape {x.shape}: neither NHWC nor NCHW with 1 or 3 channels')
+        if x.dtype != np.uint8:
+            x = float_images_to_uint8(x, f'{path} (array {key!r})')
+        return torch.from_numpy(np.ascontiguousarray(x))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f'{path} does not exist')
+    if not os.path.isdir(path):
+        raise ValueError(f'{path} is neither a folder of images nor an .npz file')
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(path) for f in names
+                   if f.lower().endswith(data.IMAGE_EXTENSIONS))[:limit]
+    if not files:
+        raise FileNotFoundError(f'no images ({", ".join(data.IMAGE_EXTENSIONS)}) found under {path}')
+    images = []
+    for f in tqdm(files, desc=f'reading {path}', disable=len(files) < 2000):
+        images.append(data.decode_image(f))  # (3, H, W) uint8; a file it cannot read is named
+        if images[-1].shape != images[0].shape:  # one size per folder: checked before any feature is computed
+            raise ValueError(f'{f} is {images[-1].shape[2]}x{images[-1].shape[1]} but {files[0]} is '
+                             f'{images[0].shape[2]}x{images[0].shape[1]}: every image of a folder must have the '
+                             'same size (resize them first)')
+    return torch.stack(images)
+
+
+def load_labels(path):
+    """Class labels stored beside the images in an .npz ('labels' or 'y'), else None.
+
+    sample.py writes an empty 'labels' array for unconditional samples: that counts as no labels.
+    """
+    if not path.endswith('.npz'):
+        return None
+    with open_npz(path) as npz:
+        key = next((k for k in ('labels', 'y') if k in npz), None)
+        return None if key is None or npz[key].size == 0 else npz[key].astype(np.int64)
+
+
+def is_statistics_file(path):
+    if not path.endswith('.npz'):
+        return False
+    with open_npz(path) as npz:
+        return 'mu' in npz and 'sigma' in npz
+
+
+@torch.no_grad()
+def extract_features(images, model, batch_size=50, device='cpu', return_logits=False, progress=True):
+    """Run `model` over images (tensor/array (N, C, H, W), uint8 or [0, 1]) in batches -> numpy (N, D)."""
+    images = torch.as_tensor(images)
+    if images.ndim != 4:
+        raise ValueError(f'images must be (N, C, H, W), got shape {tuple(images.shape)}')
+    feats, logits = [], []
+    for start in tqdm(range(0, len(images), batch_size), desc=f'{model.name} features', disable=not progress):
+        x = to_unit_float(images[start:start + batch_size]).to(device)
+        out = model(x, return_logits=return_logits)
+        f, l = out if return_logits else (out, None)
+        feats.append(f.double().cpu())
+        if l is not None:
+            logits.append(l.double().cpu())
+    feats = torch.cat(feats).numpy()
+    return (feats, torch.cat(logits).numpy()) if return_logits else feats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference statistics, computed once and cached, refused when made another way
+
+def statistics_cache_path(cache_dir, dataset, resolution, num_images, network='inception', resize='legacy',
+                          network_id=None):
+    """One file per (dataset, resolution, sample count, network, resize mode[, weights hash])."""
+    weights = f'_{network_id[:8]}' if network_id else ''
+    return os.path.join(cache_dir, f'{dataset}_{resolution}px_n{num_images}_{network}{weights}_{resize}.npz')
+
+
+def compute_statistics(features, kid_features=10000, seed=0, network='inception', resize='legacy', network_id=None):
     """mu, sigma and a random subset of the features (float32) for KID and precision/recall.
 
-    The network and resize mode are stored too: statistics are only comparable with features made
-    the same way, and the command line refuses a mismatch.
+    How the features were made is stored too (network name, resize mode, hash of the weights): statistics are
+    only comparable with features made the same way, and check_statistics_match refuses a mismatch.
     """
     mu, sigma = feature_statistics(features)
     keep = np.random.RandomState(seed).permutation(len(features))[:kid_features]
-    return {'mu': mu, 'sigma': sigma, 'features': np.asarray(features, np.float32)[np.sort(keep)],
-            'num_images': np.int64(len(features)), 'network': np.array(network), 'resize': np.array(resize)}
+    stats = {'mu': mu, 'sigma': sigma, 'features': np.asarray(features, np.float32)[np.sort(keep)],
+             'num_images': np.int64(len(features)), 'network': np.array(network), 'resize': np.array(resize)}
+    if network_id is not None:
+        stats['network_id'] = np.array(network_id)
+    return stats
 
 
-def check_statistics_match(stats, network, resize, source):
+def check_statistics_match(stats, network, resize, source, network_id=None):
+    """Refuse statistics made by another network, resize mode or set of weights than this run's features."""
     for key, wanted in (('network', network), ('resize', resize)):
         if key in stats and str(stats[key]) != wanted:
             raise ValueError(f'{source} was computed with {key}={stats[key]}, but this run uses {key}={wanted}; '
                              f'scores across the two are not comparable. Use --{key} {stats[key]} or recompute.')
+    if network_id is None:
+        return
+    if 'network_id' not in stats:
+        warnings.warn(f'{source} does not record which {network} weights made it (an older file); it is '
+                      'trusted to match. Recompute it to have this checked.')
+    elif str(stats['network_id']) != network_id:
+        raise ValueError(f'{source} was computed with other {network} weights (sha256 {stats["network_id"]}) than '
+                         f'this run\'s (sha256 {network_id}): distances between two feature spaces are meaningless. '
+                         'Pass the weights the statistics were made with, or recompute them.')
 
 
 def save_statistics(path, stats):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + '.tmp.npz'
+    tmp = path[:-len('.npz')] + '.tmp.npz'  # np.savez appends .npz to any other name
     np.savez(tmp, **stats)
-    os.replace(tmp, path)  # never leave a half-written cache file
+    os.replace(tmp, path)  # never leave a half-written statistics file
 
 
 def load_statistics(path):
-    with np.load(path) as data:
-        if 'mu' not in data or 'sigma' not in data:
-            raise ValueError(f'{path} has no mu/sigma arrays (keys: {data.files}); it is not a statistics file')
-        return {k: data[k] for k in data.files}
+    with open_npz(path) as npz:
+        if 'mu' not in npz or 'sigma' not in npz:
+            raise ValueError(f'{path} has no mu/sigma arrays (keys: {npz.files}); it is not a statistics file')
+        return {k: npz[k] for k in npz.files}
 
 
 def cached_statistics(path, compute_features, **meta):
     """Load the statistics at `path`, or compute them with compute_features() once and save them.
 
-    meta (network=, resize=) is recorded in a new file and checked against an existing one.
+    meta (network=, resize=, network_id=) is recorded in a new file and checked against an existing one.
     """
     if os.path.isfile(path):
         stats = load_statistics(path)
-        check_statistics_match(stats, meta.get('network', 'inception'), meta.get('resize', 'clean'), path)
+        check_statistics_match(stats, meta.get('network', 'inception'), meta.get('resize', 'legacy'), path,
+                               meta.get('network_id'))
         return stats
     stats = compute_statistics(compute_features(), **meta)
     save_statistics(path, stats)
@@ -795,67 +601,70 @@ def cached_statistics(path, compute_features, **meta):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Putting the metrics together, with the context printed next to every number
+# Putting the metrics together, each named after its protocol, with the context printed next to it
 
-def compute_metrics(fake_feats, ref_stats, fake_logits=None, metrics=('fid', 'kid', 'is', 'pr'),
-                    network='inception', kid_subset_size=1000):
+def compute_metrics(fake_feats, ref_stats, fake_logits=None, metrics=METRICS, network='inception',
+                    kid_subset_size=1000, resize='legacy'):
     """The requested metrics of generated features against reference statistics (compute_statistics).
 
-    Names follow the network: FID/KID for Inception, FD_<name>/KD_<name> for any other feature
-    network, so a Frechet distance in LeNet features is never mistaken for FID. IS needs the logits.
+    Names come from metric_name: FID/KID/IS for Inception features with the legacy resize, clean-FID etc.
+    with clean resizing, FD_<name>/KD_<name> for any other feature network. IS needs the logits.
     """
-    fd_name = 'FID' if network == 'inception' else f'FD_{network}'
+    name = lambda metric: metric_name(metric, network, resize)  # noqa: E731
     results = {}
     if 'fid' in metrics:
-        results[fd_name] = frechet_distance(*feature_statistics(fake_feats), ref_stats['mu'], ref_stats['sigma'])
+        results[name('fid')] = frechet_distance(*feature_statistics(fake_feats), ref_stats['mu'], ref_stats['sigma'])
     ref_feats = ref_stats.get('features')
     if 'kid' in metrics and ref_feats is not None:
-        mean, std = kid(fake_feats, ref_feats, subset_size=kid_subset_size)
-        results['KID' if network == 'inception' else f'KD_{network}'] = mean
-        results['KID_std' if network == 'inception' else f'KD_{network}_std'] = std
+        results[name('kid')], results[name('kid') + '_std'] = kid(fake_feats, ref_feats, subset_size=kid_subset_size)
     if 'is' in metrics and fake_logits is not None and network == 'inception':
-        results['IS'], results['IS_std'] = inception_score(fake_logits)
+        results[name('is')], results[name('is') + '_std'] = inception_score(fake_logits)
     if 'pr' in metrics and ref_feats is not None:
         n = min(len(fake_feats), len(ref_feats), 10000)  # O(n^2) distances: cap the sample count
-        results.update(precision_recall(ref_feats[:n], fake_feats[:n]))
+        pr = precision_recall(ref_feats[:n], fake_feats[:n])
+        results.update({name(k): v for k, v in pr.items()})
     return results
 
 
 @torch.no_grad()
 def evaluate_generator(generate, ref_stats, model, num_samples=2000, batch_size=50, device='cpu',
-                       metrics=('fid', 'kid'), progress=False):
+                       metrics=('fid', 'kid'), progress=False, kid_subset_size=1000):
     """Metrics of a sampler during training: generate(n) -> n images in [-1, 1] (data.py's range).
 
-    Samples are quantized to 8 bits, as they would be when saved to PNG, so the score during training
-    equals the one of the saved images. 2,000 samples make KID reliable and FID a trend; use 50,000
-    for a headline FID. train.py calls this every N steps (see format_results for the labelling).
+    Samples are quantized to 8 bits (data.to_uint8), as they would be when saved to PNG, so the score during
+    training equals the one of the saved images. 2,000 samples make KID reliable and FID a trend; use 50,000
+    for a headline FID. train.py calls this every N steps; names follow the model (see metric_name).
     """
     feats, logits = [], []
     want_logits = 'is' in metrics and model.name == 'inception'
     for start in range(0, num_samples, batch_size):
-        x = generate(min(batch_size, num_samples - start))
-        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255  # [-1, 1] -> 8-bit levels in [0, 1]
+        x = generate(min(batch_size, num_samples - start)).cpu()
+        if not torch.isfinite(x).all():  # to_uint8 would turn NaN into some pixel value and score it
+            raise ValueError(f'the generator returned {int((~torch.isfinite(x)).sum())} NaN/inf pixel values: '
+                             'the model has diverged, so there is nothing meaningful to score')
+        x = data.to_uint8(x)  # 8-bit levels, as in a saved PNG
         out = extract_features(x, model, batch_size, device, return_logits=want_logits, progress=progress)
         feats.append(out[0] if want_logits else out)
         if want_logits:
             logits.append(out[1])
     fake_logits = np.concatenate(logits) if want_logits else None
-    return compute_metrics(np.concatenate(feats), ref_stats, fake_logits, metrics, model.name)
+    return compute_metrics(np.concatenate(feats), ref_stats, fake_logits, metrics, model.name, kid_subset_size,
+                           getattr(model, 'resize', 'legacy'))
 
 
 def format_results(results, num_generated, num_reference, resize, reference_split, conditions=None,
                    headline_count=50000):
-    """One line per metric with its context; FID on fewer than 50k samples is labelled as a trend."""
-    context = (f'[resize={resize}, generated={num_generated}, reference={num_reference} '
+    """One line per metric with its context; a Frechet distance on fewer than 50k samples is labelled a trend."""
+    context = (f'[{f"resize={resize}, " if resize else ""}generated={num_generated}, reference={num_reference} '
                f'({reference_split})' + (f', conditions={conditions}' if conditions else '') + ']')
     lines = []
     for name, value in results.items():
-        if name.endswith('_std'):
+        if name.endswith('_std') or not isinstance(value, (int, float)):
             continue
         text = f'{name:>10s} {value:.6g}'
         if name + '_std' in results:
             text += f' +- {results[name + "_std"]:.3g}'
-        if name.startswith('F') and num_generated < headline_count:
+        if ('FID' in name or name.startswith('FD_')) and num_generated < headline_count:
             text += f'  (trend only: FD is biased upward at n={num_generated} < {headline_count})'
         lines.append(f'{text}  {context}')
     return '\n'.join(lines)
@@ -879,6 +688,9 @@ def demo():
           % kid(a, b + 1, 20, 500, degree=1)[0])
     print('IS of uniform logits (expect 1): %.4f; of one-hot logits over 10 classes (expect 10): %.4f'
           % (inception_score(np.zeros((100, 10)), 1)[0], inception_score(100 * np.eye(10)[np.arange(100) % 10], 1)[0]))
+    print('score names: ' + ', '.join(f'{net}/{resize} -> {metric_name("fid", net, resize)}'
+                                      for net, resize in (('inception', 'legacy'), ('inception', 'clean'),
+                                                          ('lenet', 'clean'))))
 
 
 def parse_args(argv=None):
@@ -891,14 +703,18 @@ def parse_args(argv=None):
     g.add_argument('--inception-weights', default=None, help=f'path of {FID_WEIGHTS_NAME} '
                    f'(else ${FID_WEIGHTS_ENV}, else the torch hub cache, else download)')
     g.add_argument('--lenet-weights', default=None, help='state dict of a LeNetFeatures (for --network lenet)')
-    g.add_argument('--resize', default='clean', choices=['clean', 'legacy'],
-                   help='clean: PIL bicubic antialiased (new numbers); legacy: pytorch-fid bilinear (papers)')
+    g.add_argument('--resize', default='legacy', choices=['legacy', 'clean'],
+                   help='legacy: pytorch-fid/TF bilinear, the protocol of published FIDs (scores named FID); '
+                        'clean: PIL bicubic antialiased (scores named clean-FID, not comparable with papers)')
     g.add_argument('--channels-last', action='store_true',
                    help='NHWC Inception: ~1.4x faster on CPU, equal to pytorch-fid up to float32 rounding')
     g.add_argument('--batch-size', type=int, default=50, help='images per forward pass')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     m = p.add_argument_group('metrics')
     m.add_argument('--metrics', default='fid,kid,is,pr', help='comma-separated subset of fid,kid,is,pr')
+    m.add_argument('--kid-subset-size', type=int, default=1000,
+                   help='samples per KID subset (Binkowski et al. use 1000); reduced, with a warning, when larger '
+                        'than half the smaller set')
     m.add_argument('--num-gen', type=int, default=None, help='use at most this many generated images')
     m.add_argument('--num-ref', type=int, default=None, help='use at most this many reference images')
     m.add_argument('--reference-split', default=None, help='name of the reference split, printed with scores')
@@ -908,6 +724,7 @@ def parse_args(argv=None):
     m.add_argument('--save-stats', default=None, help='write the reference statistics to this .npz')
     m.add_argument('--stats-cache', default=None, metavar='DIR',
                    help='cache reference statistics here, keyed by dataset, resolution, count, network, resize')
+    m.add_argument('--out', default=None, help='also write the scores and their context to this .json')
     m.add_argument('--memorization', default=None, help='folder/.npz of training images: nearest-neighbour check')
     m.add_argument('--pairs-png', default='nearest_pairs.png', help='where the memorization check saves pairs')
     s = p.add_argument_group('sampling a checkpoint (when GENERATED is a .pt file)')
@@ -915,6 +732,8 @@ def parse_args(argv=None):
     s.add_argument('--steps', type=int, default=18, help='noise levels of the Karras schedule')
     s.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance weight (1 = none)')
     s.add_argument('--class', dest='fixed_class', type=int, default=0, help='the class of --conditions fixed')
+    s.add_argument('--seed', type=int, default=0, help='seed of the first batch of samples')
+    s.add_argument('--npz', default=None, help='also save the samples (uint8 NHWC and labels, as sample.py --npz)')
     p.add_argument('--demo', action='store_true', help='print closed-form checks (no weights needed)')
     p.add_argument('--train-lenet', default=None, metavar='NPZ',
                    help='train the FD_lenet classifier on an .npz of images and labels, save it to --lenet-weights')
@@ -924,30 +743,76 @@ def parse_args(argv=None):
         p.error('--train-lenet needs --lenet-weights (where to save the classifier)')
     if not (args.demo or args.train_lenet) and (args.generated is None or args.reference is None):
         p.error('give GENERATED and REFERENCE (or --demo, or --train-lenet)')
+    unknown = set(args.metrics.split(',')) - set(METRICS)
+    if unknown:
+        p.error(f'--metrics: unknown {", ".join(sorted(unknown))}; choose from {",".join(METRICS)}')
+    for flag, value, low in (('--batch-size', args.batch_size, 1), ('--kid-subset-size', args.kid_subset_size, 2),
+                             ('--num-gen', args.num_gen, 2), ('--num-ref', args.num_ref, 2), ('--steps', args.steps, 1),
+                             ('--lenet-steps', args.lenet_steps, 1)):
+        if value is not None and value < low:
+            p.error(f'{flag} must be at least {low}, got {value}')
+    if not math.isfinite(args.guidance):
+        p.error(f'--guidance must be a finite number, got {args.guidance}')
     return args
 
 
+def check_output_path(path, extensions, flag):
+    """Before any long work: `path` ends in one of `extensions`, its folder exists (created) and is writable.
+
+    A missing extension matters: np.savez appends '.npz', so the file would land somewhere else than asked.
+    """
+    if not path.lower().endswith(extensions):
+        raise ValueError(f'{flag} {path}: the file name must end in {" or ".join(extensions)}')
+    if os.path.isdir(path):
+        raise ValueError(f'{flag} {path} is a folder; give a file name ending in {" or ".join(extensions)}')
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix='.evaluate_write_test_'):
+            pass  # created and removed: the folder takes new files
+    except OSError as e:
+        raise ValueError(f'{flag} {path}: cannot write in {folder} ({e.strerror or e}); choose another path') from None
+
+
+def check_paths(args):
+    """Inputs exist and outputs can be written, before the network is loaded or any feature computed."""
+    for flag, path in (('GENERATED', args.generated), ('REFERENCE', args.reference),
+                       ('--memorization', args.memorization)):
+        if path is not None and not os.path.exists(path):
+            raise FileNotFoundError(f'{flag} {path} does not exist')
+    for flag, path, extensions in (('--save-stats', args.save_stats, ('.npz',)), ('--out', args.out, ('.json',)),
+                                   ('--npz', args.npz, ('.npz',)),
+                                   ('--pairs-png', args.pairs_png if args.memorization else None, ('.png',))):
+        if path is not None:
+            check_output_path(path, extensions, flag)
+    if args.npz and not args.generated.endswith('.pt'):
+        raise ValueError('--npz saves the samples of a checkpoint; GENERATED is not a .pt file')
+    if args.save_stats and is_statistics_file(args.reference):
+        raise ValueError('--save-stats: REFERENCE is already a statistics file')
+    if args.stats_cache:
+        check_output_path(os.path.join(args.stats_cache, 'probe.npz'), ('.npz',), '--stats-cache')
+
+
 def build_network(args):
+    """The feature network the flags ask for, in eval mode on args.device."""
     if args.network == 'inception':
         return load_inception(args.inception_weights, args.device, resize=args.resize,
                               channels_last=args.channels_last)
     if args.lenet_weights is None:
-        raise SystemExit('--network lenet needs --lenet-weights (train one with evaluate.train_classifier)')
-    state = torch.load(args.lenet_weights, map_location='cpu', weights_only=True)
-    # rebuild the architecture from the weight shapes, so a state dict is all that needs saving
-    widths = (state['conv1.weight'].shape[0], state['conv2.weight'].shape[0])
-    image_size = int(math.sqrt(state['fc1.weight'].shape[1] / widths[1])) * 4
-    model = LeNetFeatures(state['conv1.weight'].shape[1], state['fc2.weight'].shape[0], image_size,
-                          state['fc1.weight'].shape[0], widths)
-    model.load_state_dict(state)
-    return model.eval().to(args.device)
+        raise ValueError('--network lenet needs --lenet-weights (train one with --train-lenet)')
+    try:
+        state = torch.load(args.lenet_weights, map_location='cpu', weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:  # missing, truncated, not a torch file
+        raise ValueError(f'cannot read --lenet-weights {args.lenet_weights}: {e}') from None
+    return lenet_from_state_dict(state, f'--lenet-weights {args.lenet_weights}').to(args.device)
 
 
 def train_lenet_command(args):
     """Train the small classifier on 90% of the labelled images, report accuracy on the rest, save it."""
+    check_output_path(args.lenet_weights, ('.pth', '.pt'), '--lenet-weights')
     images, labels = load_images(args.train_lenet), load_labels(args.train_lenet)
     if labels is None:
-        raise SystemExit(f'{args.train_lenet} has no labels array (key "labels" or "y")')
+        raise ValueError(f'{args.train_lenet} has no labels array (key "labels" or "y")')
     n_train = int(0.9 * len(images))
     model = train_classifier(images[:n_train], labels[:n_train], int(labels.max()) + 1, steps=args.lenet_steps)
     with torch.no_grad():
@@ -957,26 +822,80 @@ def train_lenet_command(args):
     print(f'saved to {args.lenet_weights}')
 
 
+def load_checkpoint_model(path, device):
+    """(net, diffusion, image settings) of a train.py checkpoint via sample.load_model, or a clear error."""
+    import sample  # only the command line samples; the metrics above need no model code (DESIGN.md: evaluate -> sample)
+    try:
+        net, diffusion, config = sample.load_model(path, device)
+        d = config['data']
+        settings = dict(channels=int(d['channels']), resolution=int(d['resolution']),
+                        num_classes=int(d['num_classes']), aug_dim=int(config['net'].get('aug_dim', 0) or 0),
+                        frames=d.get('frames'))
+    except (KeyError, IndexError, AttributeError, TypeError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
+        raise ValueError(f'{path} is not a usable train.py checkpoint ({type(e).__name__}: {e}). Pass a ckpt.pt '
+                         'written by train.py, or images/.npz of samples (sample.py --npz).') from None
+    if settings['frames']:
+        raise ValueError(f'{path} is a video model; these image metrics score images (sample it with sample.py)')
+    return net, diffusion, settings
+
+
 def sample_checkpoint(args):
-    """Generate --num-gen images (2,000 by default) from a train.py checkpoint: (images in [0, 1], labels or None).
-    Conditions: fixed (--class) or uniform; 'data' and 'real' need the reference labels, so sample with sample.py."""
-    from sample import load_model        # the command line may import the checkpoint loader (STYLE.md); the
-    from train import generate           # metric code above stays a leaf
-    net, diffusion, config = load_model(args.generated, args.device)
-    d, n = config['data'], args.num_gen or 2000
+    """Generate --num-gen images (2,000 by default) from a train.py checkpoint: (uint8 images, labels or None).
+
+    Conditions: fixed (--class) or uniform; 'data' and 'real' need the reference labels, so sample with sample.py.
+    Batch b starts from the noise of seed args.seed + its first index (sample.generate's convention).
+    """
+    import sample
+    net, diffusion, s = load_checkpoint_model(args.generated, args.device)
+    n = args.num_gen or 2000
     labels = None
-    if d['num_classes']:
+    if s['num_classes']:
         mode = args.conditions or 'uniform'
         if mode not in ('fixed', 'uniform'):
             raise ValueError(f"--conditions {mode} needs the reference labels: write samples with sample.py --npz")
+        if not 0 <= args.fixed_class < s['num_classes']:
+            raise ValueError(f'--class {args.fixed_class} is not a class of this model (0..{s["num_classes"] - 1})')
         args.conditions = mode
-        labels = torch.from_numpy(choose_conditions(mode, n, d['num_classes'], fixed_class=args.fixed_class))
-    images = [generate(net, diffusion, len(idx), (d['channels'], d['resolution'], d['resolution']), args.device,
-                       None if labels is None else labels[idx], d['num_classes'], args.sampler, args.steps,
-                       args.guidance, seed=int(idx[0]), aug_dim=config['net'].get('aug_dim', 0)).cpu()
+        labels = torch.from_numpy(choose_conditions(mode, n, s['num_classes'], fixed_class=args.fixed_class))
+    shape = (s['channels'], s['resolution'], s['resolution'])
+    images = [sample.generate(net, diffusion, len(idx), shape, args.device,
+                              labels=None if labels is None else labels[idx], num_classes=s['num_classes'],
+                              sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                              seed=args.seed + int(idx[0]), aug_dim=s['aug_dim']).cpu()
               for idx in tqdm(torch.arange(n).split(args.batch_size), desc='sampling')]
+    images = data.to_uint8(torch.cat(images))
     print(f'sampled {n} images from {args.generated} ({args.sampler}, {args.steps} steps, guidance {args.guidance})')
-    return (torch.cat(images) + 1) / 2, labels
+    if args.npz:  # the samples are kept, whatever happens later (sample.py's layout: uint8 NHWC + labels)
+        tmp = args.npz[:-len('.npz')] + '.tmp.npz'
+        np.savez(tmp, samples=images.permute(0, 2, 3, 1).numpy(),
+                 labels=np.zeros(0, np.int64) if labels is None else labels.numpy())
+        os.replace(tmp, args.npz)
+        print(f'samples saved to {args.npz}')
+    return images, labels
+
+
+def reference_statistics(args, net, net_id):
+    """(statistics, reference features or None, number of reference images) for the REFERENCE argument."""
+    meta = dict(network=net.name, resize=net.resize, network_id=net_id)
+    if is_statistics_file(args.reference):  # cached statistics: no reference image is read
+        stats = load_statistics(args.reference)
+        check_statistics_match(stats, net.name, net.resize, args.reference, net_id)
+        return stats, None, int(stats.get('num_images', -1))
+    real = load_images(args.reference, args.num_ref)
+    if len(real) < 2:
+        raise ValueError(f'REFERENCE {args.reference} holds {len(real)} image(s); statistics need at least 2')
+    if args.stats_cache:  # computed once per (dataset, resolution, count, network, resize), then reused
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.reference)))[0]
+        path = statistics_cache_path(args.stats_cache, name, real.shape[-1], len(real), net.name, net.resize, net_id)
+        cached = os.path.isfile(path)
+        stats = cached_statistics(path, lambda: extract_features(real, net, args.batch_size, args.device), **meta)
+        print(f'reference statistics {"read from" if cached else "computed and saved to"} {path}')
+        return stats, None, len(real)
+    real_feats = extract_features(real, net, args.batch_size, args.device)
+    stats = compute_statistics(real_feats, **meta)
+    if args.save_stats:
+        save_statistics(args.save_stats, stats)
+    return stats, real_feats, len(real)
 
 
 def main(args):
@@ -984,44 +903,29 @@ def main(args):
         return demo()
     if args.train_lenet:
         return train_lenet_command(args)
+    check_paths(args)  # every path before any long work: a bad output path must not cost the computation
     metrics = tuple(args.metrics.split(','))
     net = build_network(args)
+    net_id = network_id(net)
     want_logits = 'is' in metrics and net.name == 'inception'
     if args.generated.endswith('.pt'):
         fake, _ = sample_checkpoint(args)
     else:
         fake = load_images(args.generated, args.num_gen)
+    if len(fake) < 2:
+        raise ValueError(f'GENERATED {args.generated} holds {len(fake)} image(s); FID/KID need at least 2 '
+                         '(thousands for meaningful scores)')
     out = extract_features(fake, net, args.batch_size, args.device, return_logits=want_logits)
     fake_feats, fake_logits = out if want_logits else (out, None)
-    real_feats = None
-    if is_statistics_file(args.reference):  # cached statistics: no reference image is read
-        ref_stats = load_statistics(args.reference)
-        check_statistics_match(ref_stats, net.name, args.resize, args.reference)
-        num_ref = int(ref_stats.get('num_images', -1))
-    elif args.stats_cache:  # computed once per (dataset, resolution, count, network, resize), then reused
-        real = load_images(args.reference, args.num_ref)
-        name = os.path.splitext(os.path.basename(os.path.normpath(args.reference)))[0]
-        path = statistics_cache_path(args.stats_cache, name, real.shape[-1], len(real), net.name, args.resize)
-        cached = os.path.isfile(path)
-        ref_stats = cached_statistics(path, lambda: extract_features(real, net, args.batch_size, args.device),
-                                      network=net.name, resize=args.resize)
-        num_ref = len(real)
-        print(f'reference statistics {"read from" if cached else "computed and saved to"} {path}')
-    else:
-        real = load_images(args.reference, args.num_ref)
-        real_feats = extract_features(real, net, args.batch_size, args.device)
-        ref_stats = compute_statistics(real_feats, network=net.name, resize=args.resize)
-        num_ref = len(real)
-        if args.save_stats:
-            save_statistics(args.save_stats, ref_stats)
-    results = compute_metrics(fake_feats, ref_stats, fake_logits, metrics, net.name)
+    ref_stats, real_feats, num_ref = reference_statistics(args, net, net_id)
+    results = compute_metrics(fake_feats, ref_stats, fake_logits, metrics, net.name, args.kid_subset_size, net.resize)
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
-    print(format_results(results, len(fake_feats), num_ref, args.resize, split, args.conditions))
+    print(format_results(results, len(fake_feats), num_ref, net.resize, split, args.conditions))
     fake_labels = None if args.generated.endswith('.pt') else load_labels(args.generated)
     real_labels = load_labels(args.reference)
     if (real_feats is not None and fake_labels is not None and real_labels is not None
             and len(fake_labels) >= len(fake_feats) and len(real_labels) >= num_ref):
-        fd_name = 'FID' if net.name == 'inception' else f'FD_{net.name}'
+        fd_name = metric_name('fid', net.name, net.resize)
         per_class = per_class_fd(fake_feats, fake_labels[:len(fake_feats)], real_feats, real_labels[:num_ref])
         results['per_class'] = per_class
         print(f'per-class {fd_name} (noisy: few samples per class): '
@@ -1035,6 +939,13 @@ def main(args):
                   f'd(NN1) < d(NN2)/3 against {len(train)} training images')
         save_nearest_pairs(fake, train, report['pixel']['nearest'], report['pixel']['ratio'], args.pairs_png)
         print(f'closest pairs (sample | training image) saved to {args.pairs_png}')
+    if args.out:
+        record = dict(scores=results, generated=args.generated, reference=args.reference, num_generated=len(fake),
+                      num_reference=num_ref, network=net.name, network_id=net_id, resize=net.resize,
+                      kid_subset_size=args.kid_subset_size, conditions=args.conditions)
+        with open(args.out + '.tmp', 'w') as f:
+            json.dump(record, f, indent=1, default=float)
+        os.replace(args.out + '.tmp', args.out)
     return results
 
 

@@ -1,6 +1,6 @@
-"""Speed of evaluate.py: Inception feature extraction (images/s) and the FID/KID arithmetic.
+"""Speed of inception.py and evaluate.py: Inception feature extraction (images/s) and the FID/KID arithmetic.
 
-Feature extraction is timed for our network (clean and legacy resize) and, when the package is
+Feature extraction is timed for inception.py's network (legacy = default, and clean resize) and, when the package is
 importable, for pytorch-fid's InceptionV3 on the same machine, batch size, thread count and images
 (32x32 inputs, the CIFAR-10 case, upsampled to 299x299 inside each network). Weights are random:
 speed does not depend on their values, and the benchmark then runs without the 91 MB file.
@@ -24,6 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import evaluate  # noqa: E402
+import inception  # noqa: E402
 
 
 def images_per_second(networks, images, batch_size, device, rounds):
@@ -53,7 +54,7 @@ def pytorch_fid_network(device):
         import pytorch_fid.inception as pf
     except ImportError:
         return None
-    state = evaluate.FIDInceptionV3().state_dict()  # the same key layout as the real file
+    state = inception.FIDInceptionV3().state_dict()  # the same key layout as the real file
     pf.load_state_dict_from_url = lambda *a, **k: state  # skip the download, keep the architecture
     net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True)
     net = net.eval().to(device)
@@ -84,10 +85,10 @@ def main():
     g = torch.Generator().manual_seed(0)
     images = torch.rand(args.num_images, 3, args.image_size, args.image_size, generator=g)
     networks = {}
-    for resize, channels_last in (('clean', False), ('legacy', False), ('clean', True)):
-        net = evaluate.FIDInceptionV3(resize=resize, channels_last=channels_last).eval().requires_grad_(False)
+    for resize, channels_last in (('legacy', False), ('clean', False), ('legacy', True)):
+        net = inception.FIDInceptionV3(resize=resize, channels_last=channels_last).eval().requires_grad_(False)
         net = net.to(args.device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        networks[f'evaluate.py ({resize}{", channels-last" if channels_last else ""})'] = net
+        networks[f'inception.py ({resize}{", channels-last" if channels_last else ""})'] = net
     reference = pytorch_fid_network(args.device)
     if reference is not None:
         networks['pytorch-fid'] = reference

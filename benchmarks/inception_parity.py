@@ -1,23 +1,23 @@
-"""Parity of evaluate.py's FID Inception with pytorch-fid's, on the same weights and images.
+"""Parity of inception.py's FID Inception with pytorch-fid's, on the same weights and images.
 
 The real weight file (pt_inception-2015-12-05-6726825d.pth) cannot be downloaded on every machine,
 so this script builds pytorch-fid's FID network (its InceptionV3 with use_fid_inception=True) with
 random weights, saves that state dict under the real key names, loads the file with
-evaluate.load_inception and compares, on the same random images:
+inception.load_inception and compares, on the same random images:
   1. 2048-d pool features, legacy resize   vs  pytorch-fid (bilinear resize inside the network);
   2. 2048-d pool features, clean resize    vs  pytorch-fid fed images resized by PIL bicubic per
      channel in float mode (the clean-fid recipe, Parmar et al. 2022, arXiv:2104.11222), plus the
      resized inputs themselves, and both networks on one identical 299x299 input;
   3. the 1008 logits                      vs  the fc output of pytorch-fid's underlying Inception3,
      less its bias (the Inception Score code of Salimans et al. multiplies by the weights only).
-It also prints the key-name/shape manifest (count and sha256) embedded in tests/test_evaluate.py.
+It also prints the key-name/shape manifest (count and sha256) embedded in tests/test_inception.py.
 
 Random weights need care: with PyTorch's default init the activations shrink layer after layer and
 every feature ends near 0, which would make any comparison pass. So BatchNorm running statistics are
 first calibrated on a batch of random images (a train-mode pass with cumulative averaging), which
 keeps activations at unit scale through all 94 conv layers, as trained weights do.
 
-Not part of the test suite: it needs pytorch-fid and torchvision, which evaluate.py does not.
+Not part of the test suite: it needs pytorch-fid and torchvision, which inception.py does not.
 Run it in a separate environment, e.g.
     python3 -m venv /tmp/fidenv
     /tmp/fidenv/bin/pip install torch==2.14.1 torchvision==0.29.1 numpy scipy pillow tqdm
@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate  # noqa: E402
+import inception  # noqa: E402
 import pytorch_fid.inception as pf  # noqa: E402  (the reference implementation)
 
 
@@ -89,16 +89,16 @@ def main():
     state = build_reference_state_dict()
     count, digest = manifest(state)
     print(f'state dict manifest: {count} keys, sha256 of sorted "key shape" lines = {digest}')
-    path = os.path.join(tempfile.mkdtemp(), evaluate.FID_WEIGHTS_NAME)
+    path = os.path.join(tempfile.mkdtemp(), inception.FID_WEIGHTS_NAME)
     torch.save(state, path)
 
     pf.load_state_dict_from_url = lambda *a, **k: torch.load(path)  # pytorch-fid loads our file instead
     reference = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True,
                                normalize_input=True, use_fid_inception=True).eval()
     classifier = pf.fid_inception_v3().eval()  # the full Inception3, for the 1008 logits
-    ours_legacy = evaluate.load_inception(path, 'cpu', resize='legacy', download=False)
-    ours_clean = evaluate.load_inception(path, 'cpu', resize='clean', download=False)
-    ours_nhwc = evaluate.load_inception(path, 'cpu', resize='legacy', download=False, channels_last=True)
+    ours_legacy = inception.load_inception(path, 'cpu', resize='legacy', download=False)
+    ours_clean = inception.load_inception(path, 'cpu', resize='clean', download=False)
+    ours_nhwc = inception.load_inception(path, 'cpu', resize='legacy', download=False, channels_last=True)
     # the yardstick for rounding: pytorch-fid's own network, run with NHWC activations and weights
     reference_nhwc = pf.InceptionV3([3], resize_input=True, normalize_input=True).eval()
     reference_nhwc = reference_nhwc.to(memory_format=torch.channels_last)
@@ -112,7 +112,7 @@ def main():
         ours, logits = ours_legacy(x_uint8_levels, return_logits=True)
         rows.append((size, 'legacy features', (ours - ref).abs().max().item(), ref.abs().max().item()))
         pil_input = pil_clean_resize(x_uint8_levels)
-        ours_input = evaluate.resize_images(x_uint8_levels, 299, 'clean')
+        ours_input = inception.resize_images(x_uint8_levels, 299, 'clean')
         rows.append((size, 'clean input', (ours_input - pil_input).abs().max().item(), 1.0))
         ref_clean = reference(pil_input)[0].flatten(1)
         ours_c = ours_clean(x_uint8_levels)

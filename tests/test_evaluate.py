@@ -1,21 +1,13 @@
-"""Tests of evaluate.py: metrics against closed forms, the Inception loader, memorization, command line."""
+"""Tests of evaluate.py: metrics against closed forms, memorization, statistics, score names, command line."""
 import gzip
-import hashlib
 import os
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 import evaluate
-
-# Layout of the real weight file: key count and sha256 of the sorted 'key (shape)' lines of
-# pytorch-fid's fid_inception_v3() state dict (printed by benchmarks/inception_parity.py).
-FID_FILE_NUM_KEYS = 566
-FID_FILE_LAYOUT_SHA256 = '760681d791cb624e1bf7a2e802a68933dd17aa5e3109fcf498d9dfa521bc10d7'
-
 
 @pytest.fixture(autouse=True, scope='module')
 def _one_thread():
@@ -148,8 +140,9 @@ def test_kid_linear_kernel_closed_form_and_subsets():
     a, b = rng.randn(2000, 10), rng.randn(2000, 10) + 0.5
     mean, std = evaluate.kid(a, b, num_subsets=10, subset_size=1000, degree=1)
     assert mean == pytest.approx(0.25, abs=0.03) and std > 0
-    # subset_size larger than the sets is clipped; identical sets give ~0 with the cubic kernel
-    mean0, _ = evaluate.kid(a[:300], a[300:600], num_subsets=10, subset_size=5000)
+    # subset_size larger than the sets is reduced, with a warning; identical sets give ~0 with the cubic kernel
+    with pytest.warns(UserWarning, match='reduced to 150'):
+        mean0, _ = evaluate.kid(a[:300], a[300:600], num_subsets=10, subset_size=5000)
     assert abs(mean0) < 0.01
     assert evaluate.kid(a, b, seed=3, num_subsets=5) == evaluate.kid(a, b, seed=3, num_subsets=5)
 
@@ -249,136 +242,6 @@ def test_per_class_fd():
 
 
 # ----------------------------------------------------------------------------------------------------
-# Resizing and the Inception network
-
-@pytest.mark.parametrize('size', [16, 64, 400])
-def test_clean_resize_matches_pil_bicubic(size):
-    # "clean" mode must equal PIL's antialiased bicubic (float mode, per channel) as clean-fid uses it.
-    x = torch.rand(1, 3, size, size)
-    pil = np.stack([np.asarray(Image.fromarray(x[0, c].numpy(), mode='F').resize((299, 299), Image.BICUBIC))
-                    for c in range(3)])
-    ours = evaluate.resize_images(x, 299, 'clean')[0].numpy()
-    np.testing.assert_allclose(ours, np.clip(pil, 0, 1), atol=1e-6)
-
-
-def test_legacy_resize_is_pytorch_fid_bilinear_and_identity_at_299():
-    x = torch.rand(2, 3, 40, 40)
-    expected = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
-    assert torch.equal(evaluate.resize_images(x, 299, 'legacy'), expected)
-    y = torch.rand(1, 3, 299, 299)
-    assert evaluate.resize_images(y, 299, 'clean') is y
-    with pytest.raises(ValueError, match='resize mode'):
-        evaluate.resize_images(x, 299, 'nearest')
-
-
-def test_tf_average_pool_ignores_padding():
-    # TF's avg_pool divides by the number of in-image cells, so a constant image stays constant at the
-    # border (PyTorch's default count_include_pad=True would give 4/9 in the corners).
-    out = evaluate.avg_pool_3x3(torch.ones(1, 1, 5, 5))
-    assert torch.allclose(out, torch.ones_like(out))
-
-
-def test_inception_state_dict_has_the_real_file_layout():
-    state = evaluate.FIDInceptionV3().state_dict()
-    lines = sorted(f'{k} {tuple(v.shape)}' for k, v in state.items())
-    assert len(lines) == FID_FILE_NUM_KEYS
-    assert hashlib.sha256('\n'.join(lines).encode()).hexdigest() == FID_FILE_LAYOUT_SHA256
-    assert state['fc.weight'].shape == (1008, 2048)
-
-
-@pytest.fixture(scope='module')
-def weight_file(tmp_path_factory):
-    """Random weights saved under the real file name and key names."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp('weights') / evaluate.FID_WEIGHTS_NAME
-    torch.save(evaluate.FIDInceptionV3().state_dict(), path)
-    return str(path)
-
-
-def test_load_inception_and_features(weight_file):
-    model = evaluate.load_inception(weight_file, 'cpu', download=False)
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    gray = torch.rand(1, 1, 24, 24)
-    x = torch.cat([torch.rand(1, 3, 24, 24), gray.expand(-1, 3, -1, -1)])
-    with torch.no_grad():  # two full forward passes only: ~1 s per image at 299x299 on a CPU core
-        feats, logits = model(x, return_logits=True)
-        feats_gray = model(gray)
-    assert feats.shape == (2, 2048) and logits.shape == (2, 1008)
-    assert (feats >= 0).all()  # mean-pool of ReLU outputs
-    torch.testing.assert_close(logits, model.fc(feats) - model.fc.bias)  # IS logits leave out the bias
-    torch.testing.assert_close(feats_gray, feats[1:], atol=1e-4, rtol=1e-4)  # gray = same image in R, G, B
-
-
-def test_load_inception_accepts_file_without_batchnorm_counters(tmp_path, weight_file):
-    state = {k: v for k, v in torch.load(weight_file).items() if not k.endswith('num_batches_tracked')}
-    path = tmp_path / 'old.pth'
-    torch.save(state, path)
-    model = evaluate.load_inception(str(path), download=False)
-    torch.testing.assert_close(model.Mixed_7c.branch_pool.conv.weight, state['Mixed_7c.branch_pool.conv.weight'])
-
-
-def test_load_inception_rejects_wrong_files_clearly(tmp_path, weight_file):
-    state = torch.load(weight_file)
-    bad_key = dict(state)
-    bad_key['Mixed_5b.extra.weight'] = bad_key.pop('Mixed_5b.branch1x1.conv.weight')
-    bad_shape = dict(state, **{'fc.weight': torch.zeros(1000, 2048)})
-    cases = {'key.pth': (bad_key, 'missing keys'), 'shape.pth': (bad_shape, r'fc.weight: shape \(1000, 2048\)'),
-             'list.pth': ([1, 2, 3], 'not a state dict')}
-    for name, (obj, message) in cases.items():
-        torch.save(obj, tmp_path / name)
-        with pytest.raises(ValueError, match=message) as info:
-            evaluate.load_inception(str(tmp_path / name), download=False)
-        assert evaluate.FID_WEIGHTS_URL in str(info.value)  # the message says where to get the right file
-    (tmp_path / 'html.pth').write_text('<html>404</html>')
-    with pytest.raises(ValueError, match='could not read'):
-        evaluate.load_inception(str(tmp_path / 'html.pth'), download=False)
-
-
-def test_missing_weights_message_says_where_to_get_and_put_them(tmp_path, monkeypatch):
-    monkeypatch.delenv(evaluate.FID_WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(evaluate, 'default_cache_dir', lambda: str(tmp_path / 'cache'))
-    with pytest.raises(FileNotFoundError) as info:
-        evaluate.find_inception_weights(None, download=False)
-    message = str(info.value)
-    assert evaluate.FID_WEIGHTS_URL in message and evaluate.FID_WEIGHTS_ENV in message
-    assert str(tmp_path / 'cache') in message and '--inception-weights' in message
-    with pytest.raises(FileNotFoundError, match='does not exist'):
-        evaluate.find_inception_weights(str(tmp_path / 'nope.pth'))
-
-
-def test_download_is_verified_before_it_is_kept(tmp_path, monkeypatch):
-    import io
-    import urllib.error
-    payload = b'pretend weights'
-    monkeypatch.delenv(evaluate.FID_WEIGHTS_ENV, raising=False)
-    monkeypatch.setattr(evaluate.urllib.request, 'urlopen', lambda url, timeout: io.BytesIO(payload))
-    with pytest.raises(RuntimeError, match='sha256'):  # the real prefix cannot match these bytes
-        evaluate.find_inception_weights(cache_dir=str(tmp_path))
-    assert os.listdir(tmp_path) == []  # no partial or unverified file left behind
-    monkeypatch.setattr(evaluate, 'FID_WEIGHTS_SHA256_PREFIX', hashlib.sha256(payload).hexdigest()[:8])
-    path = evaluate.find_inception_weights(cache_dir=str(tmp_path))
-    assert path == str(tmp_path / evaluate.FID_WEIGHTS_NAME) and open(path, 'rb').read() == payload
-
-    def offline(url, timeout):
-        raise urllib.error.URLError('no network')
-    monkeypatch.setattr(evaluate.urllib.request, 'urlopen', offline)
-    with pytest.raises(FileNotFoundError, match='could not download') as info:
-        evaluate.find_inception_weights(cache_dir=str(tmp_path / 'empty'))
-    assert evaluate.FID_WEIGHTS_URL in str(info.value)
-
-
-def test_weights_found_through_environment_and_cache(tmp_path, monkeypatch):
-    file = tmp_path / 'w.pth'
-    file.write_bytes(b'x')
-    monkeypatch.setenv(evaluate.FID_WEIGHTS_ENV, str(file))
-    assert evaluate.find_inception_weights(download=False) == str(file)
-    monkeypatch.delenv(evaluate.FID_WEIGHTS_ENV)
-    cached = tmp_path / evaluate.FID_WEIGHTS_NAME
-    cached.write_bytes(b'x')
-    assert evaluate.find_inception_weights(download=False, cache_dir=str(tmp_path)) == str(cached)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Feature extraction, statistics cache, reporting
 
 def test_extract_features_uint8_float_and_batching():
@@ -413,11 +276,18 @@ def test_compute_metrics_names_and_report_context():
     fake, real = rng.randn(300, 8), rng.randn(300, 8)
     stats = evaluate.compute_statistics(real)
     res = evaluate.compute_metrics(fake, stats, metrics=('fid', 'kid', 'pr'), network='lenet', kid_subset_size=100)
-    assert set(res) == {'FD_lenet', 'KD_lenet', 'KD_lenet_std', 'precision', 'recall'}  # never called FID
+    assert set(res) == {'FD_lenet', 'KD_lenet', 'KD_lenet_std', 'precision_lenet', 'recall_lenet'}  # never FID
     text = evaluate.format_results(res, 300, 300, 'clean', 'test split')
     assert 'trend only' in text and 'resize=clean' in text and 'generated=300' in text and 'test split' in text
-    res_inc = evaluate.compute_metrics(fake, stats, np.zeros((300, 1008)), metrics=('fid', 'is'))
-    assert set(res_inc) == {'FID', 'IS', 'IS_std'}
+    # Inception scores name their protocol: plain FID/KID/IS only for the pytorch-fid resize (the default).
+    all_metrics = ('fid', 'kid', 'is', 'pr')
+    res_inc = evaluate.compute_metrics(fake, stats, np.zeros((300, 1008)), all_metrics, kid_subset_size=100)
+    assert set(res_inc) == {'FID', 'KID', 'KID_std', 'IS', 'IS_std', 'precision', 'recall'}
+    res_clean = evaluate.compute_metrics(fake, stats, np.zeros((300, 1008)), all_metrics, 'inception', 100, 'clean')
+    assert set(res_clean) == {'clean-FID', 'clean-KID', 'clean-KID_std', 'clean-IS', 'clean-IS_std',
+                              'clean-precision', 'clean-recall'}
+    assert res_clean['clean-FID'] == res_inc['FID']                  # same features here: only the name differs
+    assert 'trend only' in evaluate.format_results(res_clean, 300, 300, 'clean', 'train').splitlines()[0]
     assert 'trend' not in evaluate.format_results({'FID': 1.0}, 50000, 50000, 'legacy', 'train')
 
 
@@ -451,8 +321,9 @@ def test_evaluate_generator_during_training():
     model = evaluate.LeNetFeatures(1, 10, 8).eval()
     data = lambda n: torch.tanh(torch.randn(n, 1, 8, 8, generator=g) * 0.5 + 0.3)  # noqa: E731  in [-1, 1]
     ref = evaluate.compute_statistics(evaluate.extract_features((data(400) + 1) / 2, model, progress=False))
-    good = evaluate.evaluate_generator(data, ref, model, num_samples=300, batch_size=100)
-    bad = evaluate.evaluate_generator(lambda n: torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, ref, model, 300, 100)
+    good = evaluate.evaluate_generator(data, ref, model, num_samples=300, batch_size=100, kid_subset_size=100)
+    bad = evaluate.evaluate_generator(lambda n: torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, ref, model, 300, 100,
+                                      kid_subset_size=100)
     assert set(good) == {'FD_lenet', 'KD_lenet', 'KD_lenet_std'}
     assert good['FD_lenet'] < bad['FD_lenet'] / 5 and abs(good['KD_lenet']) < bad['KD_lenet'] / 5
 
@@ -482,8 +353,11 @@ def test_load_images_folder_and_npz(tmp_path):
     for path in [str(tmp_path)] + [str(tmp_path / f) for f in ('nhwc.npz', 'float.npz', 'sample_py.npz')]:
         assert torch.equal(evaluate.load_images(path), expected)
     assert evaluate.load_labels(str(tmp_path / 'sample_py.npz')) is None
+    (tmp_path / 'empty').mkdir()
     with pytest.raises(FileNotFoundError, match='no images'):
-        evaluate.load_images(str(tmp_path / 'empty_dir_that_does_not_exist'))
+        evaluate.load_images(str(tmp_path / 'empty'))
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        evaluate.load_images(str(tmp_path / 'no_such_folder'))
 
 
 def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
@@ -494,7 +368,8 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
     np.savez(tmp_path / 'gen.npz', generated, labels=labels[:40])
     np.savez(tmp_path / 'train.npz', train, labels=labels)
     torch.save(evaluate.LeNetFeatures(1, 10, 16).state_dict(), tmp_path / 'lenet.pth')
-    common = ['--network', 'lenet', '--lenet-weights', str(tmp_path / 'lenet.pth'), '--metrics', 'fid,kid']
+    common = ['--network', 'lenet', '--lenet-weights', str(tmp_path / 'lenet.pth'), '--metrics', 'fid,kid',
+              '--kid-subset-size', '20']
     args = evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'train.npz'), *common,
                                 '--save-stats', str(tmp_path / 'stats.npz'),
                                 '--memorization', str(tmp_path / 'train.npz'),
@@ -513,7 +388,5 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
                                                     '--stats-cache', str(tmp_path / 'cache')]))
         assert expect in capsys.readouterr().out
         assert cached['FD_lenet'] == pytest.approx(first['FD_lenet'], rel=1e-9)
-    assert os.listdir(tmp_path / 'cache') == ['train_16px_n60_lenet_clean.npz']
-    with pytest.raises(ValueError, match='resize=clean'):  # statistics made another way are refused
-        evaluate.main(evaluate.parse_args([str(tmp_path / 'gen.npz'), str(tmp_path / 'stats.npz'), *common,
-                                           '--resize', 'legacy']))
+    lenet_hash = evaluate.network_id(evaluate.lenet_from_state_dict(torch.load(tmp_path / 'lenet.pth')))
+    assert os.listdir(tmp_path / 'cache') == [f'train_16px_n60_lenet_{lenet_hash[:8]}_clean.npz']
