@@ -29,6 +29,10 @@ Tensor conventions: images x: (N, C, H, W); videos x: (N, C, F, H, W); noise_lev
 index num_classes = "no class"; context: (N, L, context_dim) with context_mask (N, L) bool, True = keep;
 x_cond: (N, cond_channels, [F,] H, W); aug_cond: (N, aug_dim).
 
+Public weights: the 'ddpm-cifar10' configuration computes DDPM's function (its timestep features and
+downsampling pad, see ddpm_timestep_embedding and Downsample), and load_diffusers_unet maps the diffusers
+UNet2DModel layout of google/ddpm-cifar10-32 into it.
+
 Usage: net = create_unet('tiny'); out = net(x, noise_level)        # out.shape == x.shape
 """
 import math
@@ -51,6 +55,19 @@ def timestep_embedding(noise_level, dim, max_period=10000.0):
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device) / half)
     angles = noise_level.float()[:, None] * freqs[None]                     # (N, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
+
+
+def ddpm_timestep_embedding(noise_level, dim):
+    """DDPM's own sinusoidal features (Ho et al. 2020, diffusion_tf/nn.py get_timestep_embedding): (N,) -> (N, dim).
+
+    Two details differ from timestep_embedding above: sin comes before cos, and the frequencies are
+    exp(-ln(10000) i / (half - 1)), i = 0 .. half - 1, so the last one is exactly 1/10000. The published DDPM
+    weights were trained on these features, so the 'ddpm-cifar10' configuration must compute them.
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=noise_level.device) / (half - 1))
+    angles = noise_level.float()[:, None] * freqs[None]                     # (N, half)
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
 def zero_module(module):
@@ -111,14 +128,25 @@ def temporal_mask(batch, frames, num_video_frames, device):
 # Residual block and resampling (DDPM App. B; ADM Sec. 3)
 
 class Downsample(nn.Module):
-    """Halve H and W with a strided 3x3 conv (DDPM's resamp_with_conv)."""
+    """Halve H and W with a strided 3x3 conv (DDPM's resamp_with_conv).
+
+    pad='symmetric' pads one pixel on every side (output pixel i is centred on input pixel 2i). pad='ddpm' pads
+    one pixel on the right and bottom only, then convolves with stride 2 and no padding: TensorFlow's 'SAME'
+    padding for a stride-2 conv on an even size, which DDPM's code used (output pixel i is centred on 2i + 1).
+    """
 
     def __init__(self,
-                 channels):               # channels in and out
+                 channels,                # channels in and out
+                 pad='symmetric'):        # 'symmetric' or 'ddpm' (right/bottom), see above
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        if pad not in ('symmetric', 'ddpm'):
+            raise ValueError(f"unknown downsample pad {pad!r}; choose 'symmetric' or 'ddpm'")
+        self.pad = pad
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1 if pad == 'symmetric' else 0)
 
     def forward(self, h, cond):
+        if self.pad == 'ddpm':
+            h = F.pad(h, (0, 1, 0, 1))                                       # (left, right, top, bottom)
         return self.conv(h)
 
 
@@ -315,16 +343,22 @@ class UNet(nn.Module):
                  aug_dim=0,                   # width of aug_cond (augmentation labels, noise-augmentation level)
                  cond_channels=0,             # channels of x_cond concatenated to x (super-resolution, inpainting)
                  context_dim=None,            # width of context tokens for cross-attention; None = no cross-attn
-                 temporal_attention=False):   # add attention across frames after every residual block (video)
+                 temporal_attention=False,    # add attention across frames after every residual block (video)
+                 timestep_features='cos_sin', # 'cos_sin': timestep_embedding; 'ddpm': ddpm_timestep_embedding
+                 downsample_pad='symmetric'): # 'symmetric' or 'ddpm' (right/bottom, TF 'SAME'), see Downsample
         super().__init__()
+        if timestep_features not in ('cos_sin', 'ddpm'):
+            raise ValueError(f"unknown timestep_features {timestep_features!r}; choose 'cos_sin' or 'ddpm'")
         self.config = dict(in_channels=in_channels, out_channels=out_channels, model_channels=model_channels,
                            channel_mult=tuple(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=tuple(attention_resolutions), image_size=image_size,
                            dropout=dropout, head_channels=head_channels, norm_groups=norm_groups,
                            scale_shift_norm=scale_shift_norm, resblock_updown=resblock_updown, rope=rope,
                            num_classes=num_classes, aug_dim=aug_dim, cond_channels=cond_channels,
-                           context_dim=context_dim, temporal_attention=temporal_attention)
+                           context_dim=context_dim, temporal_attention=temporal_attention,
+                           timestep_features=timestep_features, downsample_pad=downsample_pad)
         self.in_channels, self.cond_channels, self.num_classes = in_channels, cond_channels, num_classes
+        self.timestep_features = timestep_features
         out_channels = out_channels or in_channels
         emb_dim = 4 * model_channels                                          # DDPM: temb width 4 * ch
 
@@ -359,7 +393,7 @@ class UNet(nn.Module):
                 self.down.append(nn.ModuleList(layers + temporal_layers(ch)))
                 skip_channels.append(ch)
             if level != len(channel_mult) - 1:
-                down = res_block(ch, ch, 'down') if resblock_updown else Downsample(ch)
+                down = res_block(ch, ch, 'down') if resblock_updown else Downsample(ch, downsample_pad)
                 self.down.append(nn.ModuleList([down]))
                 skip_channels.append(ch)
                 resolution //= 2
@@ -388,7 +422,8 @@ class UNet(nn.Module):
 
     def embed(self, noise_level, y, aug_cond):
         """emb = MLP(sinusoid(noise_level) + W_aug aug_cond) + E[y]: (N, 4 * model_channels)."""
-        features = timestep_embedding(noise_level, self.time_mlp[0].in_features)
+        sinusoid = ddpm_timestep_embedding if self.timestep_features == 'ddpm' else timestep_embedding
+        features = sinusoid(noise_level, self.time_mlp[0].in_features)
         if self.aug_embed is not None and aug_cond is not None:
             features = features + self.aug_embed(aug_cond.float())
         emb = self.time_mlp(features)
@@ -455,10 +490,13 @@ UNET_CONFIGS = {
     'tiny': dict(model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(8,),
                  head_channels=32, norm_groups=8, dropout=0.0),
     # Ho et al. 2020, CIFAR-10 (App. B): ch=128, mult (1,2,2,2), 2 blocks, attention at 16x16, dropout 0.1, one
-    # head, additive time embedding, no classes: 35.7M parameters.
+    # head, additive time embedding, no classes: 35.7M parameters. It computes DDPM's own function, so the public
+    # weights load (load_diffusers_unet): DDPM's timestep features and right/bottom downsampling pad, and no
+    # position encoding in attention. The other configurations keep this file's choices (cos-sin features,
+    # symmetric pad, RoPE), which the DDPM-named one must not silently inherit.
     'ddpm-cifar10': dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
                          attention_resolutions=(16,), dropout=0.1, head_channels=256, scale_shift_norm=False,
-                         rope=False),   # DDPM's attention has no position encoding
+                         rope=False, timestep_features='ddpm', downsample_pad='ddpm'),
     # Not a paper configuration: ADM's architecture choices (Dhariwal & Nichol 2021: 3 blocks, attention at 16 and
     # 8 with 64-channel heads, AdaGN, resampling residual blocks) at a CIFAR-10 size, class-conditional.
     'adm-32': dict(model_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=3,
@@ -473,6 +511,114 @@ UNET_CONFIGS = {
 def create_unet(name='tiny', **overrides):
     """Build a named configuration, with any constructor argument overridden (e.g. num_classes=10)."""
     return UNet(**{**UNET_CONFIGS[name], **overrides})
+
+
+# ----------------------------------------------------------------------------
+# Public DDPM weights in the diffusers UNet2DModel layout (google/ddpm-cifar10-32, diffusion_pytorch_model.bin)
+#
+# The same network under other names: down_blocks.L.resnets.J / attentions.J / downsamplers.0 for encoder level L,
+# mid_block, up_blocks.K (K = 0 is the deepest level), ResnetBlock2D's time_emb_proj and conv_shortcut, and
+# attention as separate q, k, v linears (to_q/to_k/to_v/to_out.0, or query/key/value/proj_attn in files written
+# before diffusers 0.14), which this file keeps as one qkv matmul.
+
+def _diffusers_names(net):
+    """Map each layer prefix of ours to its diffusers prefix, walking the U-Net in construction order."""
+    levels, blocks = len(net.config['channel_mult']), net.config['num_res_blocks']
+    names = {'input_conv': 'conv_in', 'time_mlp.0': 'time_embedding.linear_1',
+             'time_mlp.2': 'time_embedding.linear_2', 'out_norm': 'conv_norm_out', 'out_conv': 'conv_out'}
+
+    def stage(ours, layers, theirs, j):
+        for i, layer in enumerate(layers):
+            if isinstance(layer, ResBlock):
+                names[f'{ours}.{i}'] = f'{theirs}.resnets.{j}'
+            elif isinstance(layer, SpatialSelfAttention):
+                names[f'{ours}.{i}'] = f'{theirs}.attentions.{j}'
+            elif isinstance(layer, Downsample):
+                names[f'{ours}.{i}'] = f'{theirs}.downsamplers.0'
+            elif isinstance(layer, Upsample):
+                names[f'{ours}.{i}'] = f'{theirs}.upsamplers.0'
+            else:
+                raise ValueError(f'diffusers UNet2DModel has no counterpart of {type(layer).__name__}')
+    s = 0
+    for level in range(levels):                  # encoder: blocks residual stages, then a Downsample stage
+        for j in range(blocks + (level != levels - 1)):
+            stage(f'down.{s}', net.down[s], f'down_blocks.{level}', j)
+            s += 1
+    for i, layer in enumerate(net.middle):       # ResBlock, attention, ResBlock
+        names[f'middle.{i}'] = f'mid_block.resnets.{(i + 1) // 2}' if isinstance(layer, ResBlock) \
+            else 'mid_block.attentions.0'
+    for s in range(len(net.up)):                 # decoder: blocks + 1 stages per level, deepest level first
+        stage(f'up.{s}', net.up[s], f'up_blocks.{s // (blocks + 1)}', s % (blocks + 1))
+    return names
+
+
+# Parameter names inside one layer: ours -> diffusers (attention qkv is assembled from three tensors).
+_DIFFUSERS_LEAVES = {'norm1': 'norm1', 'conv1': 'conv1', 'emb_proj': 'time_emb_proj', 'norm2': 'norm2',
+                     'conv2': 'conv2', 'skip': 'conv_shortcut', 'norm': 'group_norm', 'conv': 'conv'}
+_DIFFUSERS_ATTENTION = {'new': (('to_q', 'to_k', 'to_v'), 'to_out.0'), 'old': (('query', 'key', 'value'), 'proj_attn')}
+
+
+def convert_diffusers_unet(state_dict, net):
+    """Rename a diffusers UNet2DModel state dict to this file's names, checking everything first.
+
+    net must compute DDPM's function (the 'ddpm-cifar10' settings: additive time embedding, DDPM timestep
+    features and downsampling pad, one attention head, no RoPE), or the same weights would give another
+    network. Refuses (ValueError, naming the keys) unknown keys, missing keys and shape mismatches.
+    """
+    c = net.config
+    wrong = [f'{k}={c[k]!r} (needs {v!r})' for k, v in dict(scale_shift_norm=False, resblock_updown=False, rope=False,
+             timestep_features='ddpm', downsample_pad='ddpm', num_classes=0, aug_dim=0, cond_channels=0,
+             context_dim=None, temporal_attention=False).items() if c[k] != v]
+    wrong += [f'{m.heads} attention heads (needs 1)' for m in net.modules()
+              if isinstance(m, SpatialSelfAttention) and m.heads != 1][:1]
+    if wrong:
+        raise ValueError('this U-Net does not compute diffusers UNet2DModel / DDPM\'s function: ' + ', '.join(wrong)
+                         + "; build it with create_unet('ddpm-cifar10')")
+    layout = 'old' if any('.query.' in k for k in state_dict) else 'new'
+    (q, k, v), out = _DIFFUSERS_ATTENTION[layout]
+    prefixes = _diffusers_names(net)
+    converted, used, missing, wrong_shape = {}, set(), [], []
+    for name, param in net.state_dict().items():
+        layer, leaf, kind = name.rsplit('.', 2) if name.count('.') >= 2 else ('', *name.split('.'))
+        if name.rsplit('.', 1)[0] in prefixes:           # a top-level layer: input_conv.weight, time_mlp.0.bias, ...
+            sources = [f'{prefixes[name.rsplit(".", 1)[0]]}.{kind}']
+        elif leaf == 'qkv':
+            sources = [f'{prefixes[layer]}.{t}.{kind}' for t in (q, k, v)]
+        elif leaf == 'proj':
+            sources = [f'{prefixes[layer]}.{out}.{kind}']
+        else:
+            sources = [f'{prefixes[layer]}.{_DIFFUSERS_LEAVES[leaf]}.{kind}']
+        if not all(src in state_dict for src in sources):
+            missing += [src for src in sources if src not in state_dict]
+            continue
+        used.update(sources)
+        value = torch.cat([state_dict[src] for src in sources]) if len(sources) > 1 else state_dict[sources[0]]
+        if value.shape != param.shape:
+            wrong_shape.append(f'{", ".join(sources)} {tuple(value.shape)} (expected {tuple(param.shape)} for {name})')
+        converted[name] = value
+    unknown = [key for key in state_dict if key not in used]
+    problems = [f'{len(unknown)} unknown keys: {unknown[:5]}' if unknown else '',
+                f'{len(missing)} missing keys: {missing[:5]}' if missing else '',
+                f'{len(wrong_shape)} shape mismatches: {wrong_shape[:5]}' if wrong_shape else '']
+    problems = [p for p in problems if p]
+    if problems:
+        raise ValueError('cannot load this as a diffusers UNet2DModel of this configuration: ' + '; '.join(problems))
+    return converted
+
+
+def load_diffusers_unet(checkpoint, name='ddpm-cifar10', device='cpu', **overrides):
+    """Build a named configuration and load diffusers UNet2DModel weights into it (a path or a state dict).
+
+    For google/ddpm-cifar10-32: the network predicts eps on DDPM's linear schedule (1000 steps, beta from 1e-4 to
+    0.02) and sees the integer step index 0..999 as its noise level, as diffusion.DiscreteVP.linear(1000) gives.
+    """
+    if not isinstance(checkpoint, dict):
+        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+    with torch.device('meta'):                   # shapes only: every parameter is overwritten below
+        net = create_unet(name, **overrides)
+    net = net.to_empty(device='cpu')
+    net.load_state_dict(convert_diffusers_unet(checkpoint, net))
+    return net.to(device).eval()
 
 
 # ----------------------------------------------------------------------------

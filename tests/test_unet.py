@@ -1,4 +1,8 @@
-"""Tests for unet.py: zero init, gradient flow, every conditioning path, RoPE, joint video-image masking, AMP."""
+"""Tests for unet.py: zero init, gradient flow, every conditioning path, RoPE, joint video-image masking, AMP,
+DDPM's timestep features and downsampling in the ddpm-cifar10 configuration, the diffusers-layout loader."""
+import functools
+import inspect
+import math
 import os
 
 import pytest
@@ -267,3 +271,184 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(net)
     with torch.no_grad():
         torch.testing.assert_close(compiled(**data), net(**data), atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# DDPM's own function in the 'ddpm-cifar10' configuration, and the public weights' diffusers layout
+
+def test_ddpm_timestep_features_are_ddpms_formula():
+    """DDPM (diffusion_tf get_timestep_embedding), dim 6: [sin(t w0), sin(t w1), sin(t w2), cos(...)] with
+    w_i = exp(-ln(10000) i / (half - 1)) = 1, 1/100, 1/10000. The 'ddpm-cifar10' net feeds exactly these to its MLP.
+    (Planted mistakes caught: cos before sin; dividing by half instead of half - 1.)"""
+    t = torch.tensor([0.0, 1.0, 37.0, 999.0])
+    expected = torch.stack([torch.sin(t), torch.sin(t / 100), torch.sin(t / 10000),
+                            torch.cos(t), torch.cos(t / 100), torch.cos(t / 10000)], dim=1)
+    torch.testing.assert_close(unet.ddpm_timestep_embedding(t, 6), expected)
+
+    net = create_unet('ddpm-cifar10', model_channels=32, norm_groups=8)   # the configuration, made small
+    seen = []
+    net.time_mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    net.embed(t, None, None)
+    half = 16
+    freqs = torch.tensor([math.exp(-math.log(10000) * i / (half - 1)) for i in range(half)])
+    angles = t[:, None] * freqs
+    # float32 angles up to 999 carry ~6e-5 round-off; the planted mistakes change features by O(1)
+    torch.testing.assert_close(seen[0], torch.cat([angles.sin(), angles.cos()], dim=1), atol=2e-4, rtol=0)
+
+
+def test_ddpm_downsample_pads_right_and_bottom():
+    """out[i, j] = sum_ab w[a, b] x[2i + a, 2j + b] with x = 0 beyond the bottom/right edge (pad one pixel right
+    and bottom, then a stride-2 conv with no padding): DDPM's downsampling, checked on the 'ddpm-cifar10' net's own
+    layers. (Planted mistake caught: padding left/top instead, or symmetric padding 1.)"""
+    with torch.device('meta'):
+        net = create_unet('ddpm-cifar10')
+    downs = [m for m in net.modules() if isinstance(m, unet.Downsample)]
+    assert len(downs) == 3 and all(m.pad == 'ddpm' for m in downs)
+    layer = unet.Downsample(1, pad=downs[0].pad)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 1, 6, 6, generator=g)
+    with torch.no_grad():
+        layer.conv.weight.copy_(torch.randn(1, 1, 3, 3, generator=g))
+        layer.conv.bias.zero_()
+        out = layer(x, None)
+    w, expected = layer.conv.weight[0, 0], torch.zeros(3, 3)
+    for i in range(3):
+        for j in range(3):
+            for a in range(3):
+                for b in range(3):
+                    if 2 * i + a < 6 and 2 * j + b < 6:
+                        expected[i, j] += w[a, b] * x[0, 0, 2 * i + a, 2 * j + b]
+    torch.testing.assert_close(out[0, 0], expected)
+
+
+def test_other_configurations_keep_their_choices():
+    """Only the DDPM-named configuration switched to DDPM's details; the rest (and old checkpoints' configs, which
+    lack the new keys) keep cos-sin features and the symmetric pad."""
+    defaults = {k: p.default for k, p in inspect.signature(unet.UNet).parameters.items()}
+    assert defaults['timestep_features'] == 'cos_sin' and defaults['downsample_pad'] == 'symmetric'
+    for name, config in unet.UNET_CONFIGS.items():
+        config = {**defaults, **config}
+        ddpm = name == 'ddpm-cifar10'
+        assert config['timestep_features'] == ('ddpm' if ddpm else 'cos_sin'), name
+        assert config['downsample_pad'] == ('ddpm' if ddpm else 'symmetric'), name
+
+
+@functools.lru_cache(maxsize=2)
+def _diffusers_ddpm_state_dict(attention):
+    return _build_diffusers_ddpm_state_dict(attention)
+
+
+def diffusers_ddpm_state_dict(attention='new'):
+    """A fresh dict (the tensors are shared and never modified; tests replace or drop entries)."""
+    return dict(_diffusers_ddpm_state_dict(attention))
+
+
+def _build_diffusers_ddpm_state_dict(attention='new', seed=0, scale=0.02):
+    """The names and shapes of diffusers' UNet2DModel for google/ddpm-cifar10-32's config.json (block_out_channels
+    128-256-256-256, 2 layers per block, AttnDownBlock2D at level 1, AttnUpBlock2D at up block 2, one head), written
+    out from diffusers' module tree; random values. attention='old' uses the pre-0.14 names of the released file."""
+    g = torch.Generator().manual_seed(seed)
+    ch, shapes = [128, 256, 256, 256], {}
+
+    def conv(name, cin, cout, k=3):
+        shapes.update({f'{name}.weight': (cout, cin, k, k), f'{name}.bias': (cout,)})
+
+    def linear(name, cin, cout):
+        shapes.update({f'{name}.weight': (cout, cin), f'{name}.bias': (cout,)})
+
+    def norm(name, c):
+        shapes.update({f'{name}.weight': (c,), f'{name}.bias': (c,)})
+
+    def resnet(name, cin, cout):
+        norm(f'{name}.norm1', cin), conv(f'{name}.conv1', cin, cout), linear(f'{name}.time_emb_proj', 512, cout)
+        norm(f'{name}.norm2', cout), conv(f'{name}.conv2', cout, cout)
+        if cin != cout:
+            conv(f'{name}.conv_shortcut', cin, cout, k=1)
+
+    def attention_block(name, c):
+        norm(f'{name}.group_norm', c)
+        q, k, v, out = ('query', 'key', 'value', 'proj_attn') if attention == 'old' else ('to_q', 'to_k', 'to_v', 'to_out.0')
+        for t in (q, k, v, out):
+            linear(f'{name}.{t}', c, c)
+
+    conv('conv_in', 3, 128)
+    linear('time_embedding.linear_1', 128, 512), linear('time_embedding.linear_2', 512, 512)
+    skips, cin = [128], 128
+    for level, cout in enumerate(ch):
+        for j in range(2):
+            resnet(f'down_blocks.{level}.resnets.{j}', cin, cout)
+            if level == 1:
+                attention_block(f'down_blocks.{level}.attentions.{j}', cout)
+            cin = cout
+            skips.append(cout)
+        if level < 3:
+            conv(f'down_blocks.{level}.downsamplers.0.conv', cout, cout)
+            skips.append(cout)
+    resnet('mid_block.resnets.0', 256, 256), attention_block('mid_block.attentions.0', 256)
+    resnet('mid_block.resnets.1', 256, 256)
+    for k, cout in enumerate(reversed(ch)):
+        for j in range(3):
+            resnet(f'up_blocks.{k}.resnets.{j}', cin + skips.pop(), cout)
+            if k == 2:
+                attention_block(f'up_blocks.{k}.attentions.{j}', cout)
+            cin = cout
+        if k < 3:
+            conv(f'up_blocks.{k}.upsamplers.0.conv', cout, cout)
+    norm('conv_norm_out', 128), conv('conv_out', 128, 3)
+    return {name: scale * torch.randn(shape, generator=g) for name, shape in shapes.items()}
+
+
+def our_tensor(net, key):
+    """Where a diffusers key must land, by hand: each encoder level is 2 residual stages + 1 downsampling stage,
+    each decoder level 3 stages (the last also upsamples), q/k/v are the three row blocks of our qkv."""
+    parts = key.split('.')
+    leaf = {'time_emb_proj': 'emb_proj', 'conv_shortcut': 'skip', 'group_norm': 'norm', 'to_out': 'proj',
+            'proj_attn': 'proj'}
+    top = {'conv_in': net.input_conv, 'conv_norm_out': net.out_norm, 'conv_out': net.out_conv}
+    if parts[0] in top:
+        return getattr(top[parts[0]], parts[1])
+    if parts[0] == 'time_embedding':
+        return getattr(net.time_mlp[{'linear_1': 0, 'linear_2': 2}[parts[1]]], parts[2])
+    if parts[0] == 'mid_block':
+        layer = net.middle[{('resnets', '0'): 0, ('attentions', '0'): 1, ('resnets', '1'): 2}[parts[1], parts[2]]]
+        rest = parts[3:]
+    else:
+        block, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        stages = net.down if parts[0] == 'down_blocks' else net.up
+        if kind in ('downsamplers', 'upsamplers'):
+            layer = stages[3 * block + 2][-1]
+        else:
+            layer = stages[3 * block + j][0 if kind == 'resnets' else 1]
+    if rest[0] in ('query', 'key', 'value', 'to_q', 'to_k', 'to_v'):
+        row = {'query': 0, 'key': 1, 'value': 2, 'to_q': 0, 'to_k': 1, 'to_v': 2}[rest[0]]
+        return getattr(layer.qkv, rest[-1]).chunk(3)[row]
+    return getattr(getattr(layer, leaf.get(rest[0], rest[0])), rest[-1])
+
+
+@pytest.mark.parametrize('attention', ['new', 'old'])
+def test_diffusers_loader_maps_every_key(attention):
+    """Every key of google/ddpm-cifar10-32's layout lands on the tensor of the same role, and every parameter of
+    ours is filled. (Planted mistake caught: q and k swapped when assembling qkv.)"""
+    sd = diffusers_ddpm_state_dict(attention)
+    net = unet.load_diffusers_unet(sd)
+    for key, value in sd.items():
+        assert torch.equal(our_tensor(net, key), value), key
+    assert sum(p.numel() for p in net.parameters()) == sum(v.numel() for v in sd.values()) == 35_746_307
+
+
+@pytest.mark.parametrize('break_it, message', [
+    (lambda sd: sd.update({'down_blocks.0.resnets.0.time_emb_proj.scale': torch.ones(128)}), 'unknown keys'),
+    (lambda sd: sd.pop('up_blocks.2.attentions.1.to_k.bias'), 'missing keys'),
+    (lambda sd: sd.update({'conv_out.weight': torch.zeros(6, 128, 3, 3)}), 'shape mismatches'),
+])
+def test_diffusers_loader_refuses_what_is_not_the_layout(break_it, message):
+    """(Planted mistake caught: strict=False loading without the checks.)"""
+    sd = diffusers_ddpm_state_dict()
+    break_it(sd)
+    with pytest.raises(ValueError, match=message):
+        unet.load_diffusers_unet(sd)
+
+
+def test_diffusers_loader_refuses_a_net_that_computes_another_function():
+    with pytest.raises(ValueError, match="timestep_features='cos_sin'"):
+        unet.load_diffusers_unet(diffusers_ddpm_state_dict(), timestep_features='cos_sin')
