@@ -370,6 +370,13 @@ class VectorQuantizer(nn.Module):
                     usage=(counts > 0).float().mean())                                   # share of codes used
         return z_q.contiguous(), loss, info
 
+    def quantize(self, z):
+        """Nearest codes only (no loss, no statistics, no codebook update): the quantiser inside decode()."""
+        z_flat = z.float().permute(0, 2, 3, 1).reshape(-1, self.code_dim)
+        z_flat = F.normalize(z_flat, dim=1) if self.l2_normalize else z_flat
+        z_q = self.codes()[self.nearest(z_flat)]
+        return z_q.reshape(z.shape[0], z.shape[2], z.shape[3], self.code_dim).permute(0, 3, 1, 2).to(z.dtype)
+
     @torch.no_grad()
     def update_codebook(self, z_flat, one_hot, counts):
         """EMA updates (VQ-VAE App. A.1, Eqs. 6-8), usage statistics, and random restarts of dead codes."""
@@ -461,7 +468,7 @@ class Autoencoder(nn.Module):
 
     def decode_raw(self, z, quantize=True):
         if self.config['kind'] == 'vq' and quantize:
-            z, _, _ = self.quantizer(z)
+            z = self.quantizer.quantize(z)
         return self.decoder(self.post_quant_conv(z))
 
     # --- the scaled latent (what diffusion sees) ---
