@@ -4,6 +4,8 @@ Datasets for training diffusion models: tensors in [-1, 1], from memory or strea
 Sources (every one gives float tensors in [-1, 1]: images (C, H, W), videos (C, F, H, W), plus an int label):
   shapes         procedural coloured shapes, 6 classes, no files needed (the default: `python train.py` runs anywhere)
   video-shapes   procedural shapes moving at constant velocity over F frames, for the video model
+  moving-mnist   Srivastava et al. 2015, arXiv:1502.04681: MNIST digits bouncing in the frame (built from t10k)
+  clips:<path>   a folder of video clips: sub-folders of frame images or animated GIFs
   mnist          LeCun, Bottou, Bengio & Haffner 1998, "Gradient-Based Learning Applied to Document Recognition"
   fashion-mnist  Xiao, Rasul & Vollgraf 2017, "Fashion-MNIST", arXiv:1708.07747
   cifar10        Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images" (tech. report)
@@ -388,6 +390,67 @@ class MNISTDataset(InMemoryDataset):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Moving MNIST (Srivastava, Mansimov & Salakhutdinov 2015, arXiv:1502.04681, Sec. 3): digits bouncing in a box
+
+def bounce(p, length):
+    """Fold an unbounded coordinate into [0, length] as a ball bouncing off both walls (a triangle wave)."""
+    m = np.mod(p, 2 * length)
+    return np.where(m <= length, m, 2 * length - m)
+
+
+class MovingMNISTDataset(InMemoryDataset):
+    """Videos (1, F, R, R) of MNIST digits moving at constant speed, bouncing off the frame's edges.
+
+    As in Srivastava et al. (64 x 64 frames, 28 x 28 digits, two digits), with sizes scaled to R: each digit is
+    resized to round(28 R / 64) pixels; start points are uniform, directions uniform on the circle, the speed
+    `speed` (default R / 16 pixels per frame); overlapping digits combine by per-pixel maximum. The digits come
+    from the MNIST test file t10k (the one in ../shared/data): the 'train' split draws from its first 9,000
+    images, 'test' from the last 1,000, so no digit image appears in both. One digit per video gives its class
+    label (10 classes); two or more are unlabelled. Procedural and seeded: the same seed and split give the
+    same videos.
+    """
+
+    def __init__(self, data_dir,             # folder with t10k-images/labels-idx?-ubyte.gz (or an mnist/ sub-folder)
+                 num_videos=None,             # default 4,000 for 'train', 400 for 'test'
+                 frames=8,                    # F, frames per video
+                 resolution=32,               # frame side R in pixels (64 in the paper)
+                 num_digits=2,                # digits per video (2 in the paper)
+                 speed=None,                  # pixels per frame; default R / 16
+                 seed=0,                      # same seed and split -> the same videos
+                 split='train',               # 'train' or 'test' (disjoint digit images)
+                 download=True):              # fetch the MNIST test files (md5 checked) when online
+        num_videos = num_videos or (4000 if split == 'train' else 400)
+        info = IDX_DATASETS['mnist']
+        files = {f: info['md5'][f] for f in ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
+        folder = find_files('mnist', files, data_dir, info['mirrors'], download)
+        digits = read_idx(os.path.join(folder, 't10k-images-idx3-ubyte.gz'))       # (10000, 28, 28)
+        digit_labels = read_idx(os.path.join(folder, 't10k-labels-idx1-ubyte.gz')).astype(np.int64)
+        pool = np.arange(9000) if split == 'train' else np.arange(9000, 10000)
+        size = max(1, round(28 * resolution / 64))                                # digit side at this scale
+        speed = resolution / 16 if speed is None else speed
+        rng = np.random.default_rng([seed, SPLITS[split], 2])       # 2: a stream distinct from the shapes'
+        which = rng.choice(pool, size=(num_videos, num_digits))                   # (N, D) digit indices
+        room = resolution - size                                                  # top-left corner range
+        start = rng.uniform(0, room, size=(num_videos, num_digits, 2))
+        angle = rng.uniform(0, 2 * np.pi, size=(num_videos, num_digits))
+        velocity = speed * np.stack([np.cos(angle), np.sin(angle)], -1)           # (N, D, 2) px / frame
+        t = np.arange(frames)[None, None, :, None]
+        corners = np.rint(bounce(start[:, :, None] + t * velocity[:, :, None], room)).astype(int)  # (N, D, F, 2)
+        sprites = resize_uint8(torch.from_numpy(digits[which.reshape(-1)].copy())[:, None], size)
+        sprites = sprites.reshape(num_videos, num_digits, size, size).numpy()
+        video = np.zeros((num_videos, frames, resolution, resolution), np.uint8)
+        for n in range(num_videos):
+            for d in range(num_digits):
+                for f in range(frames):
+                    x0, y0 = corners[n, d, f]
+                    window = video[n, f, y0:y0 + size, x0:x0 + size]
+                    np.maximum(window, sprites[n, d], out=window)
+        self.params = dict(corners=corners, velocity=velocity, digits=which, digit_size=size)
+        labels = torch.from_numpy(digit_labels[which[:, 0]]) if num_digits == 1 else None
+        super().__init__(torch.from_numpy(video[:, None]), labels, info['classes'] if num_digits == 1 else None)
+
+
+# ----------------------------------------------------------------------------------------------------
 # CIFAR-10: the python pickles, read from the archive or the extracted folder, with a restricted unpickler
 
 CIFAR10_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'
@@ -587,6 +650,61 @@ class ImageFolderDataset(InMemoryDataset):
 
 
 # ----------------------------------------------------------------------------------------------------
+# A folder of clips: each clip a sub-folder of frame images (sorted by name) or an animated GIF
+
+def resize_crop(im, resolution):
+    """PIL image -> uint8 (3, R, R): shorter side resized to R (bicubic, antialiased), centre crop."""
+    w, h = im.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    im = im.convert('RGB').resize(size, Image.BICUBIC)
+    left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
+    return torch.from_numpy(np.asarray(im.crop((left, top, left + resolution, top + resolution))).copy()).permute(2, 0, 1)
+
+
+def load_clip(path, frames, resolution):
+    """A GIF file or a folder of frame images -> uint8 (3, F, R, R): its first F frames, each resized/cropped."""
+    if os.path.isdir(path):
+        files = sorted(f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS))
+        pictures = [load_image(os.path.join(path, f), resolution) for f in files[:frames]]
+    else:
+        try:
+            with Image.open(path) as im:
+                pictures = []
+                for i in range(min(frames, getattr(im, 'n_frames', 1))):
+                    im.seek(i)           # GIF frames may be partial updates; PIL composes the full frame
+                    pictures.append(resize_crop(im, resolution))
+        except Exception as e:
+            raise ValueError(f'cannot read clip {path}: {type(e).__name__}: {e}') from None
+    if len(pictures) < frames:
+        raise ValueError(f'clip {path} has {len(pictures)} frames, fewer than frames={frames}; '
+                         'lower --frames or remove the clip')
+    return torch.stack(pictures, dim=1)                                   # (3, F, R, R)
+
+
+class ClipFolderDataset(InMemoryDataset):
+    """Videos (3, F, R, R) from a folder whose entries are clips: sub-folders of frames or .gif files.
+
+    Frames of a sub-folder are taken in sorted name order (name them 0000.png, 0001.png, ...); a longer clip
+    contributes its first F frames; a shorter one is an error naming it. Unlabelled.
+    """
+
+    def __init__(self, root,          # the folder of clips
+                 frames=8,            # F, frames per clip
+                 resolution=32):      # frame side: shorter side resized to this, then centre-cropped
+        if not os.path.isdir(root):
+            raise DatasetNotFoundError(f'clip folder {os.path.abspath(root)} does not exist')
+        entries = sorted(os.listdir(root))
+        self.paths = [os.path.join(root, e) for e in entries
+                      if os.path.isdir(os.path.join(root, e)) or e.lower().endswith('.gif')]
+        if not self.paths:
+            raise DatasetNotFoundError(f'no clips (sub-folders of frames or .gif files) in {os.path.abspath(root)}')
+        videos = torch.stack([load_clip(p, frames, resolution) for p in
+                              tqdm(self.paths, desc=f'reading {root}', disable=len(self.paths) < 500)])
+        super().__init__(videos)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Feeding batches: in memory by slicing, from disk through a DataLoader with workers
 
 class _IndexBatches:
@@ -630,7 +748,8 @@ def holdout_split(num_items, seed=0, every=20, max_held_out=1000):
 # ----------------------------------------------------------------------------------------------------
 # One entry point for train.py / sample.py / evaluate.py
 
-DATASETS = ('shapes', 'video-shapes', 'mnist', 'fashion-mnist', 'cifar10', 'emoji', 'folder:<path>')
+DATASETS = ('shapes', 'video-shapes', 'moving-mnist', 'mnist', 'fashion-mnist', 'cifar10', 'emoji', 'folder:<path>',
+            'clips:<path>')
 DEFAULT_MEMORY_BUDGET = 4 << 30   # bytes of decoded uint8 images a folder may take in memory (4 GiB)
 
 
@@ -641,8 +760,8 @@ def load_dataset(name='shapes', data_dir=None, split='train', resolution=None, d
     An image folder whose decoded size (N x 3 x R x R bytes) exceeds memory_budget streams from disk
     (dataset.streaming is True; read it with make_loader); a smaller one is decoded once into memory.
     The other sources are small enough to stay in memory. Extra keywords go to the class: num_images
-    (shapes), num_videos/frames (video-shapes), base_only (emoji), path/cache (folder; cache overrides
-    the budget).
+    (shapes), num_videos/frames (video-shapes, moving-mnist; also num_digits/speed), frames (clips),
+    base_only (emoji), path/cache (folder; cache overrides the budget).
     """
     data_dir = data_dir if data_dir is not None else 'data'
     resolution = resolution or 32
@@ -651,6 +770,13 @@ def load_dataset(name='shapes', data_dir=None, split='train', resolution=None, d
         return ShapesDataset(kw.pop('num_images', None), resolution, seed, split, **kw)
     if key in ('video-shapes', 'videoshapes'):
         return VideoShapesDataset(kw.pop('num_videos', None), kw.pop('frames', 8), resolution, seed, split, **kw)
+    if key in ('moving-mnist', 'movingmnist'):
+        return MovingMNISTDataset(data_dir, kw.pop('num_videos', None), kw.pop('frames', 8), resolution,
+                                  seed=seed, split=split, download=download, **kw)
+    if key.startswith('clips:'):
+        if split != 'train':
+            raise ValueError(f"a clip folder has only one split; got split={split!r}")
+        return ClipFolderDataset(name.split(':', 1)[1], kw.pop('frames', 8), resolution)
     if key in ('mnist', 'fashion-mnist', 'fashionmnist'):
         variant = 'mnist' if key == 'mnist' else 'fashion-mnist'
         return MNISTDataset(data_dir, split, resolution, download, variant)
