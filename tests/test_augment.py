@@ -83,6 +83,7 @@ def test_aug_cond_records_exactly_what_was_applied(batch):
                                      contrast_std=0, saturation_std=0)(batch, generator=g)
     m = round(0.125 * 32)
     assert (cond[:, 4:6].abs() * 32 <= m + 1e-4).all() and (cond[:, 4:6] != 0).any()
+    assert (cond[:, :4] == 0).all() and (cond[:, 6:] == 0).all()              # disabled transforms stay 0
     assert torch.equal(augment.invert_augment(shifted, cond)[..., m:-m, m:-m], batch[..., m:-m, m:-m])
     # Same generator seed, same augmentation (reproducible runs).
     a = pipe(batch, generator=torch.Generator().manual_seed(7))

@@ -390,3 +390,13 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
         assert cached['FD_lenet'] == pytest.approx(first['FD_lenet'], rel=1e-9)
     lenet_hash = evaluate.network_id(evaluate.lenet_from_state_dict(torch.load(tmp_path / 'lenet.pth')))
     assert os.listdir(tmp_path / 'cache') == [f'train_16px_n60_lenet_{lenet_hash[:8]}_clean.npz']
+
+
+def test_the_command_line_scores_with_the_pytorch_fid_protocol_by_default():
+    # Issue 10: published FIDs use pytorch-fid's resize; flipping the default back to 'clean' must fail here.
+    assert evaluate.parse_args(['gen.npz', 'ref.npz']).resize == 'legacy'
+    assert evaluate.metric_name('fid') == 'FID' and evaluate.metric_name('kid') == 'KID'
+    assert evaluate.metric_name('fid', 'inception', 'clean') == 'clean-FID'
+    assert evaluate.metric_name('fid', 'lenet', 'clean') == 'FD_lenet'      # a different network keeps its name
+    stats = evaluate.compute_statistics(np.random.RandomState(0).randn(10, 3))
+    assert str(stats['resize']) == 'legacy'                                 # statistics default to it too

@@ -1,0 +1,207 @@
+"""Bad input to evaluate.py and the data loaders (issue 11): every case ends in a clear message before long work,
+or is read correctly; nothing is silently misread and no computed result is lost to a bad output path.
+
+Each test failed before the fix it guards (see the comment at its top for what happened then)."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def lenet_run(tmp_path):
+    """A small LeNet weight file and 40 generated / 60 reference gray 16x16 images; returns (args maker, folder)."""
+    rng = np.random.RandomState(0)
+    np.savez(tmp_path / 'gen.npz', rng.randint(0, 256, (40, 1, 16, 16), dtype=np.uint8))
+    np.savez(tmp_path / 'ref.npz', rng.randint(0, 256, (60, 1, 16, 16), dtype=np.uint8))
+    torch.manual_seed(1)
+    torch.save(evaluate.LeNetFeatures(1, 10, 16).state_dict(), tmp_path / 'lenet.pth')
+
+    def args(generated='gen.npz', reference='ref.npz', *extra, weights='lenet.pth'):
+        return evaluate.parse_args([str(tmp_path / generated), str(tmp_path / reference), '--network', 'lenet',
+                                    '--lenet-weights', str(tmp_path / weights), '--metrics', 'fid', *extra])
+    return args, tmp_path
+
+
+@pytest.fixture
+def count_feature_passes(monkeypatch):
+    """Counts calls of evaluate.extract_features (the long work a bad path must not waste)."""
+    calls = []
+    original = evaluate.extract_features
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(evaluate, 'extract_features', counting)
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output paths: checked before any feature is extracted (before: checked after, or not at all)
+
+def test_output_paths_are_checked_before_any_feature_extraction(lenet_run, count_feature_passes):
+    # Before: '--save-stats stats' (no extension) ran everything and np.savez wrote 'stats.npz' elsewhere than
+    # asked; a folder that is a file failed with a traceback after all features were computed.
+    args, root = lenet_run
+    (root / 'a_file').write_text('x')
+    bad = [('--save-stats', str(root / 'stats'), 'must end in .npz'),
+           ('--save-stats', str(root / 'a_file' / 'stats.npz'), 'cannot write'),
+           ('--out', str(root / 'scores.txt'), 'must end in .json'),
+           ('--save-stats', str(root), 'must end in .npz')]
+    for flag, path, message in bad:
+        with pytest.raises(ValueError, match=message):
+            evaluate.main(args('gen.npz', 'ref.npz', flag, path))
+    assert count_feature_passes == []                                  # refused before any work
+    # A missing folder is created, and the scores land where asked, named after their protocol.
+    results = evaluate.main(args('gen.npz', 'ref.npz', '--save-stats', str(root / 'new' / 'stats.npz'),
+                                 '--out', str(root / 'new' / 'scores.json')))
+    assert os.path.isfile(root / 'new' / 'stats.npz')
+    record = json.load(open(root / 'new' / 'scores.json'))
+    assert record['scores']['FD_lenet'] == pytest.approx(results['FD_lenet'])
+    assert record['network'] == 'lenet' and len(record['network_id']) == 16
+
+
+def test_checkpoint_sample_path_is_checked_before_sampling(lenet_run, monkeypatch):
+    # Before: evaluate.py had no way to keep the samples of a checkpoint; now --npz is checked before sampling.
+    args, root = lenet_run
+    (root / 'ckpt.pt').write_bytes(b'')
+    monkeypatch.setattr(evaluate, 'sample_checkpoint', lambda a: pytest.fail('sampled despite a bad --npz'))
+    with pytest.raises(ValueError, match='must end in .npz'):
+        evaluate.main(args('ckpt.pt', 'ref.npz', '--npz', str(root / 'samples.png')))
+    with pytest.raises(ValueError, match='not a .pt file'):
+        evaluate.main(args('gen.npz', 'ref.npz', '--npz', str(root / 'samples.npz')))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Silently wrong before
+
+def test_a_nan_pixel_in_a_float_npz_is_an_error_not_a_misdecode(tmp_path):
+    # Before: one NaN made x.min() < 0 false, so [-1, 1] data was decoded as [0, 1] and scored.
+    x = np.random.RandomState(1).uniform(-1, 1, (4, 3, 8, 8))
+    x[2, 1, 3, 3] = np.nan
+    np.savez(tmp_path / 'nan.npz', images=x)
+    with pytest.raises(ValueError, match=r'1 pixel values are NaN.*\(2, 1, 3, 3\)'):
+        evaluate.load_images(str(tmp_path / 'nan.npz'))
+    np.savez(tmp_path / 'range255.npz', images=x[:2] * 0 + 200.0)     # 0..255 stored as floats: ambiguous
+    with pytest.raises(ValueError, match=r'\[0, 1\] or \[-1, 1\]'):
+        evaluate.load_images(str(tmp_path / 'range255.npz'))
+    x = np.nan_to_num(x)                                              # the same data without the NaN
+    np.savez(tmp_path / 'ok.npz', images=x)
+    expected = np.clip(np.rint((x + 1) * 127.5), 0, 255)
+    assert np.array_equal(evaluate.load_images(str(tmp_path / 'ok.npz')).numpy(), expected)
+
+
+def test_statistics_of_another_feature_network_are_refused(lenet_run):
+    # Before: only the network's name was stored, so statistics of another LeNet were accepted (FD 970, not 41.7).
+    args, root = lenet_run
+    evaluate.main(args('gen.npz', 'ref.npz', '--save-stats', str(root / 'stats.npz')))
+    torch.manual_seed(2)                                              # another LeNet: same name, other weights
+    torch.save(evaluate.LeNetFeatures(1, 10, 16).state_dict(), root / 'other.pth')
+    with pytest.raises(ValueError, match='other lenet weights'):
+        evaluate.main(args('gen.npz', 'stats.npz', weights='other.pth'))
+    evaluate.main(args('gen.npz', 'stats.npz'))                       # the right network is accepted
+
+
+def test_kid_with_fewer_images_than_the_subset_size_warns_and_reduces_it():
+    # Before: every subset was the whole set, so the std was ~1e-13 and looked like a precise result.
+    rng = np.random.RandomState(2)
+    a, b = rng.randn(300, 8), rng.randn(300, 8) + 0.1
+    with pytest.warns(UserWarning, match='subset size 1000 >= the 300 samples.*reduced to 150'):
+        mean, std = evaluate.kid(a, b, num_subsets=20, subset_size=1000)
+    assert std > 1e-3 * abs(mean)                                     # subsets differ: a real spread
+    assert evaluate.parse_args(['a', 'b', '--kid-subset-size', '50']).kid_subset_size == 50
+    with pytest.raises(SystemExit):
+        evaluate.parse_args(['a', 'b', '--kid-subset-size', '1'])
+
+
+def make_16bit_png(path, values):
+    Image.fromarray(values.astype(np.uint16)).save(path)              # PIL writes mode I;16 as a 16-bit PNG
+
+
+def test_16bit_pngs_and_float_tiffs_are_read_at_their_real_brightness(tmp_path):
+    # Before: convert('RGB') clipped 16-bit values to 255 (white) and truncated float [0, 1] to 0 (black).
+    levels = np.arange(256).reshape(16, 16)
+    folder = tmp_path / 'deep'
+    folder.mkdir()
+    make_16bit_png(folder / 'a16.png', levels * 257)                  # 8-bit level v written as v * 257
+    Image.fromarray((levels / 255).astype(np.float32)).save(folder / 'b_float.tif')
+    images = evaluate.load_images(str(folder))
+    for image in images:                                              # both: the 256 gray levels, in all channels
+        assert torch.equal(image, torch.from_numpy(levels).to(torch.uint8).expand(3, -1, -1))
+    ds = data.load_dataset(f'folder:{folder}', resolution=16)          # the training loader reads them the same way
+    assert torch.equal(ds.images[0], images[0]) and torch.equal(ds.images[1], images[1])
+    Image.fromarray(np.full((4, 4), 3.5, np.float32)).save(folder / 'c_bright.tif')
+    with pytest.raises(ValueError, match=r'c_bright.tif.*must be in \[0, 1\]'):
+        evaluate.load_images(str(folder))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tracebacks before, messages now
+
+def test_one_image_is_a_clear_error_before_feature_extraction(lenet_run, count_feature_passes):
+    # Before: scipy's "array must not contain infs or NaNs" after all features were computed.
+    args, root = lenet_run
+    np.savez(root / 'one.npz', np.zeros((1, 1, 16, 16), np.uint8))
+    with pytest.raises(ValueError, match='holds 1 image.*at least 2'):
+        evaluate.main(args('one.npz', 'ref.npz'))
+    assert count_feature_passes == []
+    with pytest.raises(ValueError, match='at least 2 feature vectors'):
+        evaluate.feature_statistics(np.ones((1, 8)))
+
+
+def test_a_mixed_size_folder_names_the_odd_file(tmp_path):
+    # Before: numpy's "all input arrays must have the same shape", no file named.
+    for name, size in (('a.png', 16), ('b.png', 16), ('c_big.png', 20), ('d.png', 16)):
+        Image.fromarray(np.zeros((size, size, 3), np.uint8)).save(tmp_path / name)
+    with pytest.raises(ValueError, match=r'c_big.png is 20x20 but .*a.png is 16x16'):
+        evaluate.load_images(str(tmp_path))
+
+
+@pytest.mark.parametrize('content', ['list', 'no_config', 'no_data', 'tensor'])
+def test_a_checkpoint_with_missing_keys_or_another_object_is_a_clear_error(lenet_run, content):
+    # Before: KeyError / IndexError / AttributeError tracebacks from inside the loader.
+    args, root = lenet_run
+    objects = {'list': [1, 2, 3], 'no_config': {'model': {}, 'ema': {}},
+               'no_data': {'config': {'net': {}}, 'model': {}, 'ema': {}}, 'tensor': torch.zeros(3)}
+    torch.save(objects[content], root / 'ckpt.pt')
+    with pytest.raises((ValueError, SystemExit)) as info:             # sample.py may stop with its own message
+        evaluate.main(args('ckpt.pt', 'ref.npz'))
+    assert 'ckpt.pt' in str(info.value) and 'Traceback' not in str(info.value)
+
+
+def test_lenet_weights_with_missing_keys_are_a_clear_error(lenet_run):
+    # Before: KeyError('conv1.weight') from build_network.
+    args, root = lenet_run
+    state = torch.load(root / 'lenet.pth')
+    del state['fc2.weight']
+    torch.save(state, root / 'broken.pth')
+    torch.save(['not', 'a', 'state', 'dict'], root / 'list.pth')
+    for weights in ('broken.pth', 'list.pth'):
+        with pytest.raises(ValueError, match=f'{weights} is not the state dict of a LeNetFeatures'):
+            evaluate.main(args('gen.npz', 'ref.npz', weights=weights))
+
+
+def test_a_folder_of_fewer_than_20_images_holds_out_nothing(tmp_path):
+    # Before: train.py held out len // 20 = 0 images and logged val_loss NaN; data.holdout_split now returns an
+    # empty held-out set, which train.py checks to skip the validation loss.
+    for i in range(10):
+        Image.fromarray(np.full((8, 8, 3), 20 * i, np.uint8)).save(tmp_path / f'{i}.png')
+    ds = data.load_dataset(f'folder:{tmp_path}', resolution=8)
+    train_index, val_index = data.holdout_split(len(ds), seed=0)
+    assert len(val_index) == 0 and sorted(train_index.tolist()) == list(range(10))
+    x, _ = ds.batch(train_index)
+    assert torch.isfinite(x).all() and len(x) == 10
