@@ -9,6 +9,8 @@ Papers (equations quoted below):
                    (a sample is a copy when d(x, NN1) < d(x, NN2) / 3)
   Clean resizing   Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN
                    Evaluation" (clean-fid), arXiv:2104.11222
+  FVD              Unterthiner et al. 2019, "FVD: A new Metric for Video Generation", arXiv:1812.01717
+                   (the Frechet distance of I3D logits, i3d.py; KVD is the KID over the same features)
 
 Key equations, for features f of real (r) and generated (g) images:
   FID   = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})               (Heusel Eq. 6)
@@ -21,6 +23,9 @@ the data (FD_lenet, for offline machines and MNIST-like data). A score's name sa
   FID, KID, IS      Inception with the pytorch-fid/TF resize ('legacy', the default): comparable with papers
   clean-FID, ...    Inception with antialiased bicubic resizing (--resize clean, Parmar et al. 2022)
   FD_lenet, KD_lenet  Frechet/kernel distance in LeNet features: a different scale, never called FID
+  FVD, KVD          videos (N, C, F, H, W): Frechet/kernel distance of the 400 time-averaged I3D logits
+  frame-FID, ...    videos scored frame by frame with an image network (every frame one image): appearance
+                    only, blind to motion, which is what FVD adds
 Reference statistics remember the network's name, resize and a hash of its weights, and are refused when any
 differs from the run's.
 
@@ -35,6 +40,7 @@ Usage:  python sample.py --ckpt runs/x/ckpt.pt -n 2000 --npz samples.npz   # sam
         python evaluate.py samples.npz reference_folder/ --metrics fid,kid,is,pr
         python evaluate.py runs/x/ckpt.pt ref_stats.npz --num-gen 2000    # sample and score a checkpoint
         python evaluate.py samples.npz ref_stats.npz      # cached statistics (--save-stats makes them)
+        python evaluate.py --video fake.npz real_clips/ --metrics fvd,kvd,fid   # videos: FVD + frame-wise
         python evaluate.py --demo          # closed-form checks that need no weights
 """
 import argparse
@@ -56,10 +62,12 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+from i3d import I3D_WEIGHTS_ENV, I3D_WEIGHTS_NAME, load_i3d
 from inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3,  # noqa: F401 (re-exported)
                        find_inception_weights, load_inception, resize_images)
 
 METRICS = ('fid', 'kid', 'is', 'pr')
+VIDEO_METRICS = ('fvd', 'kvd') + METRICS   # with --video: fid, kid, is, pr are frame-wise
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -397,6 +405,10 @@ def metric_name(metric, network='inception', resize='legacy'):
     KD_<name>, precision_<name>, ... so that a LeNet distance is never read as an FID.
     """
     base = {'fid': 'FID', 'kid': 'KID', 'is': 'IS', 'precision': 'precision', 'recall': 'recall'}[metric]
+    if network.endswith('/frames'):   # an image network on every frame of videos (FrameFeatures)
+        return 'frame-' + metric_name(metric, network[:-len('/frames')], resize)
+    if network == 'i3d':              # video features: Unterthiner et al.'s FVD, and the KID of them (KVD)
+        return {'fid': 'FVD', 'kid': 'KVD'}.get(metric, f'{base}_i3d')
     if network != 'inception':
         return {'fid': f'FD_{network}', 'kid': f'KD_{network}'}.get(metric, f'{base}_{network}')
     return base if resize == 'legacy' else f'{resize}-{base}'
@@ -515,8 +527,9 @@ def is_statistics_file(path):
 def extract_features(images, model, batch_size=50, device='cpu', return_logits=False, progress=True):
     """Run `model` over images (tensor/array (N, C, H, W), uint8 or [0, 1]) in batches -> numpy (N, D)."""
     images = torch.as_tensor(images)
-    if images.ndim != 4:
-        raise ValueError(f'images must be (N, C, H, W), got shape {tuple(images.shape)}')
+    if images.ndim != getattr(model, 'input_ndim', 4):   # video networks (I3D, FrameFeatures) take 5-D input
+        layout = '(N, C, F, H, W) videos' if getattr(model, 'input_ndim', 4) == 5 else '(N, C, H, W) images'
+        raise ValueError(f'{model.name} features need {layout}, got shape {tuple(images.shape)}')
     feats, logits = [], []
     for start in tqdm(range(0, len(images), batch_size), desc=f'{model.name} features', disable=not progress):
         x = to_unit_float(images[start:start + batch_size]).to(device)
@@ -527,6 +540,87 @@ def extract_features(images, model, batch_size=50, device='cpu', return_logits=F
             logits.append(l.double().cpu())
     feats = torch.cat(feats).numpy()
     return (feats, torch.cat(logits).numpy()) if return_logits else feats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Videos (N, C, F, H, W): I3D features for FVD/KVD, and any image network applied frame by frame
+
+class VideoFeatures(nn.Module):
+    """The I3D of i3d.py behind extract_features' interface: videos in [0, 1] -> (N, 400) time-averaged logits.
+
+    Those logits are FVD's features (Unterthiner et al. 2019); scores are named FVD and KVD (metric_name).
+    Clips go through in chunks: one 16-frame clip at 224 x 224 takes ~0.2 GB of activations.
+    """
+
+    name, resize, input_ndim = 'i3d', 'bilinear', 5   # resize: I3D's fixed protocol (224 x 224 bilinear)
+
+    def __init__(self, i3d, chunk=8):
+        super().__init__()
+        self.i3d = i3d         # i3d.InceptionI3d in eval mode (load_i3d)
+        self.chunk = chunk     # clips per forward pass
+
+    def forward(self, x, return_logits=False):
+        if return_logits:
+            raise ValueError('I3D has no Inception Score; its logits are already the FVD features')
+        return torch.cat([self.i3d(part) for part in x.split(self.chunk)])
+
+
+class FrameFeatures(nn.Module):
+    """An image feature network on every frame: videos (N, C, F, H, W) -> (N * F, D) features (and logits).
+
+    Frame-wise FID/KID/IS treat the frames of all videos as one set of images; they measure appearance and
+    are blind to motion (shuffling frames within a video leaves them unchanged). Named frame-FID etc.
+    """
+
+    input_ndim = 5
+
+    def __init__(self, image_net, chunk=100):
+        super().__init__()
+        self.image_net = image_net                        # FIDInceptionV3 or LeNetFeatures
+        self.name = image_net.name + '/frames'            # metric_name turns this into frame-FID, frame-FD_lenet
+        self.resize = getattr(image_net, 'resize', 'legacy')
+        self.chunk = chunk                                # frames per forward pass of the image network
+
+    def forward(self, x, return_logits=False):
+        frames = x.transpose(1, 2).flatten(0, 1)          # (N*F, C, H, W), video by video, frame by frame
+        outs = [self.image_net(part, return_logits=return_logits) for part in frames.split(self.chunk)]
+        if not return_logits:
+            return torch.cat(outs)
+        return torch.cat([f for f, _ in outs]), torch.cat([l for _, l in outs])
+
+
+def load_videos(path, limit=None, frames=None, resolution=None):
+    """Videos -> uint8 (N, C, F, H, W): an .npz (sample.py --npz writes uint8 (N, F, H, W, C); (N, C, F, H, W)
+    and grey (N, F, H, W) are read too) or a folder of clips (data.py's clips:, sub-folders of frames or GIFs,
+    read at `frames` x `resolution`). `frames` keeps the first F frames of every video."""
+    if path.endswith('.npz'):
+        with open_npz(path) as npz:
+            key = next((k for k in ('videos', 'samples', 'x', 'arr_0') if k in npz), (npz.files or [None])[0])
+            if key is None:
+                raise ValueError(f'{path} holds no arrays')
+            x = npz[key][:limit]
+        if x.ndim == 4:
+            x = x[:, None]                                # (N, F, H, W) grey
+        if x.ndim != 5:
+            raise ValueError(f'{path}: array {key!r} has shape {x.shape}; expected videos (N, F, H, W, C) '
+                             'or (N, C, F, H, W)')
+        if x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
+            x = x.transpose(0, 4, 1, 2, 3)                # (N, F, H, W, C) -> (N, C, F, H, W)
+        if x.dtype != np.uint8:
+            x = float_images_to_uint8(x, f'{path} (array {key!r})')
+        videos = torch.from_numpy(np.ascontiguousarray(x))
+    elif os.path.isdir(path):
+        if not frames or not resolution:
+            raise ValueError(f'{path}: reading a folder of clips needs --frames and --video-resolution '
+                             '(or generated videos in an .npz to take them from)')
+        videos = data.load_dataset(f'clips:{path}', frames=frames, resolution=resolution).images[:limit]
+    else:
+        raise FileNotFoundError(f'{path} is neither an .npz of videos nor a folder of clips')
+    if frames:
+        if videos.shape[2] < frames:
+            raise ValueError(f'{path}: videos have {videos.shape[2]} frames, fewer than --frames {frames}')
+        videos = videos[:, :, :frames]
+    return videos
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -617,7 +711,7 @@ def compute_metrics(fake_feats, ref_stats, fake_logits=None, metrics=METRICS, ne
     ref_feats = ref_stats.get('features')
     if 'kid' in metrics and ref_feats is not None:
         results[name('kid')], results[name('kid') + '_std'] = kid(fake_feats, ref_feats, subset_size=kid_subset_size)
-    if 'is' in metrics and fake_logits is not None and network == 'inception':
+    if 'is' in metrics and fake_logits is not None and network.split('/')[0] == 'inception':
         results[name('is')], results[name('is') + '_std'] = inception_score(fake_logits)
     if 'pr' in metrics and ref_feats is not None:
         n = min(len(fake_feats), len(ref_feats), 10000)  # O(n^2) distances: cap the sample count
@@ -636,7 +730,7 @@ def evaluate_generator(generate, ref_stats, model, num_samples=2000, batch_size=
     for a headline FID. train.py calls this every N steps; names follow the model (see metric_name).
     """
     feats, logits = [], []
-    want_logits = 'is' in metrics and model.name == 'inception'
+    want_logits = 'is' in metrics and model.name.split('/')[0] == 'inception'
     for start in range(0, num_samples, batch_size):
         x = generate(min(batch_size, num_samples - start)).cpu()
         if not torch.isfinite(x).all():  # to_uint8 would turn NaN into some pixel value and score it
@@ -711,7 +805,8 @@ def parse_args(argv=None):
     g.add_argument('--batch-size', type=int, default=50, help='images per forward pass')
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     m = p.add_argument_group('metrics')
-    m.add_argument('--metrics', default='fid,kid,is,pr', help='comma-separated subset of fid,kid,is,pr')
+    m.add_argument('--metrics', default=None, help='comma-separated subset of fid,kid,is,pr (default: all); with '
+                   '--video of fvd,kvd,fid,kid,is,pr (default: fvd,kvd,fid; fid/kid/is/pr are frame-wise)')
     m.add_argument('--kid-subset-size', type=int, default=1000,
                    help='samples per KID subset (Binkowski et al. use 1000); reduced, with a warning, when larger '
                         'than half the smaller set')
@@ -734,6 +829,15 @@ def parse_args(argv=None):
     s.add_argument('--class', dest='fixed_class', type=int, default=0, help='the class of --conditions fixed')
     s.add_argument('--seed', type=int, default=0, help='seed of the first batch of samples')
     s.add_argument('--npz', default=None, help='also save the samples (uint8 NHWC and labels, as sample.py --npz)')
+    v = p.add_argument_group('videos (--video)')
+    v.add_argument('--video', action='store_true', help='GENERATED and REFERENCE are videos (.npz or clip folders): '
+                   'FVD/KVD with I3D, frame-wise scores with --network')
+    v.add_argument('--i3d-weights', default=None, help=f'path of {I3D_WEIGHTS_NAME} (else ${I3D_WEIGHTS_ENV}, '
+                   'else the torch hub cache, else download)')
+    v.add_argument('--frames', type=int, default=None, help='use the first F frames of every video (clip folders: '
+                   'frames to read; default: those of the generated .npz)')
+    v.add_argument('--video-resolution', type=int, default=None,
+                   help='frame side for reading clip folders (default: that of the generated .npz)')
     p.add_argument('--demo', action='store_true', help='print closed-form checks (no weights needed)')
     p.add_argument('--train-lenet', default=None, metavar='NPZ',
                    help='train the FD_lenet classifier on an .npz of images and labels, save it to --lenet-weights')
@@ -743,12 +847,17 @@ def parse_args(argv=None):
         p.error('--train-lenet needs --lenet-weights (where to save the classifier)')
     if not (args.demo or args.train_lenet) and (args.generated is None or args.reference is None):
         p.error('give GENERATED and REFERENCE (or --demo, or --train-lenet)')
-    unknown = set(args.metrics.split(',')) - set(METRICS)
+    known = VIDEO_METRICS if args.video else METRICS
+    args.metrics = args.metrics or ('fvd,kvd,fid' if args.video else ','.join(METRICS))
+    unknown = set(args.metrics.split(',')) - set(known)
     if unknown:
-        p.error(f'--metrics: unknown {", ".join(sorted(unknown))}; choose from {",".join(METRICS)}')
+        p.error(f'--metrics: unknown {", ".join(sorted(unknown))}; choose from {",".join(known)}')
+    if args.video and args.generated and args.generated.endswith('.pt'):
+        p.error('--video scores saved videos: sample the checkpoint with sample.py --npz first')
     for flag, value, low in (('--batch-size', args.batch_size, 1), ('--kid-subset-size', args.kid_subset_size, 2),
                              ('--num-gen', args.num_gen, 2), ('--num-ref', args.num_ref, 2), ('--steps', args.steps, 1),
-                             ('--lenet-steps', args.lenet_steps, 1)):
+                             ('--lenet-steps', args.lenet_steps, 1), ('--frames', args.frames, 1),
+                             ('--video-resolution', args.video_resolution, 8)):
         if value is not None and value < low:
             p.error(f'{flag} must be at least {low}, got {value}')
     if not math.isfinite(args.guidance):
@@ -898,11 +1007,49 @@ def reference_statistics(args, net, net_id):
     return stats, real_feats, len(real)
 
 
+def video_command(args):
+    """FVD/KVD (I3D features) and frame-wise FID/KID/IS/PR (the --network on every frame) of generated videos."""
+    check_paths(args)
+    metrics = set(args.metrics.split(','))
+    fake = load_videos(args.generated, args.num_gen, args.frames, args.video_resolution)
+    real = load_videos(args.reference, args.num_ref, args.frames or fake.shape[2], args.video_resolution or fake.shape[-1])
+    if fake.shape[2] != real.shape[2] or min(len(fake), len(real)) < 2:
+        raise ValueError(f'generated videos {tuple(fake.shape)} and reference videos {tuple(real.shape)} must have '
+                         'the same number of frames (use --frames) and at least 2 videos each')
+    results, record = {}, {}
+    nets = []
+    if metrics & {'fvd', 'kvd'}:
+        nets.append((VideoFeatures(load_i3d(args.i3d_weights, args.device)), {'fvd': 'fid', 'kvd': 'kid'}))
+    if metrics & set(METRICS):
+        nets.append((FrameFeatures(build_network(args)), {m: m for m in METRICS}))
+    for net, names in nets:   # each network's features, statistics and scores, named after the network
+        wanted = tuple(names[m] for m in VIDEO_METRICS if m in metrics and m in names)
+        want_logits = 'is' in wanted and net.name.split('/')[0] == 'inception'
+        out = extract_features(fake, net, args.batch_size, args.device, return_logits=want_logits)
+        fake_feats, fake_logits = out if want_logits else (out, None)
+        real_stats = compute_statistics(extract_features(real, net, args.batch_size, args.device),
+                                        network=net.name, resize=net.resize)
+        results.update(compute_metrics(fake_feats, real_stats, fake_logits, wanted, net.name, args.kid_subset_size,
+                                       net.resize))
+        record[net.name] = network_id(net)
+    split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
+    print(format_results(results, len(fake), len(real), None, split))
+    if args.out:
+        with open(args.out + '.tmp', 'w') as f:
+            json.dump(dict(scores=results, generated=args.generated, reference=args.reference, num_generated=len(fake),
+                           num_reference=len(real), frames=int(fake.shape[2]), networks=record), f, indent=1,
+                      default=float)
+        os.replace(args.out + '.tmp', args.out)
+    return results
+
+
 def main(args):
     if args.demo:
         return demo()
     if args.train_lenet:
         return train_lenet_command(args)
+    if args.video:
+        return video_command(args)
     check_paths(args)  # every path before any long work: a bad output path must not cost the computation
     metrics = tuple(args.metrics.split(','))
     net = build_network(args)

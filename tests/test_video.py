@@ -73,3 +73,52 @@ def test_clip_folder_reads_gifs_and_frame_folders(tmp_path):
     assert (got[0].int() - colours[0].int()).abs().max() <= 8                  # GIF: a 256-colour palette
     with pytest.raises(ValueError, match='has 8 frames, fewer than frames=9'):
         data.load_dataset(f'clips:{root}', frames=9)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metrics: evaluate.py --video (FVD/KVD on I3D features, frame-wise scores with an image network)
+
+class MeanPerFrame(torch.nn.Module):
+    """A cheap stand-in for I3D (tests/test_i3d.py tests the real one): the mean colour of every frame, in order."""
+
+    def forward(self, x):                       # (N, C, F, H, W) in [0, 1] -> (N, C * F)
+        return x.mean(dim=(3, 4)).flatten(1)
+
+
+def test_video_command_scores_motion_and_frames_separately(tmp_path, monkeypatch):
+    """Generated = the reference clips played backwards. Frame-wise scores see the same set of frames (FD 0);
+    FVD sees the motion, and equals the Frechet distance of the video features computed by hand."""
+    import evaluate
+    g = torch.Generator().manual_seed(0)
+    real = (torch.rand(6, 3, 4, 8, 8, generator=g) * 255).round().to(torch.uint8)      # (N, C, F, H, W)
+    root = tmp_path / 'clips'
+    for n, clip in enumerate(real):
+        (root / f'{n:02d}').mkdir(parents=True)
+        for f in range(4):
+            Image.fromarray(clip[:, f].permute(1, 2, 0).numpy()).save(root / f'{n:02d}' / f'{f:04d}.png')
+    fake = real.flip(2)
+    np.savez(tmp_path / 'fake.npz', samples=fake.permute(0, 2, 3, 4, 1).numpy())      # sample.py's (N, F, H, W, C)
+    lenet = evaluate.LeNetFeatures(in_channels=3, num_classes=10, image_size=8)
+    torch.save(lenet.state_dict(), tmp_path / 'lenet.pt')
+    monkeypatch.setattr(evaluate, 'load_i3d', lambda path, device: MeanPerFrame())
+    args = evaluate.parse_args(['--video', str(tmp_path / 'fake.npz'), str(root), '--metrics', 'fvd,fid',
+                                '--network', 'lenet', '--lenet-weights', str(tmp_path / 'lenet.pt'),
+                                '--out', str(tmp_path / 'scores.json')])
+    results = evaluate.main(args)
+    assert set(results) == {'FVD', 'frame-FD_lenet'}
+    assert abs(results['frame-FD_lenet']) < 1e-6
+    features = lambda v: MeanPerFrame()(v.double() / 255).numpy()
+    expected = evaluate.frechet_distance(*evaluate.feature_statistics(features(fake)),
+                                         *evaluate.feature_statistics(features(real)))
+    assert expected > 1e-3 and abs(results['FVD'] - expected) < 1e-6 * expected
+    assert (tmp_path / 'scores.json').exists()
+
+
+def test_video_metric_names_and_checks():
+    import evaluate
+    assert evaluate.metric_name('fid', 'i3d') == 'FVD' and evaluate.metric_name('kid', 'i3d') == 'KVD'
+    assert evaluate.metric_name('fid', 'inception/frames', 'legacy') == 'frame-FID'
+    assert evaluate.metric_name('is', 'inception/frames', 'clean') == 'frame-clean-IS'
+    assert evaluate.metric_name('fid', 'lenet/frames', 'clean') == 'frame-FD_lenet'
+    with pytest.raises(ValueError, match=r'\(N, C, F, H, W\) videos'):
+        evaluate.extract_features(torch.zeros(2, 3, 8, 8), evaluate.VideoFeatures(MeanPerFrame()), progress=False)
