@@ -29,7 +29,6 @@ import data  # noqa: E402
 import vae  # noqa: E402
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'shared', 'data')
-SMALL = dict(channels=16, channel_mult=(1, 2, 4))   # f = 4, widths 16-32-64: CPU-sized
 
 
 def psnr(x, x_hat):
@@ -40,7 +39,7 @@ def psnr(x, x_hat):
 
 def train_autoencoder(kind, gan, train, steps, batch, lr, seed=0):
     torch.manual_seed(seed)
-    ae = vae.create_autoencoder(f'{kind}-f4', **SMALL)
+    ae = vae.create_autoencoder(f'{kind}-f4')
     loss_fn = vae.AutoencoderLoss(kind, disc_weight=0.5 if gan else 0.0, disc_start=steps // 2, disc_channels=32)
     opt = torch.optim.Adam(ae.parameters(), lr=lr, betas=(0.5, 0.9))                # LDM/VQGAN's betas
     opt_d = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=lr, betas=(0.5, 0.9))
@@ -127,7 +126,7 @@ def part_speed(args):
     import diffusion as diffusion_module
     import unet
     dataset = data.load_dataset('emoji', data_dir=args.data_dir, resolution=64)
-    ae = vae.create_autoencoder('kl-f4', **SMALL).eval().requires_grad_(False)
+    ae = vae.create_autoencoder('kl-f4').eval().requires_grad_(False)
     g = torch.Generator().manual_seed(0)
     pick = lambda n: dataset.batch(torch.randint(0, len(dataset), (n,), generator=g))[0]  # noqa: E731
     cached = ae.encode(pick(256))
