@@ -31,7 +31,6 @@ and optionally an .npz of uint8 samples. With --inverse METHOD it instead solves
 import argparse
 import ast
 import errno
-import inspect
 import math
 import os
 import tempfile
@@ -82,6 +81,7 @@ def load_checkpoint(path, device='cpu'):
 
 def build_network(config):
     """Rebuild a network from the config stored in a checkpoint (its class and constructor arguments)."""
+    # The class comes from a fixed table, never from a name in the file: a checkpoint cannot pick code to run.
     if config['model'] not in NETWORKS:
         raise SystemExit(f"error: unknown network {config['model']!r} in the checkpoint; known: {', '.join(NETWORKS)}")
     return NETWORKS[config['model']](**config['net'])
@@ -89,6 +89,7 @@ def build_network(config):
 
 def build_diffusion(config):
     """The Diffusion (parameterisation, training schedule, noise-level sampler) the model was trained with."""
+    # t_sampler matters only for training; older checkpoints without it default to uniform.
     d = config['diffusion']
     return Diffusion(d['schedule'], d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
 
@@ -107,6 +108,7 @@ def load_model(path, device='cpu', use_ema=True):
     except (RuntimeError, TypeError, AttributeError) as e:      # missing/extra keys, wrong shapes, not a dict
         raise SystemExit(f'error: the weights in {path!r} do not fit the network its config describes: '
                          f'{str(e).splitlines()[0][:300]}') from None
+    # Checked on the tensors actually loaded (EMA or raw), buffers included.
     bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise SystemExit(f"error: {path!r} has non-finite {'EMA' if use_ema else 'raw'} weights ({len(bad)} tensors, "
@@ -124,28 +126,11 @@ def sample_shape(config):
 # Sampler options. A solver's options are its own keyword arguments (samplers.py); the network's conditioning
 # travels separately in `cond`, so a misspelt option is an error naming it, never something handed to the network.
 
-def sampler_options(name):
-    """{option: default} of a sampler (samplers.sampler_options, or read from its signature)."""
-    if hasattr(samplers, 'sampler_options'):
-        return samplers.sampler_options(name)
-    skip = {'denoiser', 'x', 'sigmas', 'cond', 'callback', 'progress', 'generator'}
-    params = inspect.signature(samplers.SAMPLERS[name]).parameters.items()
-    return {k: p.default for k, p in params if k not in skip and p.default is not p.empty}
-
-
-def is_stochastic(name, options):
-    """Does the sampler draw fresh noise with these options (and so take generator=)?"""
-    if hasattr(samplers, 'is_stochastic'):
-        return samplers.is_stochastic(name, options)
-    return name in samplers.STOCHASTIC or (name == 'heun' and options.get('S_churn', 0) > 0) or \
-        (name == 'ddim' and options.get('eta', 0) > 0)
-
-
 def check_sampler_options(name, options=None):
     """Validate a sampler name and its options before any work: unknown names are ValueErrors that list the valid ones."""
     if name not in samplers.SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(samplers.SAMPLERS)}")
-    known = sampler_options(name)
+    known = samplers.sampler_options(name)
     unknown = sorted(set(options or {}) - set(known))
     if unknown:
         raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
@@ -155,6 +140,7 @@ def check_sampler_options(name, options=None):
 
 def parse_sampler_options(items):
     """['eta=0.5', 'S_churn=40'] (the --sampler-opt flags) -> {'eta': 0.5, 'S_churn': 40}; values are Python literals."""
+    # literal_eval, never eval: a value on the command line must not run code.
     options = {}
     for item in items or []:
         key, sep, value = item.partition('=')
@@ -168,14 +154,10 @@ def parse_sampler_options(items):
 
 
 def run_sampler(name, denoiser, x, sigmas, options, cond, generator=None, progress=False, callback=None):
-    """Call SAMPLERS[name] with its own options, the conditioning dict and (only if stochastic) the generator."""
-    fn, options = samplers.SAMPLERS[name], dict(options)
-    if is_stochastic(name, options):
-        options['generator'] = generator
-    params = inspect.signature(fn).parameters
-    if 'cond' in params:                                         # the cond= / callback= API (CONTRACTS.md)
-        return fn(denoiser, x, sigmas, cond=cond, callback=callback, progress=progress, **options)
-    return fn(denoiser, x, sigmas, progress=progress, **options, **cond)   # older samplers.py: **cond
+    """Call SAMPLERS[name] with its own options, the network's conditioning dict, and the generator only when the
+    sampler draws fresh noise with these options (deterministic samplers do not accept one)."""
+    options = dict(options, generator=generator) if samplers.is_stochastic(name, options) else dict(options)
+    return samplers.SAMPLERS[name](denoiser, x, sigmas, cond=cond, callback=callback, progress=progress, **options)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,6 +177,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     cond: extra per-sample conditioning {name: (n, ...) tensor} for the network (x_cond, context, ...).
     guide: denoiser -> denoiser, applied after classifier-free guidance (other guidance methods).
     """
+    # Every argument is checked before the first network call: a typo must not cost a batch of sampling.
     options = check_sampler_options(sampler, sampler_options)
     if n < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f'need at least one sample and a batch size of at least 1, got n={n}, batch_size={batch_size}')
@@ -235,6 +218,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
 
 def check_output_path(path, extensions, flag):
     """Before any long work: the path has a known extension, its folder exists (created if missing) and is writable."""
+    # Called before sampling: every way the final write could fail that can be known now is reported now.
     if os.path.isdir(path):
         raise SystemExit(f'error: {flag} {path!r} is a folder; give a file name such as {os.path.join(path, "samples" + extensions[0])}')
     if not path.lower().endswith(extensions):
@@ -250,6 +234,7 @@ def check_output_path(path, extensions, flag):
 
 def atomic_write(path, write):
     """write(tmp_path), then rename onto path; a full disk becomes a 'disk full' error and the temp file is removed."""
+    # The temp name keeps the extension, so PIL and numpy write the intended format to it.
     tmp = os.path.join(os.path.dirname(path) or '.', f'.{os.path.basename(path)}.tmp{os.path.splitext(path)[1]}')
     try:
         write(tmp)
@@ -268,6 +253,7 @@ def save_grid(images, path, nrow=None):
     if images.ndim == 5:
         nrow = images.shape[2]
         images = images.transpose(1, 2).flatten(0, 1)
+    # nrow images per row, ceil(n / nrow) rows, each image framed by 2 white pixels.
     n, c, h, w = images.shape
     nrow = nrow or int(math.ceil(math.sqrt(n)))
     ncol = int(math.ceil(n / nrow))
@@ -305,6 +291,7 @@ def parse_args(argv=None):
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) in this .npz')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
     p.add_argument('--batch', type=int, default=256, help='samples per batch')
+    # Sampler settings default to those the run used for its grids (stored in the checkpoint's args).
     g = p.add_argument_group('sampler')
     g.add_argument('--sampler', default=None, choices=list(samplers.SAMPLERS), help="default: the training run's --sampler")
     g.add_argument('--steps', type=int, default=None, help="noise levels of the Karras schedule; default: the run's --sample-steps")
@@ -315,6 +302,7 @@ def parse_args(argv=None):
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
     p.add_argument('--device', default=None, help='default: cuda if available')
+    # --inverse replaces generation by one inverse problem; a new sample.py mode adds its own group and a branch in main.
     g = p.add_argument_group('inverse problems (inverse.py)')
     g.add_argument('--inverse', default=None, help='method: replacement, pocs, ilvr, ccdf, mcg, reconstruction_guidance, dps')
     g.add_argument('--operator', default='sr', help='sr | inpaint_box | inpaint_random')
@@ -326,6 +314,7 @@ def parse_args(argv=None):
 
 def check_args(args):
     """Range checks of the flags that do not need the checkpoint: a clear message before anything is loaded."""
+    # All problems at once, so a user fixes them in one go; checkpoint-dependent checks come after loading.
     problems = []
     if args.num < 1:
         problems.append(f'-n must be at least 1 (got {args.num})')
@@ -374,6 +363,7 @@ def read_image(path, channels, resolution):
         rgb = data.load_image(path, resolution)                                   # uint8 (3, R, R)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
+    # One-channel models get the luma of the composited RGB, as training on grayscale data would see it.
     if channels == 1:                                   # ITU-R 601-2 luma, as PIL's convert('L')
         rgb = (rgb.double() * torch.tensor([0.299, 0.587, 0.114], dtype=torch.float64)[:, None, None]).sum(0, keepdim=True).round().to(torch.uint8)
     return data.to_float(rgb)[None]

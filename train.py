@@ -40,21 +40,14 @@ from tqdm import tqdm
 
 import data
 import sample
+from augment import AUG_DIM, AugmentPipe
+from diffusion import NOISE_SCHEDULES
 from dit import DIT_CONFIGS, DiT
 from samplers import SAMPLERS
 # generate and load_checkpoint are re-exported for code written against the old train.py (evaluate.py until
 # it moves to sample.py); new code imports them from sample.py.
 from sample import build_diffusion, build_network, generate, load_checkpoint  # noqa: F401
 from unet import UNET_CONFIGS, UNet
-
-try:                                           # the names of CONTRACTS.md (helpers samplers-review, evaluate-data)
-    from diffusion import NOISE_SCHEDULES
-except ImportError:                            # diffusion.py before the rename
-    from diffusion import SCHEDULES as NOISE_SCHEDULES
-try:
-    from augment import AUG_DIM, AugmentPipe
-except ImportError:                            # data.py before augment.py was split off
-    from data import AUG_DIM, AugmentPipe
 
 TASKS = ('diffusion',)                         # --task: what the network learns (make_config, build_trainee)
 # Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
@@ -68,6 +61,8 @@ MAX_WEIGHT = 1e4                               # |weight| above this: the run ha
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Train a diffusion model.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Flags come in the groups --help shows. New flag groups (a task's own options) go in their own group here,
+    # with their checks in check_args, so a bad value fails before the dataset is read.
     g = p.add_argument_group('data')
     g.add_argument('--dataset', default='shapes', help="shapes | mnist | fashion-mnist | cifar10 | emoji | folder:PATH")
     g.add_argument('--data-dir', default='data', help='where dataset files are read from (and downloaded to)')
@@ -83,11 +78,13 @@ def parse_args(argv=None):
     g.add_argument('--config', default=None, help=f"named configuration; unet: {', '.join(UNET_CONFIGS)}; dit: {', '.join(DIT_CONFIGS)}")
     g.add_argument('--dropout', type=float, default=None, help='override the configuration\'s dropout (U-Net)')
     g.add_argument('--model-channels', type=int, default=None, help='override the U-Net\'s width (model_channels)')
+    # What the network predicts and which noise levels it trains on (diffusion.py); stored in the config.
     g = p.add_argument_group('diffusion')
     g.add_argument('--prediction', default='edm', choices=['eps', 'x0', 'v', 'edm', 'flow'], help='parameterisation of the network output')
     g.add_argument('--schedule', default=None, choices=list(NOISE_SCHEDULES), help='training noise levels and c_noise; default: the natural one for --prediction')
     g.add_argument('--t-sampler', default='low_discrepancy', choices=['uniform', 'low_discrepancy', 'importance'], help='how the batch\'s noise levels are drawn')
     g.add_argument('--sigma-data', type=float, default=0.5, help='data standard deviation for EDM preconditioning')
+    # Optimisation: the flags RESUME_FLAGS guards, since changing them mid-run changes the result.
     g = p.add_argument_group('optimisation')
     g.add_argument('--steps', type=int, default=1000, help='optimizer steps (1000: about 10 minutes on a 2-core CPU)')
     g.add_argument('--batch-size', type=int, default=64, help='global batch size (split over processes and accumulation)')
@@ -101,6 +98,7 @@ def parse_args(argv=None):
     g.add_argument('--p-uncond', type=float, default=0.1, help='label dropout for classifier-free guidance')
     g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'], help='CUDA mixed precision (CPU always fp32)')
     g.add_argument('--overfit-batch', action='store_true', help='train on one fixed batch with fixed noise: the loss must go to ~0')
+    # The run folder and how often it is written to; --resume / --overwrite decide what happens to an existing one.
     g = p.add_argument_group('output')
     g.add_argument('--out', default='runs/default', help='run folder: checkpoints, samples, log')
     g.add_argument('--resume', default=None, help="checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
@@ -111,6 +109,7 @@ def parse_args(argv=None):
     g.add_argument('--sample-every', type=int, default=1000, help='sample grid every N steps (0 = only at the end)')
     g.add_argument('--ckpt-every', type=int, default=1000, help='checkpoint every N steps (and at the end)')
     g.add_argument('--save-early', type=int, default=0, help='also keep the checkpoint of this step (a "bad" model for autoguidance)')
+    # Grids and in-training evaluation sample through sample.generate with these settings.
     g = p.add_argument_group('sample grids (sample.py)')
     g.add_argument('--sampler', default='heun', choices=list(SAMPLERS), help='sampler for the grids')
     g.add_argument('--sample-steps', type=int, default=18, help='noise levels of the sampling schedule')
@@ -137,10 +136,12 @@ def check_args(args):
         if not ok:
             bad.append(message)
     finite = lambda v: v is not None and math.isfinite(v)
+    # Counts and intervals: 0 or negative values used to crash after the first step (step % 0) or train nothing.
     for flag in ('steps', 'batch_size', 'grad_accum', 'log_every', 'ckpt_every', 'sample_steps', 'eval_samples'):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     for flag in ('warmup', 'val_every', 'sample_every', 'eval_every', 'save_early', 'workers'):
         need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
+    # Rates and probabilities: NaN compares False with everything, so each check asks for a finite value first.
     need(finite(args.lr) and args.lr > 0, f'--lr must be a finite number > 0 (got {args.lr})')
     need(finite(args.ema_decay) and 0 <= args.ema_decay < 1, f'--ema-decay must be in [0, 1) (got {args.ema_decay}; 1 never moves, > 1 or < 0 extrapolates)')
     for flag in ('aug_p', 'p_uncond'):
@@ -151,15 +152,18 @@ def check_args(args):
     need(finite(args.sigma_data) and args.sigma_data > 0, f'--sigma-data must be > 0 (got {args.sigma_data})')
     need(finite(args.guidance), f'--guidance must be a finite number (got {args.guidance})')
     need(args.model_channels is None or args.model_channels >= 1, f'--model-channels must be at least 1 (got {args.model_channels})')
+    # The named configuration must belong to the chosen network (a U-Net name with --model dit was a KeyError).
     configs = UNET_CONFIGS if args.model == 'unet' else DIT_CONFIGS
     need(args.config is None or args.config in configs, f"--config {args.config!r} is not a {args.model} configuration; "
                                                         f"choose from {', '.join(configs)}")
     need(args.resolution is None or args.resolution >= 1, f'--resolution must be a positive size (got {args.resolution})')
     need(args.split in ('train', 'test'), f"--split must be 'train' or 'test' (got {args.split!r})")
+    # A device string torch cannot parse; whether CUDA exists is checked in setup_distributed.
     try:
         args.device_obj = torch.device(args.device) if args.device else None
     except RuntimeError:
         bad.append(f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)")
+    # Sampler options of the grids: an unknown one is reported now, not after the whole run at the first grid.
     try:
         args.sampler_options = sample.check_sampler_options(args.sampler, sample.parse_sampler_options(args.sampler_opt))
     except ValueError as e:
@@ -177,6 +181,7 @@ def get_lr(step, args):
         return args.lr * (step + 1) / args.warmup
     if args.lr_decay == 'constant':
         return args.lr
+    # Cosine from the peak to 10% of it over the steps after warm-up (never to 0: the last steps still learn).
     progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
     return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -184,6 +189,7 @@ def get_lr(step, args):
 @torch.no_grad()
 def update_ema(ema, model, decay):
     """ema <- decay ema + (1 - decay) model, over parameters and buffers."""
+    # lerp_(m, 1 - decay) is decay * e + (1 - decay) * m in place; integer buffers (counters) are left alone.
     for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
         if e.dtype.is_floating_point:
             e.lerp_(m, 1 - decay)
@@ -203,6 +209,8 @@ DEFAULT_SCHEDULE = {'eps': 'cosine', 'x0': 'cosine', 'v': 'cosine', 'edm': 'edm'
 
 def network_config(args, dataset, num_classes, aug_dim):
     """Constructor arguments of the U-Net or DiT for this dataset, checked against the image size first."""
+    # The U-Net halves the image once per level and the DiT cuts it into patches: check the size fits before
+    # building, so the message names the constraint instead of a shape error from deep inside the network.
     r = dataset.resolution
     if args.model == 'unet':
         name = args.config or 'micro'
@@ -228,6 +236,7 @@ def make_config(args, dataset):
     """Everything needed to rebuild the model and sample it as trained; stored in every checkpoint."""
     num_classes = 0 if args.unconditional else dataset.num_classes
     name, net = network_config(args, dataset, num_classes, AUG_DIM if args.aug_p > 0 else 0)
+    # 'task' tells sample.py what the checkpoint is; 'net' holds the constructor arguments (build_network).
     return {'task': args.task, 'model': args.model, 'config_name': name, 'net': net,
             'diffusion': {'prediction': args.prediction, 'schedule': args.schedule or DEFAULT_SCHEDULE[args.prediction],
                           't_sampler': args.t_sampler, 'sigma_data': args.sigma_data},
@@ -254,40 +263,26 @@ class Trainee:
 
     def state_dict(self):
         return {'model': self.net.state_dict(), 'ema': self.ema.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'scaler': self.scaler.state_dict(), 'diffusion': diffusion_state_dict(self.diffusion), 'step': self.step}
+                'scaler': self.scaler.state_dict(), 'diffusion': self.diffusion.state_dict(), 'step': self.step}
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state['model'])
         self.ema.load_state_dict(state['ema'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scaler.load_state_dict(state['scaler'])
-        load_diffusion_state_dict(self.diffusion, state.get('diffusion', {}))
+        self.diffusion.load_state_dict(state.get('diffusion', {}))    # importance-sampling history
         self.step = state['step']
-
-
-def diffusion_state_dict(diffusion):
-    """Diffusion.state_dict(): the importance sampler's loss history (empty without one)."""
-    if hasattr(diffusion, 'state_dict'):
-        return diffusion.state_dict()
-    imp = diffusion.importance                   # diffusion.py before state_dict() (CONTRACTS.md) landed
-    return {} if imp is None else {'importance': {'losses': torch.from_numpy(imp.losses), 'counts': torch.from_numpy(imp.counts)}}
-
-
-def load_diffusion_state_dict(diffusion, state):
-    if hasattr(diffusion, 'load_state_dict'):
-        return diffusion.load_state_dict(state)
-    if diffusion.importance is not None and 'importance' in state:
-        diffusion.importance.losses = state['importance']['losses'].numpy().copy()
-        diffusion.importance.counts = state['importance']['counts'].numpy().copy()
 
 
 def build_trainee(args, config, device, world):
     """Network, EMA copy (starting equal), Diffusion, Adam and the AMP scaler for the run's task."""
+    # The EMA starts as an exact copy; it is what grids, evaluation and sample.py use.
     net = build_network(config).to(device)
-    ema = build_network(config).to(device).requires_grad_(False)
+    ema = build_network(config).to(device).eval().requires_grad_(False)    # eval: no dropout, no RNG drawn
     ema.load_state_dict(net.state_dict())
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype, use_scaler = amp_settings(args, device)
+    # DDP wraps the network for the loss only: the optimizer, EMA and checkpoints use the bare net.
     model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
     return Trainee(net, ema, build_diffusion(config), optimizer, torch.amp.GradScaler('cuda', enabled=use_scaler),
                    model, amp_dtype)
@@ -334,6 +329,7 @@ def train_step(run, micro_batches, args):
 
 def skip_step(run):
     """A non-finite loss (fp16 overflow, a bad batch, a blown-up run): no update; stop after 10 in a row."""
+    # The gradients of the bad step are dropped; with fp16 the loss scale halves, as GradScaler would.
     run.optimizer.zero_grad(set_to_none=True)
     if run.scaler.is_enabled():
         run.scaler.update(run.scaler.get_scale() / 2)
@@ -361,24 +357,9 @@ def condition_batch(args, config, x0, y, g, augment_pipe, device):
 # Data: the training set (streamed when large), the held-out split, and the batches of every step.
 
 def load_training_data(args):
-    """The dataset; image folders bigger than --memory-budget GB decoded are streamed from disk."""
-    kw = {}
-    if args.dataset.lower().startswith('folder'):
-        kw['memory_budget'] = int(args.memory_budget * 2 ** 30)
-    try:
-        return data.load_dataset(args.dataset, data_dir=args.data_dir, split=args.split, resolution=args.resolution,
-                                 seed=args.seed, **kw)
-    except TypeError:                       # data.py without memory_budget (before CONTRACTS.md's streaming)
-        return data.load_dataset(args.dataset, data_dir=args.data_dir, split=args.split, resolution=args.resolution,
-                                 seed=args.seed)
-
-
-def split_held_out(n, seed):
-    """Hold out a fixed 5% (at most 1000) for the validation loss: rising while the training loss falls is the sign
-    of memorisation. Datasets under 20 images hold none out (no held-out loss rather than a NaN one)."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = min(1000, n // 20)
-    return order[n_val:], order[:n_val]
+    """The dataset; image folders bigger than --memory-budget GB decoded are streamed from disk (data.py)."""
+    return data.load_dataset(args.dataset, data_dir=args.data_dir, split=args.split, resolution=args.resolution,
+                             seed=args.seed, memory_budget=int(args.memory_budget * 2 ** 30))
 
 
 def step_generator(args, step, rank, micro=0, stream=0):
@@ -387,31 +368,27 @@ def step_generator(args, step, rank, micro=0, stream=0):
     return torch.Generator().manual_seed((((args.seed * 1_000_003 + step) * 4099 + rank) * 131 + micro) * 2 + stream)
 
 
-def make_loader(dataset, batch_indices, num_workers=0):
-    """data.make_loader: (x, y) per index tensor, in order; in-memory sets slice, streamed ones use workers."""
-    if hasattr(data, 'make_loader'):
-        return data.make_loader(dataset, batch_indices, num_workers=num_workers)
-    return (dataset.batch(i) for i in batch_indices)                # data.py before make_loader landed
-
-
 def training_batches(args, dataset, train_index, rank, micro_batch, start_step):
     """Iterator of (x0, y) for every micro-batch from start_step on. The indices come from the (seed, step, rank,
     micro) generators, so a resumed run reads exactly the images an uninterrupted one would have."""
+    # A generator, not a list: the DataLoader's workers prefetch from it, and each entry is a pure function of
+    # (seed, step, rank, micro), so prefetching ahead never changes what a step trains on.
     def indices():
         for step in range(start_step, args.steps):
             for micro in range(args.grad_accum):
                 g = step_generator(args, step, rank, micro, stream=0)
                 yield train_index[torch.randint(len(train_index), (micro_batch,), generator=g)]
-    return make_loader(dataset, indices(), args.workers)
+    return data.make_loader(dataset, indices(), args.workers)
 
 
 def load_batch(dataset, indices):
     """(x, y) of the given indices, streamed or in memory."""
-    return next(iter(make_loader(dataset, [indices])))
+    return next(iter(data.make_loader(dataset, [indices])))
 
 
 def overfit_batches(args, dataset, train_index, diffusion, micro_batch, rank):
     """--overfit-batch: the same images, noise levels and noise at every step, so the loss must go to ~0."""
+    # Drawn once, from the step-0 generators, so the overfit batch is the same on every resume.
     g = step_generator(args, 0, rank, stream=0)
     x0, y = load_batch(dataset, train_index[torch.randint(len(train_index), (micro_batch,), generator=g)])
     sigma = diffusion.sample_sigma(micro_batch, g)[0]
@@ -424,8 +401,10 @@ def micro_batches(args, config, batches, step, rank, augment_pipe, device):
     """The dicts train_step consumes for one step: images, conditioning and the generator of each micro-batch."""
     out = []
     for micro in range(args.grad_accum):
+        # The loader gives (x0, y); the overfit mode gives a dict that also fixes sigma and noise.
         b = next(batches)
         fixed = b if isinstance(b, dict) else {'x0': b[0], 'y': b[1]}
+        # Stream 1 of the same (seed, step, rank, micro): augmentation, label dropout, sigma and noise.
         g = step_generator(args, step, rank, micro, stream=1)
         x0, cond = condition_batch(args, config, fixed['x0'], fixed['y'], g, augment_pipe, device)
         out.append({'x0': x0, 'cond': cond, 'generator': g})
@@ -454,6 +433,7 @@ class LossByNoiseLevel:
     def add(self, losses):
         """losses: the list of (per-sample loss, sigma) that train_step returns."""
         for loss, sigma in losses:
+            # bucket index of each sample from its log sigma, clamped so sigma_min and sigma_max fall inside
             b = ((sigma.double().log().cpu() - self.lo) / (self.hi - self.lo) * self.n).long().clamp(0, self.n - 1)
             self.count.index_add_(0, b, torch.ones(len(b), dtype=torch.float64))
             self.total.index_add_(0, b, loss.double().cpu())
@@ -471,10 +451,12 @@ def held_out_batch(dataset, val_index, diffusion, config):
     """A fixed held-out batch with fixed noise levels and noise, so its loss is comparable from one evaluation to the
     next; unconditional and unaugmented. None when the dataset is too small to hold images out."""
     if len(val_index) == 0:
+        print(f'{len(dataset)} images: too few to hold any out (20 needed), so no held-out loss is logged')
         return None
     g = torch.Generator().manual_seed(12345)
     x, _ = load_batch(dataset, val_index[:256])
     n = len(x)
+    # Evenly spread noise levels (quantiles 1%..99% of the training distribution), shuffled over the images.
     u = torch.linspace(0.01, 0.99, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
     batch = {'x0': x, 'sigma': diffusion.schedule.sigma(u).float(), 'noise': torch.randn(x.shape, generator=g), 'cond': {}}
     if config['data']['num_classes']:
@@ -498,12 +480,14 @@ class RunLog:
 
     def __init__(self, path, step):
         self.path = path
+        # Keep the records up to the step we restart from; an interrupted run may have logged beyond it.
         if os.path.exists(path):
             with open(path) as f:
                 keep = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
             write_text(path, ''.join(keep))
         self.file = open(path, 'a')
 
+    # Flushed per record: a killed run loses at most the line being written.
     def write(self, record):
         self.file.write(json.dumps(record) + '\n')
         self.file.flush()
@@ -536,6 +520,7 @@ def write_text(path, text):
 def save_checkpoint(path, state):
     """Write to a temporary file and rename: a crash never leaves a half-written checkpoint (rename is atomic), and
     a full disk removes the temporary file and leaves the previous checkpoint as it was."""
+    # Same folder as the target, so os.replace is a rename within one file system (atomic on POSIX and Windows).
     tmp = path + '.tmp'
     try:
         torch.save(state, tmp)
@@ -550,6 +535,7 @@ def save_checkpoint(path, state):
 
 def weights_problem(run):
     """Why the weights must not be saved (non-finite, or exploded past MAX_WEIGHT), or None; raw and EMA."""
+    # Both the raw weights (resumed from) and the EMA (sampled): either one broken makes the checkpoint useless.
     for name, module in (('weights', run.net), ('EMA weights', run.ema)):
         for key, p in module.state_dict().items():
             if p.is_floating_point() and not torch.isfinite(p).all():
@@ -571,10 +557,13 @@ def prepare_run_folder(args):
         os.remove(probe)
     except OSError as e:
         raise SystemExit(f'error: cannot write to --out {args.out!r}: {e.strerror or e}') from None
+    # --resume auto means: this folder's checkpoint if there is one, else a fresh start in this folder.
     ckpt_path = os.path.join(args.out, 'ckpt.pt')
     resume = ckpt_path if args.resume == 'auto' and os.path.exists(ckpt_path) else (None if args.resume == 'auto' else args.resume)
     has_run = os.path.exists(ckpt_path) or os.path.exists(os.path.join(args.out, 'log.jsonl'))
     continues_it = resume is not None and os.path.abspath(resume) == os.path.abspath(ckpt_path)
+    # A folder with a checkpoint or a log holds someone's run: a new run there would replace its checkpoint
+    # and mix two runs in one log. Only an explicit --overwrite (or continuing it) may touch it.
     if has_run and not continues_it and args.resume != 'auto':
         if not args.overwrite:
             raise SystemExit(f'error: {args.out} already holds a run (ckpt.pt / log.jsonl). Use --resume auto to continue '
@@ -605,6 +594,7 @@ def resume_run(run, path, config, args, world, device):
     if diff:
         raise SystemExit(f'error: {path} was trained with another configuration:\n  ' + '\n  '.join(diff) +
                          '\nUse the same flags as that run, or a new --out.')
+    # The config (network, diffusion, data) must match exactly; the optimisation flags may change only knowingly.
     old = ckpt.get('args', {})
     changed = [f"--{k.replace('_', '-')}: run had {old[k]!r}, now {getattr(args, k)!r}" for k in RESUME_FLAGS
                if k in old and old[k] != getattr(args, k)]
@@ -619,6 +609,7 @@ def resume_run(run, path, config, args, world, device):
     missing = [k for k in ('optimizer', 'scaler', 'step', 'rng') if k not in ckpt]
     if missing:
         raise SystemExit(f'error: {path} cannot be resumed: it lacks {", ".join(missing)} (a sampling-only checkpoint?)')
+    # Each owner restores its own state; this rank's dropout RNG comes last, as the run saved it.
     run.load_state_dict(ckpt)
     set_rng_state(ckpt['rng'][dist.get_rank() % len(ckpt['rng']) if dist.is_initialized() else 0], device)
     return ckpt['step']
@@ -645,10 +636,12 @@ def set_rng_state(rng, device):
 def checkpoint(run, config, args, path, world, device, is_main, last_good):
     """Save the run, unless its weights are not finite or exploded: then the last good checkpoint stays and the
     run stops with the reason (every rank checks, so all stop together)."""
+    # Checked on every rank before any collective, so all ranks stop together instead of hanging.
     problem = weights_problem(run)
     if problem:
         raise SystemExit(f'error: step {run.step}: {problem}. Not saved: {path} still holds step {last_good}. '
                          'Lower --lr (or --warmup longer), then --resume auto --allow-changes.')
+    # The RNG of every rank is gathered (a collective: all ranks call it), then rank 0 writes the file.
     rng = rng_states(device, world)
     if is_main:
         state = dict(run.state_dict(), config=config, args={k: v for k, v in vars(args).items() if k != 'device_obj'}, rng=rng)
@@ -664,6 +657,7 @@ def checkpoint(run, config, args, path, world, device, is_main, last_good):
 def sample_grid(ema, diffusion, config, args, path, device):
     """A grid of EMA samples: one row per class (up to 10) when conditional, else a square."""
     num_classes, d = config['data']['num_classes'], config['data']
+    # Classes in rows, 8 samples each, always from the same seed: successive grids show the same noise maturing.
     n_rows = min(num_classes, 10) if num_classes else 8
     labels = torch.arange(n_rows).repeat_interleave(8) if num_classes else None
     n = 8 * n_rows
@@ -679,6 +673,7 @@ def sample_grid(ema, diffusion, config, args, path, device):
 def setup_evaluation(args, dataset, train_index, config, device):
     """Feature network and reference statistics of the training images, for KID/FD during training (evaluate.py)."""
     import evaluate
+    # Reference statistics from (up to) 10,000 training images, computed once per run.
     x, y = load_batch(dataset, train_index[:10000])
     if args.eval_network == 'lenet':
         if not config['data']['num_classes']:
@@ -697,6 +692,7 @@ def run_evaluation(args, ema, diffusion, config, eval_state, step, device):
     model, ref, train_labels = eval_state
     d = config['data']
     g = torch.Generator().manual_seed(args.seed)
+    # Labels drawn from the data's own label frequencies, fixed by the seed, so evaluations compare over steps.
     labels = train_labels[torch.randint(len(train_labels), (args.eval_samples,), generator=g)] if d['num_classes'] else None
     starts = iter(range(0, args.eval_samples, 250))
 
@@ -723,6 +719,7 @@ def setup_distributed(args):
         if device.type == 'cuda' and not torch.cuda.is_available():
             raise SystemExit(f'error: --device {args.device} but this machine has no CUDA GPU; use --device cpu')
         return 0, 1, device
+    # NCCL between GPUs; gloo lets the same script run several CPU processes (and the DDP test).
     backend = 'nccl' if torch.cuda.is_available() and args.device != 'cpu' else 'gloo'
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -736,6 +733,7 @@ def setup_distributed(args):
 
 def amp_settings(args, device):
     """(autocast dtype or None, use a gradient scaler?): bf16 if the GPU has it, fp16 + scaler otherwise."""
+    # CPU autocast (bf16) is slower than fp32 on most CPUs, so CPU always trains in fp32.
     if device.type != 'cuda' or args.amp == 'none':
         return None, False
     if args.amp == 'bf16' or (args.amp == 'auto' and torch.cuda.is_bf16_supported()):
@@ -746,6 +744,7 @@ def amp_settings(args, device):
 def check_replicas(run, world, log, is_main):
     """DDP keeps the replicas identical by averaging gradients; check it, since a silent divergence (a buffer
     updated on one rank only, a rank-dependent branch) ruins a run without any error."""
+    # One float64 sum per replica is enough to see a divergence, and cheap to gather.
     checksum = torch.stack([p.detach().double().sum() for p in run.net.parameters()]).sum().cpu()
     sums = [None] * world
     dist.all_gather_object(sums, checksum.item())
@@ -775,7 +774,7 @@ def main(args):
 
     # Setup data: the training set, and a held-out split whose loss shows memorisation.
     dataset = load_training_data(args)
-    train_index, val_index = split_held_out(len(dataset), args.seed)
+    train_index, val_index = data.holdout_split(len(dataset), args.seed)
 
     # Setup model: network, EMA, diffusion, optimizer for the task; then resume restores all of them exactly.
     config = make_config(args, dataset)

@@ -17,8 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                   # noqa: E402
 import evaluate                                               # noqa: E402
-from sample import load_model                                 # noqa: E402
-from train import generate                                    # noqa: E402
+from sample import generate, load_model, sample_shape        # noqa: E402
 
 
 def main(args):
@@ -47,10 +46,8 @@ def main(args):
     steps = args.steps or trained.get('sample_steps', 18)
     for w in args.guidance:
         t0 = time.time()
-        images = torch.cat([generate(net, diffusion, len(chunk), (d['channels'], d['resolution'], d['resolution']), 'cpu',
-                                     chunk, d['num_classes'], sampler, steps, w, seed=args.seed + i,
-                                     aug_dim=config['net'].get('aug_dim', 0))
-                            for i, chunk in enumerate(labels.split(args.batch))])
+        images = generate(net, diffusion, len(labels), sample_shape(config), 'cpu', labels, d['num_classes'], sampler,
+                          steps, w, seed=args.seed, aug_dim=config['net'].get('aug_dim', 0), batch_size=args.batch)
         with torch.no_grad():
             pred = clf((images + 1) / 2, return_logits=True)[1].argmax(1)
         per_class = [(pred[labels == c] == c).float().mean().item() for c in range(d['num_classes'])]

@@ -6,8 +6,11 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+
+import data
 
 import sample
 import train
@@ -51,11 +54,21 @@ def test_train_writes_checkpoint_log_and_grid_then_sample_reads_them(tmp_path):
     assert z['samples'].shape == (4, 16, 16, 3) and z['samples'].dtype == np.uint8 and (z['labels'] == 0).all()
 
 
-def test_resume_is_exact(tmp_path):
-    """N steps, stop, resume for N more == 2N steps straight (same weights, EMA and optimizer state)."""
-    (straight, straight_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', name='straight')
-    run(tmp_path, '--steps', '3', '--ckpt-every', '100', name='resumed')
-    (resumed, resumed_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', '--resume', 'auto', name='resumed')
+@pytest.mark.parametrize('extra', [[], ['--prediction', 'eps', '--schedule', 'linear', '--t-sampler', 'importance',
+                                         '--grad-accum', '2', '--aug-p', '0.5', '--dropout', '0.1']],
+                         ids=['default', 'importance-accum-augment-dropout'])
+def test_resume_is_exact(tmp_path, extra):
+    """N steps, stop, resume for N more == 2N steps straight (same weights, EMA and optimizer state); with
+    importance sampling the history travels through Diffusion.state_dict(). (Planted: the diffusion state not
+    restored on resume -> the importance probabilities differ -> fails; dropout RNG not restored -> fails.)"""
+    (straight, straight_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', *extra, name='straight')
+    run(tmp_path, '--steps', '3', '--ckpt-every', '100', *extra, name='resumed')
+    (resumed, resumed_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', '--resume', 'auto', *extra, name='resumed')
+    a, b = (torch.load(tmp_path / name / 'ckpt.pt', weights_only=True) for name in ('straight', 'resumed'))
+    flat = lambda d: [v for k in sorted(d) for v in (flat(d[k]) if isinstance(d[k], dict) else [d[k]])]
+    assert len(flat(a['diffusion'])) == (2 if extra else 0)            # the importance history, when there is one
+    for x, y in zip(flat(a['diffusion']) + flat(a['optimizer']['state']), flat(b['diffusion']) + flat(b['optimizer']['state'])):
+        assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
     for a, b in zip(list(straight.state_dict().values()) + list(straight_ema.state_dict().values()),
                     list(resumed.state_dict().values()) + list(resumed_ema.state_dict().values())):
         assert torch.equal(a, b)
@@ -101,7 +114,7 @@ def test_importance_sampling_and_augmentation_run(tmp_path):
     ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
     assert ckpt['config']['net']['aug_dim'] == 10
     diffusion = sample.build_diffusion(ckpt['config'])                 # the history through Diffusion's own state
-    train.load_diffusion_state_dict(diffusion, ckpt['diffusion'])
+    diffusion.load_state_dict(ckpt['diffusion'])
     assert diffusion.importance.counts.sum() == 3 * 8                  # 3 steps x 8 images, each t counted once
 
 
@@ -159,3 +172,56 @@ def test_evaluate_command_line_samples_a_checkpoint(tmp_path, capsys):
     assert results['FD_lenet'] > 0 and 'KD_lenet' in results
     out = capsys.readouterr().out
     assert 'sampled 24 images' in out and 'conditions=fixed' in out and 'trend only' in out
+
+
+def make_image_folder(root, n=40, size=16):
+    """n random RGB PNGs in two class sub-folders."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / ('a' if i % 2 else 'b')
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f'{i:03d}.png')
+
+
+def test_folder_over_the_memory_budget_streams_and_trains_identically(tmp_path, monkeypatch):
+    """40 images of 16x16 (30 KB decoded) against a 1 KB budget: the dataset streams from disk through a
+    DataLoader worker, and the run ends bit-identical to the in-memory run, because each step's indices come
+    from the (seed, step, rank) generator, not from the loader; a streamed run resumed half-way ends there too.
+    (Planted: --memory-budget not passed to data.load_dataset -> not streaming -> fails; the loader's indices
+    restarted at step 0 on resume -> resumed weights differ -> fails.)"""
+    make_image_folder(tmp_path / 'imgs')
+    seen = []
+    load = data.load_dataset
+    monkeypatch.setattr(data, 'load_dataset', lambda *a, **k: seen.append(load(*a, **k)) or seen[-1])
+    common = ['--dataset', f'folder:{tmp_path / "imgs"}', '--steps', '4', '--val-every', '2']
+    (_, streamed), _ = run(tmp_path, *common, '--memory-budget', str(1024 / 2 ** 30), '--workers', '1', name='streamed')
+    (_, in_memory), _ = run(tmp_path, *common, name='in_memory')
+    assert seen[0].streaming and not getattr(seen[1], 'streaming', False)
+    for a, b in zip(streamed.state_dict().values(), in_memory.state_dict().values()):
+        assert torch.equal(a, b)
+    # and a streamed run resumed half-way ends where the uninterrupted one did
+    run(tmp_path, *common[:-4], '--steps', '2', '--val-every', '2', '--memory-budget', str(1024 / 2 ** 30), name='half')
+    (_, resumed), _ = run(tmp_path, *common, '--memory-budget', str(1024 / 2 ** 30), '--resume', 'auto', name='half')
+    for a, b in zip(resumed.state_dict().values(), in_memory.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_unknown_sampler_option_is_a_clear_error_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="'heun' has no option 'eta'"):
+        run(tmp_path, '--steps', '2', '--sampler-opt', 'eta=0.5')
+    assert not (tmp_path / 'run').exists()                             # nothing started
+    ckpt = tmp_path / 'ok' / 'ckpt.pt'
+    run(tmp_path, '--steps', '1', name='ok')
+    with pytest.raises(SystemExit, match="'euler' has no option 'S_churn'"):
+        sample.main(sample.parse_args(['--ckpt', str(ckpt), '--sampler', 'euler', '--sampler-opt', 'S_churn=40',
+                                       '--out', str(tmp_path / 'x.png')]))
+    # a valid option goes through, and the command line gives what the library gives with the same seed
+    npz = tmp_path / 's.npz'
+    sample.main(sample.parse_args(['--ckpt', str(ckpt), '--sampler', 'ddim', '--sampler-opt', 'eta=1.0', '-n', '3',
+                                   '--steps', '4', '--seed', '5', '--class', 'none', '--out', str(tmp_path / 's.png'),
+                                   '--npz', str(npz)]))
+    net, diffusion, config = sample.load_model(str(ckpt))
+    ref = sample.generate(net, diffusion, 3, sample.sample_shape(config), 'cpu', torch.full((3,), 6), 6, 'ddim', 4,
+                          2.0, seed=5, sampler_options={'eta': 1.0})
+    assert np.array_equal(np.load(npz)['samples'], data.to_uint8(ref).movedim(1, -1).numpy())
