@@ -30,6 +30,7 @@ Official weights: load_official_dit('DiT-XL-2-256x256.pt') maps the key names of
 Usage: net = create_dit('DiT-S/2', input_size=32, in_channels=4); out = net(x, noise_level, y)
 """
 import math
+import pickle
 import re
 
 import numpy as np
@@ -382,7 +383,12 @@ def load_official_dit(checkpoint, device='cpu'):
     docstring) for DiT's 1000-step linear schedule; class index num_classes (1000) is "no class".
     """
     if not isinstance(checkpoint, dict):
-        checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        try:
+            checkpoint = torch.load(checkpoint, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:      # e.g. a training checkpoint, which also pickles its argparse args
+            raise ValueError(f'{checkpoint} holds more than tensors, so it is not loaded (weights_only=True). The '
+                             "released DiT-XL-2-*.pt files are plain state dicts; from a training checkpoint you "
+                             "trust, save its 'ema' dict alone and load that") from e
     if 'ema' in checkpoint and isinstance(checkpoint['ema'], dict):
         checkpoint = checkpoint['ema']
     with torch.device('meta'):                   # shapes only: nothing is initialised that is then overwritten
