@@ -411,9 +411,10 @@ def sample_dpmpp_3m_corrected(denoiser, x, sigmas, *, cond=None, callback=None, 
         corrector there integrates the line through u = h and 0;
       - the next step reuses D(x_pred) rather than D at the corrected x (as UniPC does), so the callback's
         'denoised' for step i > 0 is the denoiser output at the predicted point.
-    Where it wins (tests/test_samplers.py, mean distance to the exact ODE solution): on a 2-D Gaussian dpmpp_3m is
-    more accurate at 16 and 32 Karras steps and this one from 64; on 2-D mixtures it wins at most counts from
-    16 steps on, and either may win at 8-12 (numbers in the README's sampler section)."""
+    Where it wins (mean distance to the exact ODE solution, exact denoisers, Karras schedule 0.002..80): on the 2-D
+    Gaussian of tests/test_samplers.py dpmpp_3m is more accurate at 16 and 32 steps, this one at 8 and from 64; on six
+    random 2-D mixtures (GaussianMixture.random, seeds 0-5) this one wins at 16 and 64 steps on all six, at 32 on four
+    and at 8 on two. Neither dominates: the corrector pays off with many steps."""
     cond = check_inputs(x, sigmas, cond)
     n = len(sigmas) - 1
     history = []                                              # previous (D, u) pairs, newest first
@@ -637,19 +638,23 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, pr
     point and the last `order` old ones (order + 1 points, the Adams-Moulton counterpart, integrated exactly),
     as UniC does but with the exact integral instead of UniPC's B(h) coefficients. The next step uses the noise
     prediction at the uncorrected point (no extra evaluation). The order builds up over the first steps and is
-    capped by the steps left (lower order final, as UniPC). Last step: the output D(x_pred) at the smallest
-    sigma is moved by the correction, D(x_pred) + (x_corr - x_pred) (the first-order Taylor step of D, whose
-    Jacobian is ~I at small sigma), instead of UniPC's discarding it.
-    How it differs from UniPC: noise instead of data prediction, exact weights instead of B(h), order+1 corrector.
-    What was measured (benchmarks/samplers.py) and did not help: data prediction with exact weights (worse than
-    noise prediction at 5-10 NFE, x4 on the 2-D mixture), switching from noise to data prediction below a sigma,
-    polynomials in sigma instead of log sigma, turning the corrector on only for small steps (the switch itself
-    costs accuracy), and the noise of the corrected point in the history. Where it wins and loses: see the
-    README's table; in short it is the most accurate at 20-35 NFE on the 64-D mixture, and the corrector costs
-    accuracy at 5-10 NFE, where DEIS tAB3 (no corrector) is better."""
+    capped by the steps left (lower order final, as UniPC); the step to sigma = 0 returns D(x) at the last sigma.
+    How it differs from UniPC: noise instead of data prediction, exact weights instead of B(h), an order + 1
+    corrector; from DEIS: the corrector (third order overall, DEIS is second: the tests measure both).
+    Measured on the 2-D and 64-D mixtures of benchmarks/samplers.py (Karras schedule, 80 -> 0.002): the most
+    accurate of all solvers there (published ones included) at 20-50 NFE on the 64-D mixture and at 50 on the 2-D
+    one (order=4: also at 35 on both); it LOSES at 5-10 NFE on both (by 1.2-2.1x: the corrector's extrapolation
+    hurts at large steps, where DEIS tAB, iPNDM and UniPC-bh2-2 are best) and at 20-35 NFE on the 2-D mixture
+    (by 2-9%). Tried and not kept (worse somewhere at 5-35 NFE, numbers in the benchmark notes): data prediction
+    with the same exact weights (x2-4 worse at 5-10 NFE); switching from noise to data prediction below a sigma;
+    polynomials in sigma instead of log sigma; an exponential integrator whose linear part is the denoiser of a
+    Gaussian with variance sigma_data^2 (between data and noise prediction); the corrector only on small steps;
+    the noise of the corrected point in the history; a damped corrector (x_pred + 0.5 (x_corr - x_pred)), which
+    helps at 5 NFE but loses the extra order; per-sample order selection from the differences of successive
+    orders (Shampine-Gordon style); D(x_pred) + (x_corr - x_pred) as the final output (a few % better)."""
     cond = check_inputs(x, sigmas, cond)
-    if order not in (1, 2, 3):
-        raise ValueError(f'eps_abm order must be 1, 2 or 3, got {order!r}')
+    if order not in (1, 2, 3, 4):
+        raise ValueError(f'eps_abm order must be 1, 2, 3 or 4, got {order!r}')
     n = len(sigmas) - 1
     hist = []                                                # (eps, lambda), newest first
     last = None                                              # (x, sigma, lambda, points) of the previous step
@@ -659,7 +664,6 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, pr
         x0_hat = _denoise(denoiser, x, sigma, cond)
         _report(callback, i, sigmas, x, x0_hat)
         eps = (x - x0_hat) / sigma
-        x_pred = x
         if last is not None:                                 # corrector: order + 1 points, the new one at u = h
             x_prev, sigma_prev, lam_prev, q = last
             pts = [(eps, lam)] + hist[:q - 1]
@@ -667,7 +671,7 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, pr
             x = x_prev - sigma_prev * sum(wj * e for wj, (e, _) in zip(w, pts))
         hist = [(eps, lam)] + hist[:order]
         if sigma_next == 0:
-            return x0_hat + (x - x_pred)                     # the corrected last step (see the docstring)
+            return x0_hat                                    # the final denoising step, D(x_pred) at the last sigma
         p = min(order, len(hist), n - i)
         last = (x, sigma, lam, min(order + 1, len(hist) + 1))
         h = math.log(sigma / sigma_next)

@@ -1,61 +1,75 @@
 """
-Sampler accuracy on Gaussian mixtures, where the exact denoiser is known, against a published implementation.
+Sampler accuracy on Gaussian mixtures, where the exact denoiser is known, against published implementations.
 
-Deterministic samplers: mean distance (RMS over dimensions) to a converged solution of the probability-flow ODE
-from the same noise (scipy DOP853, rtol 1e-10, in lambda = -log sigma, where dx/dlambda = D(x, sigma) - x),
-followed by the same final denoising step all samplers take. Stochastic samplers: sliced Wasserstein-1 distance
-between their samples and exact samples of the mixture (sliced Wasserstein-1) (the line "exact" gives the Monte Carlo floor).
-Every sampler uses the same Karras schedule (sigma 0.002..80, rho 7) at 5, 10, 20, 35, 50 and 100 denoiser
-evaluations (NFE). The reference is k-diffusion (Crowson, pip 'k-diffusion'), loaded from --kdiffusion, a folder
-holding the unpacked k_diffusion, torchsde, torchdiffeq and trampoline wheels; without it only ours are printed.
+Deterministic samplers: RMS distance (over paths and dimensions) to a converged solution of the probability-flow ODE
+from the same noise (scipy DOP853, rtol = atol = 1e-12, in lambda = -log sigma, where dx/dlambda = D(x, sigma) - x),
+followed by the same final denoising step D(x, sigma_min) that every sampler here takes. Stochastic samplers: sliced
+Wasserstein-1 distance between their samples and exact samples of the mixture (the line "exact" is the Monte Carlo
+floor), with THE SAME NOISE for ours and k-diffusion's (their samplers are wrapped by torch.no_grad, so the noise
+sampler is passed explicitly, found with inspect.signature(inspect.unwrap(fn))); the "parity" line shows that with
+shared noise the same algorithm gives the same samples.
 
-    python benchmarks/samplers.py --kdiffusion /tmp/kd/site [--png benchmarks/out/sampler_paths.png]
+Every sampler uses the same Karras schedule (sigma 80 -> 0.002, rho 7) at 5, 10, 20, 35, 50 and 100 denoiser
+evaluations (NFE), on two problems, float64:
+  2-D   GaussianMixture.random(K=3, D=2, seed=0): three well-separated full-covariance components
+  64-D  image_like_mixture(): 10 components whose covariances share a basis with a 1/(1+k)^2 power spectrum (as
+        natural images' 1/f^2), perturbed per component; variances from ~3e-5 to ~0.4 (condition number ~1e4)
+References (optional; without them only ours are printed), installed into a private folder, e.g.
+    pip install --no-deps --target /tmp/ref_pkgs k-diffusion torchsde torchdiffeq trampoline \\
+        "diffusers==0.31.0" "huggingface_hub<0.30" safetensors
+k-diffusion (Crowson): sampling.py alone is imported. diffusers (UniPCMultistepScheduler, DPMSolverMultistepScheduler,
+DEISMultistepScheduler) are driven step by step on our sigmas with an x0-predicting model (drive_diffusers), so they
+solve exactly the same problem; the UniPC parity line shows our unipc_bh1/bh2 equal theirs to round-off.
+
+    OMP_NUM_THREADS=1 python benchmarks/samplers.py --refs /tmp/ref_pkgs [--n-ode 64] [--png out/sampler_paths.png]
 """
 import argparse
+import importlib.machinery
 import importlib.util
+import inspect
 import math
 import os
 import sys
 import time
 import types
 
-import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from diffusion import GaussianMixture                     # noqa: E402
-from samplers import SAMPLERS, STOCHASTIC, karras_sigmas, steps_for_nfe   # noqa: E402
+from diffusion import GaussianMixture                                  # noqa: E402
+from samplers import SAMPLERS, karras_sigmas, steps_for_nfe            # noqa: E402
 
 NFES = (5, 10, 20, 35, 50, 100)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
-def load_kdiffusion(path):
-    """Import k_diffusion/sampling.py alone: its package __init__ pulls torchvision, safetensors and more, of which
-    sampling.py needs only utils.append_dims, provided here with the same two lines."""
-    if path is None:
-        return None
-    sys.path.insert(0, path)
-    pkg = types.ModuleType('k_diffusion')
-    pkg.__path__ = [os.path.join(path, 'k_diffusion')]
-    utils = types.ModuleType('k_diffusion.utils')
-    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
-    sys.modules.update({'k_diffusion': pkg, 'k_diffusion.utils': utils})
-    spec = importlib.util.spec_from_file_location('k_diffusion.sampling', os.path.join(path, 'k_diffusion', 'sampling.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+# ----------------------------------------------------------------------------------------------------
+# Problems and the converged reference.
+
+def image_like_mixture(K=10, D=64, seed=0):
+    """K anisotropic Gaussians in D dims with an image-like spectrum: a shared orthonormal basis Q (the role of the
+    Fourier basis), variances 0.25/(1+k)^2 along its k-th vector (a 1/f^2 power spectrum), each scaled per
+    component by exp(0.3 z); means drawn from the same spectrum, doubled. Unequal weights."""
+    g = torch.Generator().manual_seed(seed)
+    spec = 0.25 / (1 + torch.arange(D, dtype=torch.float64)) ** 2
+    Q, _ = torch.linalg.qr(torch.randn(D, D, generator=g, dtype=torch.float64))
+    means = 2 * (torch.randn(K, D, generator=g, dtype=torch.float64) * spec.sqrt()) @ Q.T
+    scale = torch.exp(0.3 * torch.randn(K, D, generator=g, dtype=torch.float64))
+    covs = torch.einsum('ij,kj,lj->kil', Q, spec * scale, Q)                  # Q diag(spec * scale_k) Q^T
+    weights = torch.rand(K, generator=g, dtype=torch.float64) + 0.5
+    return GaussianMixture(means, covs, weights)
 
 
-def reference_ode(gm, x_T, sigma_max, sigma_min):
+def reference_ode(gm, x_T, sigma_max, sigma_min, tol=1e-12):
     """Converged PF-ODE solution from sigma_max to sigma_min, then D at sigma_min (what every sampler's last step does)."""
     shape = x_T.shape
+
     def f(lam, y):
         x = torch.from_numpy(y).reshape(shape)
         return (gm.denoise(x, math.exp(-lam)) - x).reshape(-1).numpy()
     sol = solve_ivp(f, (-math.log(sigma_max), -math.log(sigma_min)), x_T.reshape(-1).numpy(), method='DOP853',
-                    rtol=1e-10, atol=1e-10)
+                    rtol=tol, atol=tol)
     x = torch.from_numpy(sol.y[:, -1]).reshape(shape)
     return gm.denoise(x, sigma_min)
 
@@ -70,74 +84,224 @@ def sliced_w1(a, b, n_proj=256, seed=0):
     return (pa - pb).abs().mean().item()
 
 
-def kd_model(gm):
-    """k-diffusion calls model(x, sigma) with sigma (N,), as ours do."""
-    return lambda x, sigma, **kw: gm.denoise(x, sigma)
+# ----------------------------------------------------------------------------------------------------
+# The reference implementations.
+
+def load_kdiffusion(path):
+    """Import k_diffusion/sampling.py alone: its package __init__ pulls torchvision, safetensors and more, of which
+    sampling.py needs only utils.append_dims, provided here with the same two lines."""
+    if path is None or not os.path.isdir(os.path.join(path, 'k_diffusion')):
+        return None
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    pkg = types.ModuleType('k_diffusion')
+    pkg.__path__ = [os.path.join(path, 'k_diffusion')]
+    pkg.__spec__ = importlib.machinery.ModuleSpec('k_diffusion', None, is_package=True)
+    utils = types.ModuleType('k_diffusion.utils')
+    utils.append_dims = lambda x, n: x[(...,) + (None,) * (n - x.ndim)]
+    sys.modules.update({'k_diffusion': pkg, 'k_diffusion.utils': utils})
+    spec = importlib.util.spec_from_file_location('k_diffusion.sampling', os.path.join(path, 'k_diffusion', 'sampling.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def ours(name, **kw):
-    return lambda gm, x, sigmas, g: SAMPLERS[name](gm, x, sigmas, **({'generator': g} if name in STOCHASTIC or 'S_churn' in kw else {}), **kw)
+def load_diffusers(path):
+    if path is None or not os.path.isdir(os.path.join(path, 'diffusers')):
+        return None
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import diffusers
+    return diffusers
 
 
-def theirs(kd, name, **kw):
+def drive_diffusers(cls, denoiser, x, sigmas, final_denoise=False, **config):
+    """Run a diffusers multistep scheduler on OUR sigmas. diffusers works in the VP frame x_t = alpha x with
+    alpha = 1/sqrt(1 + sigma^2) and sigma_t = sigma alpha; its `sigmas` attribute is our sigma, so we overwrite it
+    (and give the timesteps distinct dummy values for its step counter) and feed it D(x, sigma) as an x0 prediction
+    (prediction_type='sample'), or eps = (x - D)/sigma for schedulers that take only eps (DEIS).
+    final_denoise: step only to sigmas[-2] and return D(x) there (DEIS cannot step to sigma = 0: log 0)."""
+    sig = sigmas.double()
+    steps = len(sig) - (2 if final_denoise else 1)
+    sched = cls(num_train_timesteps=1000, **config)
+    sched.set_timesteps(steps)
+    sched.sigmas = torch.cat([sig[:-1], sig[-2:-1]]) if final_denoise else sig.clone()
+    sched.timesteps = torch.arange(steps, 0, -1, dtype=torch.int64)
+    alpha = lambda s: 1 / math.sqrt(1 + s ** 2)
+    x_t = x * alpha(sig[0].item())
+    for j, t in enumerate(sched.timesteps):
+        s = sig[j].item()
+        xs = x_t / alpha(s)
+        d = denoiser(xs, xs.new_full((xs.shape[0],), s))
+        x_t = sched.step(d if config.get('prediction_type') == 'sample' else (xs - d) / s, t, x_t).prev_sample
+    if final_denoise:
+        s = sig[-2].item()
+        return denoiser(x_t / alpha(s), x_t.new_full((x_t.shape[0],), s))
+    return x_t / alpha(sig[-1].item())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sampler runners: (gm, x, sigmas, generator) -> samples.
+
+def ours(name, **options):
     def run(gm, x, sigmas, g):
-        fn = getattr(kd, 'sample_' + name)
+        return SAMPLERS[name](gm, x, sigmas, **options, **({'generator': g} if g is not None else {}))
+    return run
+
+
+def kdiff(kd, name, **options):
+    """k-diffusion's sampler with OUR noise: its samplers are decorated by torch.no_grad, so
+    fn.__code__.co_varnames describes the wrapper; inspect.unwrap reaches the real signature."""
+    fn = getattr(kd, 'sample_' + name)
+    takes_noise_sampler = 'noise_sampler' in inspect.signature(inspect.unwrap(fn)).parameters
+
+    def run(gm, x, sigmas, g):
         extra = {}
-        if 'noise_sampler' in fn.__code__.co_varnames:
-            extra['noise_sampler'] = lambda s, s_next: torch.randn(x.shape, generator=g, dtype=x.dtype)
-        if g is not None and 'noise_sampler' not in extra:
-            torch.manual_seed(g.initial_seed())           # samplers that draw with torch.randn_like
-        return fn(kd_model(gm), x, sigmas, disable=True, **extra, **kw)
+        if g is not None and takes_noise_sampler:
+            gen = torch.Generator().manual_seed(g.initial_seed())       # the same stream our sampler draws from
+            extra['noise_sampler'] = lambda sigma, sigma_next: torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        elif g is not None:
+            torch.manual_seed(g.initial_seed())                         # torch.randn_like: the same stream as ours
+        return fn(lambda x_, s: gm.denoise(x_, s), x, sigmas, disable=True, **extra, **options)
+    return run
+
+
+def diffusers_run(cls, final_denoise=False, tiny_last=False, **config):
+    def run(gm, x, sigmas, g):
+        if tiny_last:            # bh1's B(h) = -h is -inf on the step to sigma = 0 (0 * inf = nan in diffusers)
+            sigmas = sigmas.clone()
+            sigmas[-1] = 1e-200
+        return drive_diffusers(cls, gm, x, sigmas, final_denoise, **config)
     return run
 
 
 def nfe_steps(name, nfe):
-    return steps_for_nfe('heun' if name.startswith('heun') else ('pc' if name == 'pc' else 'euler'), nfe)
+    """Sigmas before the final 0 for `nfe` evaluations (Heun and DPM2 evaluate twice per step but the last)."""
+    base = name.split()[-1] if ' ' in name else name
+    return steps_for_nfe('heun' if base.startswith(('heun', 'dpm_2')) else ('pc' if base == 'pc' else 'euler'), nfe)
+
+
+def deterministic_solvers(kd, df):
+    """name -> (runner, is_ours, name used for the NFE rule)."""
+    s = {'euler': (ours('euler'), True, 'euler'), 'heun': (ours('heun'), True, 'heun'),
+         'dpmpp_2m': (ours('dpmpp_2m'), True, 'x'), 'dpmpp_3m': (ours('dpmpp_3m'), True, 'x'),
+         'ipndm': (ours('ipndm'), True, 'x')}
+    for order in (2, 3, 4):
+        s[f'deis_tab order={order}'] = (ours('deis_tab', order=order), True, 'x')
+    for variant in ('bh1', 'bh2'):
+        for order in (1, 2, 3):
+            s[f'unipc_{variant} order={order}'] = (ours(f'unipc_{variant}', order=order), True, 'x')
+    # ours (not published): the methods to beat the published ones with
+    s['dpmpp_3m_corrected (ours)'] = (ours('dpmpp_3m_corrected'), 'new', 'x')
+    s['eps_abm (ours)'] = (ours('eps_abm'), 'new', 'x')
+    s['eps_abm order=4 (ours)'] = (ours('eps_abm', order=4), 'new', 'x')
+    if kd is not None:
+        s.update({'k-diff euler': (kdiff(kd, 'euler'), False, 'euler'), 'k-diff heun': (kdiff(kd, 'heun'), False, 'heun'),
+                  'k-diff dpm_2': (kdiff(kd, 'dpm_2'), False, 'dpm_2'), 'k-diff lms': (kdiff(kd, 'lms'), False, 'x'),
+                  'k-diff dpmpp_2m': (kdiff(kd, 'dpmpp_2m'), False, 'x'),
+                  'k-diff dpmpp_3m_sde eta=0': (kdiff(kd, 'dpmpp_3m_sde', eta=0.0), False, 'x')})
+    if df is not None:
+        for variant in ('bh1', 'bh2'):
+            for order in (1, 2, 3):
+                s[f'diffusers UniPC {variant} order={order}'] = (diffusers_run(
+                    df.UniPCMultistepScheduler, tiny_last=variant == 'bh1', prediction_type='sample',
+                    solver_type=variant, solver_order=order), False, 'x')
+        for order in (2, 3):
+            s[f'diffusers DPM++ {order}M'] = (diffusers_run(df.DPMSolverMultistepScheduler, prediction_type='sample',
+                                                            solver_order=order), False, 'x')
+            s[f'diffusers DEIS order={order}'] = (diffusers_run(df.DEISMultistepScheduler, final_denoise=True,
+                                                                prediction_type='epsilon', solver_order=order), False, 'x')
+    return s
+
+
+def stochastic_solvers(kd):
+    s = {'euler_ancestral': ours('euler_ancestral'), 'heun churn=40': ours('heun', S_churn=40, S_tmin=0.05, S_tmax=50),
+         'dpmpp_2m_sde': ours('dpmpp_2m_sde'), 'pc': ours('pc')}
+    if kd is not None:
+        s.update({'k-diff euler_ancestral': kdiff(kd, 'euler_ancestral'),
+                  'k-diff heun churn=40': kdiff(kd, 'heun', s_churn=40, s_tmin=0.05, s_tmax=50),
+                  'k-diff dpmpp_2m_sde': kdiff(kd, 'dpmpp_2m_sde')})
+    return s
+
+
+# ----------------------------------------------------------------------------------------------------
+# The race.
+
+def race_deterministic(pname, gm, x_T, ref, solvers, nfes):
+    header = f"{'sampler':<34}" + ''.join(f'{n:>10}' for n in nfes)
+    print(f'\n[{pname}] deterministic: RMS distance to the converged ODE solution ({x_T.shape[0]} paths)\n{header}')
+    errors = {}
+    for name, (run, _, rule) in solvers.items():
+        errs = []
+        for nfe in nfes:
+            sigmas = karras_sigmas(nfe_steps(rule, nfe), SIGMA_MIN, SIGMA_MAX).double()
+            out = run(gm, x_T.clone(), sigmas, None)
+            errs.append(((out - ref) ** 2).mean().sqrt().item())
+        errors[name] = errs
+        print(f'{name:<34}' + ''.join(f'{e:>10.2e}' for e in errs))
+    # the summary: our best new solver against the best published one at each NFE
+    print(f'\n[{pname}] best published (ours of published methods, k-diffusion, diffusers) vs our new solvers')
+    for j, nfe in enumerate(nfes):
+        pub = min((e[j], n) for n, e in errors.items() if solvers[n][1] != 'new')
+        new = min((e[j], n) for n, e in errors.items() if solvers[n][1] == 'new')
+        print(f'  NFE {nfe:>3}: best published {pub[0]:.2e} ({pub[1]}); ours {new[0]:.2e} ({new[1]}); '
+              f'ratio {new[0] / pub[0]:.2f}')
+    return errors
+
+
+def unipc_parity(gm, x_T, df):
+    """Max |ours - diffusers| for UniPC on the same sigmas (driven identically)."""
+    worst = 0.0
+    for variant in ('bh1', 'bh2'):
+        for order in (1, 2, 3):
+            for nfe in (5, 10, 20):
+                sigmas = karras_sigmas(nfe, SIGMA_MIN, SIGMA_MAX).double()
+                a = SAMPLERS[f'unipc_{variant}'](gm, x_T.clone(), sigmas, order=order)
+                b = diffusers_run(df.UniPCMultistepScheduler, tiny_last=variant == 'bh1', prediction_type='sample',
+                                  solver_type=variant, solver_order=order)(gm, x_T.clone(), sigmas, None)
+                worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
+def race_stochastic(pname, gm, solvers, n_sde, nfes):
+    header = f"{'sampler':<34}" + ''.join(f'{n:>10}' for n in nfes)
+    exact = gm.sample(n_sde, generator=torch.Generator().manual_seed(1))[0]
+    exact2 = gm.sample(n_sde, generator=torch.Generator().manual_seed(2))[0]
+    print(f'\n[{pname}] stochastic: sliced W1 to exact samples ({n_sde} samples, the same noise for every sampler; '
+          f'exact vs exact = {sliced_w1(exact, exact2):.3f})\n{header}')
+    outs = {}
+    for name, run in solvers.items():
+        dists = []
+        for nfe in nfes:
+            sigmas = karras_sigmas(nfe_steps(name.split()[-2] if 'churn' in name else name, nfe), SIGMA_MIN, SIGMA_MAX).double()
+            x = SIGMA_MAX * torch.randn(n_sde, gm.D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+            out = run(gm, x, sigmas, torch.Generator().manual_seed(4))
+            outs[name, nfe] = out
+            dists.append(sliced_w1(out, exact))
+        print(f'{name:<34}' + ''.join(f'{d:>10.3f}' for d in dists))
+    for name in solvers:
+        if ('k-diff ' + name) in solvers:
+            diff = max((outs[name, n] - outs['k-diff ' + name, n]).abs().max().item() for n in nfes)
+            print(f'  parity with shared noise: {name} vs k-diffusion: max |difference| {diff:.1e}')
 
 
 def main(args):
-    kd = load_kdiffusion(args.kdiffusion)
-    problems = {
-        '2-D, 3 comps': GaussianMixture.random(K=3, D=2, seed=0),
-        '64-D, 8 comps': GaussianMixture.random(K=8, D=64, scale=0.5, seed=1),
-    }
-    det = {'euler': ours('euler'), 'ddim (eta=0)': ours('ddim'), 'heun': ours('heun'), 'dpmpp_2m': ours('dpmpp_2m'),
-           'dpmpp_3m': ours('dpmpp_3m'), 'dpmpp_3m corrector=False': ours('dpmpp_3m', corrector=False)}
-    sto = {'ddpm / euler_anc.': ours('euler_ancestral'), 'heun churn=40': ours('heun', S_churn=40, S_tmin=0.05, S_tmax=50),
-           'dpmpp_2m_sde': ours('dpmpp_2m_sde'), 'pc': ours('pc')}
-    if kd is not None:
-        det.update({'k-diff euler': theirs(kd, 'euler'), 'k-diff heun': theirs(kd, 'heun'),
-                    'k-diff dpmpp_2m': theirs(kd, 'dpmpp_2m'), 'k-diff dpmpp_3m (sde eta=0)': theirs(kd, 'dpmpp_3m_sde', eta=0.0)})
-        sto.update({'k-diff euler_anc.': theirs(kd, 'euler_ancestral'),
-                    'k-diff heun churn=40': theirs(kd, 'heun', s_churn=40, s_tmin=0.05, s_tmax=50),
-                    'k-diff dpmpp_2m_sde': theirs(kd, 'dpmpp_2m_sde')})
-    header = f"{'sampler':<30}" + ''.join(f'{n:>10}' for n in NFES)
+    df = load_diffusers(args.refs)                 # first: diffusers probes for k_diffusion's spec at import
+    kd = load_kdiffusion(args.refs)
+    nfes = tuple(int(n) for n in args.nfes.split(','))
+    problems = {'2-D, 3 comps': GaussianMixture.random(K=3, D=2, seed=0),
+                '64-D, 10 comps, image-like spectrum': image_like_mixture()}
     for pname, gm in problems.items():
-        g = torch.Generator().manual_seed(0)
-        x_T = SIGMA_MAX * torch.randn(args.n_ode, gm.D, generator=g, dtype=torch.float64)
+        x_T = SIGMA_MAX * torch.randn(args.n_ode, gm.D, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         t0 = time.time()
         ref = reference_ode(gm, x_T, SIGMA_MAX, SIGMA_MIN)
-        print(f'\n[{pname}] deterministic: RMS distance to the converged ODE solution ({args.n_ode} paths, '
-              f'reference in {time.time() - t0:.1f}s)\n{header}')
-        for name, run in det.items():
-            errs = []
-            for nfe in NFES:
-                sigmas = karras_sigmas(nfe_steps(name.replace('k-diff ', ''), nfe), SIGMA_MIN, SIGMA_MAX).double()
-                out = run(gm, x_T.clone(), sigmas, None)
-                errs.append(((out - ref) ** 2).mean().sqrt().item())
-            print(f'{name:<30}' + ''.join(f'{e:>10.2e}' for e in errs))
-        exact = gm.sample(args.n_sde, generator=torch.Generator().manual_seed(1))[0]
-        exact2 = gm.sample(args.n_sde, generator=torch.Generator().manual_seed(2))[0]
-        print(f'\n[{pname}] stochastic: sliced W1 to exact samples ({args.n_sde} samples; '
-              f'exact vs exact = {sliced_w1(exact, exact2):.3f})\n{header}')
-        for name, run in sto.items():
-            dists = []
-            for nfe in NFES:
-                sigmas = karras_sigmas(nfe_steps(name.replace('k-diff ', '').split()[0], nfe), SIGMA_MIN, SIGMA_MAX).double()
-                x = SIGMA_MAX * torch.randn(args.n_sde, gm.D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-                out = run(gm, x, sigmas, torch.Generator().manual_seed(4))
-                dists.append(sliced_w1(out, exact))
-            print(f'{name:<30}' + ''.join(f'{d:>10.3f}' for d in dists))
+        print(f'\n[{pname}] reference ODE solution in {time.time() - t0:.0f}s')
+        if df is not None:
+            print(f'[{pname}] UniPC parity: max |ours - diffusers| over bh1/bh2, orders 1-3, NFE 5/10/20: '
+                  f'{unipc_parity(gm, x_T, df):.1e}')
+        race_deterministic(pname, gm, x_T, ref, deterministic_solvers(kd, df), nfes)
+        if not args.skip_sde:
+            race_stochastic(pname, gm, stochastic_solvers(kd), args.n_sde, nfes)
     if args.png:
         draw_paths(problems['2-D, 3 comps'], args.png)
 
@@ -148,9 +312,10 @@ def draw_paths(gm, path, n_paths=24, size=512):
     g = torch.Generator().manual_seed(5)
     sigma_start = 3.0
     x0 = gm.sample(n_paths, generator=g)[0] + sigma_start * torch.randn(n_paths, 2, generator=g, dtype=torch.float64)
-    sigmas = karras_sigmas(10, SIGMA_MIN, sigma_start).double()
+
     def record(name, steps):
         pts = []
+
         def den(x, sigma):
             pts.append(x.clone())
             return gm.denoise(x, sigma)
@@ -179,8 +344,11 @@ def draw_paths(gm, path, n_paths=24, size=512):
 
 if __name__ == '__main__':
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--kdiffusion', default=os.environ.get('KDIFFUSION_PATH'), help='folder with the unpacked k-diffusion wheel')
-    p.add_argument('--n-ode', type=int, default=128, help='noise samples for the ODE error')
+    p.add_argument('--refs', default=os.environ.get('REF_PKGS'),
+                   help='folder with k_diffusion (and its torchsde, torchdiffeq, trampoline) and/or diffusers installed')
+    p.add_argument('--n-ode', type=int, default=64, help='noise samples (paths) for the ODE error')
     p.add_argument('--n-sde', type=int, default=10000, help='samples for the distribution distance')
+    p.add_argument('--nfes', default=','.join(map(str, NFES)), help='comma-separated NFE counts')
+    p.add_argument('--skip-sde', action='store_true', help='only the deterministic race')
     p.add_argument('--png', default=None, help='write a 2-D picture of sampler paths here')
     main(p.parse_args())

@@ -36,7 +36,7 @@ def _order_errors(name, opts, steps=(32, 64, 128), sigma_max=10.0, sigma_min=0.0
     ('deis_tab', {}, 3.6), ('deis_tab', {'order': 2}, 3.6), ('deis_tab', {'order': 3}, 3.6),
     ('unipc_bh1', {}, 7.0), ('unipc_bh2', {}, 7.0), ('unipc_bh2', {'order': 2}, 7.0),
     ('unipc_bh1', {'order': 2}, 7.0), ('unipc_bh1', {'order': 1}, 3.6),
-    ('eps_abm', {}, 7.0), ('eps_abm', {'order': 2}, 7.0), ('eps_abm', {'order': 1}, 3.6),
+    ('eps_abm', {}, 7.0), ('eps_abm', {'order': 2}, 7.0), ('eps_abm', {'order': 1}, 3.6), ('eps_abm', {'order': 4}, 7.0),
 ])
 def test_measured_order_on_the_exact_gaussian_ode(name, opts, ratio):
     errs = _order_errors(name, opts)
@@ -94,18 +94,51 @@ def test_ipndm_step_is_exact_on_equal_steps(order):
 
 
 def test_eps_abm_corrector_is_exact_for_linear_eps():
-    """eps_abm order 1: the corrector through the new and the current point is exact for eps linear in log sigma,
-    and the last step returns D(x_pred) + (x_corr - x_pred) = x_corr - sigma_min eps."""
+    """eps_abm order 1: the corrector through the new and the current point (trapezoid-like, exact weights) is exact
+    for eps linear in log sigma, where its order-1 predictor is not. The corrected state at sigma_1 is read back
+    from the next predicted state: x_pred(sigma_2) = x_corr(sigma_1) + (sigma_2 - sigma_1) eps(sigma_1)."""
     coeffs = [0.3, -0.5]
-    sigmas = torch.tensor([3.0, 0.8, 0.0], dtype=torch.float64)
-    _, out = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1)
-    s_a, s_b = 3.0, 0.8
-    x_corr = 0.7 + _integral_log_poly(coeffs, s_b) - _integral_log_poly(coeffs, s_a)
-    eps_b = coeffs[0] + coeffs[1] * math.log(s_b)
-    assert out.item() == pytest.approx(x_corr - s_b * eps_b, rel=1e-12)
+    sigmas = torch.tensor([3.0, 0.8, 0.3, 0.0], dtype=torch.float64)
+    xs, _ = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1)
+    eps_1 = coeffs[0] + coeffs[1] * math.log(0.8)
+    x_corr = xs[2] - (0.3 - 0.8) * eps_1
+    exact = 0.7 + _integral_log_poly(coeffs, 0.8) - _integral_log_poly(coeffs, 3.0)
+    assert x_corr == pytest.approx(exact, rel=1e-12)
+    assert abs(xs[1] - exact) > 1e-3                         # the predictor alone is not exact: the corrector did it
 
 
 def test_unipc_rejects_unsupported_order():
     gm = GaussianMixture.random(K=2, D=2, seed=0)
     with pytest.raises(ValueError, match='order'):
         SAMPLERS['unipc_bh2'](gm, torch.zeros(2, 2, dtype=torch.float64), karras_sigmas(5, 0.1, 10.).double(), order=4)
+
+
+# ----------------------------------------------------------------------------------------------------
+# schedule_search.py: a tool that tunes the sigmas of a sampler against the exact ODE of a mixture.
+
+def test_searched_schedule_beats_karras_on_held_out_noise():
+    """At equal NFE (6 levels, dpmpp_2m) on a 2-D mixture, the searched schedule has a smaller error against the
+    exact PF-ODE than Karras's (rho = 7) on noise the search never saw."""
+    from schedule_search import exact_ode_endpoints, schedule_error, search_sigmas
+    gm = GaussianMixture.random(K=3, D=2, seed=0)
+    sigmas = search_sigmas(gm, 6, sampler='dpmpp_2m', n_paths=64, max_evals=200, tol=1e-8)
+    assert len(sigmas) == 7 and sigmas[0] == 80.0 and sigmas[-2] == pytest.approx(0.002) and sigmas[-1] == 0
+    assert (sigmas[1:] < sigmas[:-1]).all()
+    x_test = 80.0 * torch.randn(128, 2, generator=torch.Generator().manual_seed(123), dtype=torch.float64)
+    target = exact_ode_endpoints(gm, x_test, 80.0, 0.002, tol=1e-8)
+    karras = schedule_error(gm, x_test, target, karras_sigmas(6, 0.002, 80.0).double(), 'dpmpp_2m', {})
+    searched = schedule_error(gm, x_test, target, sigmas, 'dpmpp_2m', {})
+    assert searched < 0.8 * karras, (searched, karras)
+
+
+def test_fit_gaussian_mixture_recovers_a_mixture():
+    """EM on samples of a known 2-component mixture recovers its means and covariances (up to the order)."""
+    from schedule_search import fit_gaussian_mixture
+    true = GaussianMixture(torch.tensor([[-3.0, 0.0], [3.0, 1.0]]), torch.tensor([[0.5, 0.2], [0.3, 0.8]]),
+                           torch.tensor([0.3, 0.7]))
+    x, _ = true.sample(4000, generator=torch.Generator().manual_seed(0))
+    fit = fit_gaussian_mixture(x, K=2, iters=50)
+    order = fit.means[:, 0].argsort()
+    torch.testing.assert_close(fit.means[order], true.means, atol=0.1, rtol=0)
+    torch.testing.assert_close(fit.covs[order], true.covs, atol=0.1, rtol=0)
+    torch.testing.assert_close(fit.weights[order], true.weights, atol=0.03, rtol=0)
