@@ -188,8 +188,9 @@ def ddpm_linear_diffusion():
 def load_pretrained(name, device='cpu', weights_dir=None, download=True):
     """(net in eval mode, Diffusion, config, autoencoder or None) for a model of PRETRAINED.
 
-    config has train.py's layout (model, net, diffusion, data), describing what the network sees (for DiT: the
-    32x32x4 latents; config['image'] holds the decoded image size), plus 'pretrained': the registry name.
+    config has train.py's layout (model, net, diffusion, data) plus 'pretrained' (the registry name) and
+    'autoencoder': None for pixel models, else {'pretrained': its file, 'latent_shape': what the network sees
+    (4, 32, 32 for DiT-XL/2 256), 'config': the autoencoder's config with its latent scale}; data is the image.
     """
     if name not in PRETRAINED:
         raise ValueError(f"unknown pretrained model {name!r}; choose one of {', '.join(PRETRAINED)}")
@@ -204,16 +205,17 @@ def load_pretrained(name, device='cpu', weights_dir=None, download=True):
             else official
         model_name = 'DiT-XL/2'
         shape = (official.in_channels, official.config['input_size'], official.config['input_size'])
-    vae_model = None
+    vae_model, autoencoder = None, None
     if entry['vae']:
         import vae                               # only the latent models need it
         vae_model = vae.load_sd_vae(paths[entry['vae']], device)
+        # as sample.py reads a latent model's config: the network sees latent_shape; data is the decoded image
+        autoencoder = {'pretrained': entry['vae'], 'latent_shape': list(shape), 'config': vae_model.config}
     config = {'model': entry['kind'], 'config_name': model_name, 'net': net.config, 'pretrained': name,
               'diffusion': {'prediction': 'eps', 'schedule': 'linear', 't_sampler': 'uniform', 'sigma_data': 0.5},
-              'data': {'dataset': entry['dataset'], 'channels': shape[0], 'resolution': shape[1],
+              'data': {'dataset': entry['dataset'], 'channels': entry['channels'], 'resolution': entry['resolution'],
                        'num_classes': entry['num_classes'], 'class_names': []},
-              'image': {'channels': entry['channels'], 'resolution': entry['resolution']},
-              'autoencoder': entry['vae']}
+              'autoencoder': autoencoder}
     return net.eval().requires_grad_(False), ddpm_linear_diffusion(), config, vae_model
 
 
