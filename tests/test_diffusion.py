@@ -2,6 +2,7 @@
 parameterisations, losses at the exact denoiser, the variational bound, noise-level samplers, and the mixture oracle."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -14,11 +15,29 @@ SCHEDULE_MAKERS = {'linear': lambda: DiscreteVP.linear(1000), 'cosine': lambda: 
                    'vp': ContinuousVP, 'edm': EDMSchedule, 'flow': FlowSchedule}
 
 
+def sigma_of_c_noise(schedule, c_noise):
+    """Invert each schedule's published c_noise (the number the network sees) back to sigma, written independently of
+    diffusion.py: DDPM's step index (its code feeds t - 1; fractional indices interpolate log sigma), continuous VP
+    (M - 1) t with M = 1000 (Karras et al. Table 1), EDM ln(sigma) / 4 (Table 1), flow 1000 t with t = sigma / (1 + sigma)."""
+    c = c_noise.double()
+    if isinstance(schedule, DiscreteVP):
+        log_sigmas = schedule.sigmas.log().numpy()
+        return torch.from_numpy(np.exp(np.interp(c.numpy(), np.arange(len(log_sigmas)), log_sigmas)))
+    if isinstance(schedule, ContinuousVP):
+        t = c / 999
+        return torch.expm1(0.5 * 19.9 * t ** 2 + 0.1 * t).sqrt()
+    if isinstance(schedule, EDMSchedule):
+        return torch.exp(4 * c)
+    t = c / 1000
+    return t / (1 - t)
+
+
 def oracle_net(denoiser, diffusion):
-    """The network whose output makes diffusion.denoise equal `denoiser` exactly: F = (D - c_skip x) / c_out,
-    given the network's own input c_in x and its noise level (from which sigma is recovered per schedule)."""
+    """The network whose output makes diffusion.denoise_with equal `denoiser` exactly: F = (D - c_skip x) / c_out. Like a
+    real network it sees only c_in x and c_noise, and recovers sigma from c_noise (sigma_of_c_noise), so a wrong c_noise
+    mapping, or a wrong c_in, makes it answer for the wrong noise level."""
     def net(x_in, c_noise, **cond):
-        sigma = net.sigma                                   # set by the caller; networks never see sigma itself
+        sigma = sigma_of_c_noise(diffusion.schedule, c_noise)
         c_skip, c_out, c_in = (c[:, None] for c in diffusion.preconditioning(sigma))
         x = x_in / c_in
         return (denoiser(x, sigma, **cond) - c_skip * x) / c_out
@@ -109,6 +128,36 @@ def test_target_round_trip(prediction):
     assert torch.allclose(c_skip * x + c_out * F, x0, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize('prediction, expected', [
+    # (c_skip, c_out, c_in) at sigma = 1 and sigma = 3 (sigma_data = 0.5), worked out by hand from the papers:
+    # EDM (Karras et al. 2022, Table 1): sd^2 / (s^2 + sd^2), s sd / sqrt(s^2 + sd^2), 1 / sqrt(s^2 + sd^2)
+    ('edm', [(0.2, 0.5 / math.sqrt(1.25), 1 / math.sqrt(1.25)), (0.25 / 9.25, 1.5 / math.sqrt(9.25), 1 / math.sqrt(9.25))]),
+    # eps (DDPM, Table 1's VP column): 1, -s, 1 / sqrt(1 + s^2)
+    ('eps', [(1.0, -1.0, 1 / math.sqrt(2)), (1.0, -3.0, 1 / math.sqrt(10))]),
+    ('x0', [(0.0, 1.0, 1 / math.sqrt(2)), (0.0, 1.0, 1 / math.sqrt(10))]),
+    # v (Salimans & Ho 2022): x0 = alpha z - sigma_vp v, alpha = 1/sqrt(1+s^2), z = alpha x  ->  1/(1+s^2), -s/sqrt(1+s^2)
+    ('v', [(0.5, -1 / math.sqrt(2), 1 / math.sqrt(2)), (0.1, -3 / math.sqrt(10), 1 / math.sqrt(10))]),
+    # flow: t = s/(1+s) (0.5 and 0.75), x_t = (1-t) x, x0 = x_t - t v  ->  1 - t, -t, 1 - t
+    ('flow', [(0.5, -0.5, 0.5), (0.25, -0.75, 0.25)]),
+])
+def test_preconditioning_matches_the_published_table(prediction, expected):
+    got = preconditioning(torch.tensor([1.0, 3.0], dtype=torch.float64), prediction, sigma_data=0.5)
+    for k, name in enumerate(('c_skip', 'c_out', 'c_in')):
+        assert got[k].tolist() == pytest.approx([e[k] for e in expected], rel=1e-12), name
+
+
+def test_noise_levels_match_the_published_c_noise():
+    """c_noise at hand-picked points: DDPM's step index (t - 1 in its code), continuous VP 999 t (Table 1, M = 1000),
+    EDM ln(sigma) / 4 (Table 1), flow 1000 t with t = sigma / (1 + sigma)."""
+    ddpm = DiscreteVP.linear(1000)
+    assert ddpm.noise_level(ddpm.sigmas[[0, 499, 999]]).tolist() == pytest.approx([0, 499, 999], abs=1e-9)
+    vp = ContinuousVP()
+    sigma_half = math.sqrt(math.expm1(0.5 * 19.9 * 0.25 + 0.05))          # sigma(t = 0.5)
+    assert vp.noise_level(torch.tensor([sigma_half], dtype=torch.float64)).item() == pytest.approx(499.5, rel=1e-12)
+    assert EDMSchedule().noise_level(torch.tensor([math.e ** 2])).item() == pytest.approx(0.5, rel=1e-6)
+    assert FlowSchedule().noise_level(torch.tensor([3.0])).item() == pytest.approx(750.0, rel=1e-6)
+
+
 def test_conversions_between_predictions():
     """eps, v and x0 describe the same estimate: eps = (x - x0)/sigma, v = alpha eps - sigma_vp x0 (Salimans & Ho)."""
     g = torch.Generator().manual_seed(2)
@@ -132,7 +181,6 @@ def test_loss_is_zero_for_the_exact_network_on_a_point_mass(prediction, schedule
     g = torch.Generator().manual_seed(3)
     sigma, _, _ = diff.sample_sigma(256, g)
     net = oracle_net(point, diff)
-    net.sigma = sigma.double()
     x0 = point.means.expand(256, 3).clone()
     loss, _ = diff.loss(net, x0, sigma=sigma.double(), generator=g)
     assert loss.max().item() < 1e-12 * (1 + diff.x0_weight(sigma.double()).max().item())
@@ -150,7 +198,6 @@ def test_loss_of_the_exact_network_equals_the_posterior_variance(prediction):
         n = 40_000
         sigma = torch.full((n,), sigma_value, dtype=torch.float64)
         net = oracle_net(gauss, diff)
-        net.sigma = sigma
         x0, _ = gauss.sample(n, generator=g)
         loss, _ = diff.loss(net, x0, sigma=sigma, generator=g)
         expected = diff.x0_weight(sigma[:1]).item() * (lam * sigma_value ** 2 / (lam + sigma_value ** 2)).mean().item()
@@ -194,6 +241,24 @@ def test_vlb_kl_matches_ddpm_posterior_in_the_unscaled_frame():
     assert torch.allclose(post, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize('discrete', [True, False])
+def test_vlb_gradients_are_finite_when_the_batch_holds_index_0(discrete):
+    """A hybrid loss differentiates vlb_terms over a batch that often holds index 0 (the decoder term, whose KL branch
+    has zero variance): the gradient must be finite and equal the sum of the per-sample gradients."""
+    sched = DiscreteVP.linear(100)
+    theta = torch.tensor([0.9, 0.05], dtype=torch.float64, requires_grad=True)
+    denoiser = lambda x, sigma: theta[0] * x / (1 + sigma[:, None] ** 2) + theta[1]       # a differentiable model
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(6, 3, generator=g, dtype=torch.float64) * 2 - 1
+    noise = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    index = torch.tensor([0, 1, 5, 0, 50, 99])
+    total, = torch.autograd.grad(vlb_terms(denoiser, x0, sched, index, noise, discrete=discrete).sum(), theta)
+    assert torch.isfinite(total).all()
+    parts = [torch.autograd.grad(vlb_terms(denoiser, x0[i:i + 1], sched, index[i:i + 1], noise[i:i + 1],
+                                           discrete=discrete).sum(), theta)[0] for i in range(6)]
+    torch.testing.assert_close(total, torch.stack(parts).sum(0), rtol=1e-10, atol=1e-12)
+
+
 def test_discretized_gaussian_sums_to_one_over_the_bins():
     levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
     for mean, std in [(0.0, 0.01), (0.93, 0.2), (-1.0, 0.5)]:
@@ -221,13 +286,28 @@ def test_bits_per_dim_of_a_point_mass_in_closed_form():
 
 
 def test_bound_is_above_the_exact_likelihood():
-    """-log p(x0) <= L_T + sum L_t: with the exact denoiser of a Gaussian the bound sits above the true NLL."""
-    gauss = GaussianMixture(torch.tensor([[0.3]]), torch.tensor([0.16]))
+    """-log p(x0) <= L_T + sum L_t, two-sided: for Gaussian data N(m, v) with its exact denoiser the expected bound is
+    known in closed form, since each KL term is 1/2 (SNR_{t-1} - SNR_t) E||x0 - D||^2 and E||x0 - D(x_t)||^2 is the
+    posterior variance mmse(sigma) = v sigma^2 / (v + sigma^2); L_0 = E[(x0 - D(x_1))^2] / (2 beta_1) + log(2 pi beta_1) / 2
+    and L_T = KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)). The Monte-Carlo bound must match that expectation (so a
+    doubled KL term fails) and lie above the exact NLL, whose expectation is the entropy log(2 pi e v) / 2."""
+    m, v = 0.3, 0.16
+    gauss = GaussianMixture(torch.tensor([[m]]), torch.tensor([v]))
+    sched = DiscreteVP.cosine(200)
     x0, _ = gauss.sample(2000, generator=torch.Generator().manual_seed(0))
-    nats = bits_per_dim(gauss, x0, DiscreteVP.cosine(200), discrete=False,
-                        generator=torch.Generator().manual_seed(1)) * math.log(2)
+    nats = bits_per_dim(gauss, x0, sched, discrete=False, generator=torch.Generator().manual_seed(1)) * math.log(2)
+    sig = sched.sigmas.tolist()
+    mmse = lambda s: v * s ** 2 / (v + s ** 2)
+    beta_1 = sig[0] ** 2 / (1 + sig[0] ** 2)
+    abar_T = sched.alpha_bar[-1].item()
+    expected = (0.5 * mmse(sig[0]) / beta_1 + 0.5 * math.log(2 * math.pi * beta_1)
+                + sum(0.5 * (sig[i - 1] ** -2 - sig[i] ** -2) * mmse(sig[i]) for i in range(1, 200))
+                + 0.5 * (-math.log(1 - abar_T) + (1 - abar_T) + abar_T * (m ** 2 + v) - 1))
+    stderr = nats.std().item() / math.sqrt(2000)
+    assert abs(nats.mean().item() - expected) < 4 * stderr, (nats.mean().item(), expected, stderr)
     exact = -gauss.log_prob(x0)
     assert (nats - exact).mean().item() > 3 * (nats - exact).std().item() / math.sqrt(2000)
+    assert expected > 0.5 * math.log(2 * math.pi * math.e * v)
 
 
 # ---- noise-level sampling ------------------------------------------------------------------------------
@@ -243,7 +323,6 @@ def test_low_discrepancy_is_unbiased_and_reduces_loss_variance():
         batch_means = []
         for _ in range(600):
             sigma, _, _ = diff.sample_sigma(32, g)
-            net.sigma = sigma.double()
             x0, _ = gm.sample(32, generator=g)
             batch_means.append(diff.loss(net, x0, sigma=sigma.double(), generator=g)[0].mean())
         batch_means = torch.stack(batch_means)
@@ -274,14 +353,50 @@ def test_importance_sampling_reduces_the_variance_of_the_bound():
     assert est_imp.var().item() < 0.2 * est_uni.var().item()
 
 
-def test_importance_sampler_through_the_training_loss():
-    diff = Diffusion(DiscreteVP.linear(50), 'eps', t_sampler='importance')
-    net = lambda x, c: torch.zeros_like(x)
-    for _ in range(100):                                   # about 64 losses per step: every history fills
-        diff.loss(net, torch.randn(32, 2))
+def test_importance_probabilities_follow_the_root_mean_square_loss():
+    """Nichol & Dhariwal 2021, Eq. 18: p_t proportional to sqrt(E[L_t^2]) over the last 10 losses of each t (here mixed
+    with 1e-3 of uniform); uniform until every t has 10 losses. Numbers worked out by hand: t = 0 has nine losses 0 and
+    one 10 (mean 1, root mean square sqrt(10)), the others ten losses of 1, so p_0 = sqrt(10) / (sqrt(10) + 3)."""
+    sampler = ImportanceSampler(4)
+    others = torch.tensor([1, 2, 3]).repeat(10)
+    sampler.update(others, torch.ones(30))
+    sampler.update(torch.zeros(9, dtype=torch.long), torch.zeros(9))
+    assert sampler.probs().tolist() == [0.25] * 4                      # t = 0 has only 9 losses: still uniform
+    sampler.update(torch.tensor([0]), torch.tensor([10.0]))
+    w = math.sqrt(10) / (math.sqrt(10) + 3)
+    expected = [0.999 * w + 0.00025] + [0.999 * (1 - w) / 3 + 0.00025] * 3
+    assert sampler.probs().tolist() == pytest.approx(expected, rel=1e-12)           # p_0 = 0.5134, not 0.25
+    # only the last 10 losses count: ten more 1s at t = 0 push the 10 out of the window, and p is uniform again
+    sampler.update(torch.zeros(10, dtype=torch.long), torch.ones(10))
+    assert sampler.probs().tolist() == pytest.approx([0.25] * 4, rel=1e-12)
+
+
+def test_importance_sampling_inside_the_training_loss():
+    """Diffusion.loss draws t from the history, stores the raw loss and returns it reweighted by 1 / (T p_t). The
+    network here outputs noise + t / T (it recovers the noise from x when x0 = 0), so the raw loss of step t is
+    (t / T)^2 exactly: early steps have small losses, get rarely drawn, and are weighted up."""
+    T = 50
+    diff = Diffusion(DiscreteVP.linear(T), 'eps', t_sampler='importance')
+    sigmas = diff.schedule.sigmas
+    step_of = lambda c_noise: c_noise.double().round()
+    net = lambda x_in, c_noise: x_in / (sigmas[step_of(c_noise).long()] / (1 + sigmas[step_of(c_noise).long()] ** 2).sqrt())[:, None] \
+        + (step_of(c_noise) / T)[:, None]
+    x0 = torch.zeros(64, 2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(40):                                     # 2560 losses: every step's history fills
+        p_before = diff.importance.probs()
+        loss, sigma = diff.loss(net, x0, generator=g)
+        t = torch.searchsorted(sigmas, sigma.double() * (1 - 1e-6))
+        raw = (t.double() / T) ** 2
+        torch.testing.assert_close(loss.double(), raw / (T * torch.from_numpy(p_before)[t]), rtol=1e-4, atol=1e-6)
     assert (diff.importance.counts >= 10).all()
-    sigma, weight, t = diff.sample_sigma(1000)
-    assert weight.mean().item() == pytest.approx(1.0, rel=0.2)       # E[1/(T p_t)] = 1
+    p = diff.importance.probs()
+    rms = (np.arange(T) / T) ** 2                          # sqrt(E[L_t^2]) = L_t = (t / T)^2
+    assert p.tolist() == pytest.approx((0.999 * rms / rms.sum() + 0.001 / T).tolist(), rel=1e-6)
+    # unbiased: the reweighted loss averages to the uniform mean of (t / T)^2
+    losses = torch.cat([diff.loss(net, x0, generator=g)[0] for _ in range(10)])
+    uniform_mean = ((torch.arange(T, dtype=torch.float64) / T) ** 2).mean().item()
+    assert losses.mean().item() == pytest.approx(uniform_mean, rel=0.01)             # measured within 1e-4
 
 
 def test_importance_state_round_trip():

@@ -72,13 +72,26 @@ def test_cfg_score_is_the_tilted_score(w):
 
 
 def test_cfg_is_the_same_in_eps_space(gm):
-    """x0 = x - sigma eps is affine at fixed (x, sigma), so guiding eps predictions gives the same x0."""
-    x, s, y = noisy_points(gm, 0.8)
-    w = 3.5
-    eps = lambda d: (x - d) / s[:, None]
-    eps_cond, eps_uncond = eps(gm(x, s, y=y)), eps(gm(x, s))
-    eps_w = (1 + (w - 1)) * eps_cond - (w - 1) * eps_uncond          # Ho & Salimans Eq. 6 with their w = w - 1
-    torch.testing.assert_close(x - s[:, None] * eps_w, ClassifierFreeGuidance(gm, w, gm.num_classes)(x, s, y=y))
+    """Ho & Salimans guide an eps-network in DDPM's frame: eps~ = (1 + w_HS) eps(z, y) - w_HS eps(z) (Eq. 6), then a
+    deterministic DDIM step z' = sqrt(abar') x0~ + sqrt(1 - abar') eps~ with x0~ = (z - sqrt(1 - abar) eps~) / sqrt(abar)
+    (Song et al. Eq. 12). Written here in that frame, two such steps land where our sampler lands with the x0-space
+    ClassifierFreeGuidance (w = 1 + w_HS) in the sigma frame."""
+    x, s, y = noisy_points(gm, 2.0)
+    w_hs = 2.5
+    sigmas = torch.tensor([2.0, 0.7, 0.2], dtype=torch.float64)
+    abar = 1 / (1 + sigmas ** 2)                                   # alpha_bar of each sigma
+    z = abar[0].sqrt() * x                                         # DDPM's latent
+    for i in range(2):
+        x_frame = z / abar[i].sqrt()                               # what the sigma-frame model sees
+        sig = sigmas[i].expand(len(x))
+        eps = lambda d: (z - abar[i].sqrt() * d) / (1 - abar[i]).sqrt()     # an eps-network from the denoiser
+        eps_tilde = (1 + w_hs) * eps(gm(x_frame, sig, y=y)) - w_hs * eps(gm(x_frame, sig))
+        x0_tilde = (z - (1 - abar[i]).sqrt() * eps_tilde) / abar[i].sqrt()
+        z = abar[i + 1].sqrt() * x0_tilde + (1 - abar[i + 1]).sqrt() * eps_tilde
+    states = []
+    SAMPLERS['ddim'](ClassifierFreeGuidance(gm, 1 + w_hs, gm.num_classes), x, torch.cat([sigmas, sigmas.new_zeros(1)]),
+                     cond={'y': y}, callback=lambda info: states.append(info['x']))
+    torch.testing.assert_close(states[2], z / abar[2].sqrt(), rtol=1e-10, atol=1e-10)     # after two steps
 
 
 def test_cfg_makes_one_batched_call_and_duplicates_other_keywords():

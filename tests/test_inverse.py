@@ -286,8 +286,9 @@ def test_dps_with_noisy_measurements(op_name):
     assert mean_err < {'inpaint_random': 0.3, 'sr': 0.12}[op_name]
 
 
-def test_methods_are_reproducible_and_keep_shapes():
-    """Same generator, same output; x of any (N, C, H, W) shape; works when called under no_grad, as samplers are."""
+def test_methods_are_reproducible_and_use_their_generator():
+    """Same generator, same output, with or without an enclosing no_grad (samplers run under it, gradient methods need
+    autograd inside); another seed gives another sample (the noise comes from the generator, not the global RNG)."""
     prior, op, y, _, _ = problem('sr')
     sigmas = karras_sigmas(4, 0.002, SIGMA_MAX).double()
     x = sigmas[0] * torch.randn(3, *SHAPE, dtype=torch.float64)
@@ -295,9 +296,12 @@ def test_methods_are_reproducible_and_keep_shapes():
     for name, fn in INVERSE_METHODS.items():
         with torch.no_grad():
             a = fn(prior, x, sigmas, op, y3, generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(123)                                   # the global RNG must not matter
         b = fn(prior, x, sigmas, op, y3, generator=torch.Generator().manual_seed(0))
-        assert a.shape == x.shape and torch.isfinite(a).all() and not a.requires_grad, name
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        c = fn(prior, x, sigmas, op, y3, generator=torch.Generator().manual_seed(1))
+        assert not a.requires_grad, name
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+        assert (a - c).abs().max() > 1e-3, name
 
 
 def test_reconstruction_guided_denoiser_is_exact_posterior_mean_when_prior_is_white():
@@ -335,19 +339,27 @@ class TinyNet(torch.nn.Module):
 
 @pytest.mark.parametrize('op_name', ['inpaint_box', 'sr'])
 def test_methods_run_through_a_network(op_name):
+    """Through a real float32 nn.Module (autograd under the samplers' no_grad): cond reaches the network (passing the
+    labels in cond gives exactly what a denoiser that closes over them gives, and other labels give another result),
+    consistent methods meet y, and no gradient lands on the weights."""
     from diffusion import Diffusion
     torch.manual_seed(0)
     net = TinyNet()
-    denoiser = Diffusion('edm', 'edm').denoiser(net)
+    diffusion = Diffusion('edm', 'edm')
+    denoiser = diffusion.denoiser(net)
     op = make_operator(op_name, (3, 8, 8), factor=2)
     x0 = torch.rand(2, 3, 8, 8) * 2 - 1
     y = op.measure(x0)
     sigmas = karras_sigmas(5, 0.002, 80.0)
-    cond = {'y': torch.full((2,), 2)}                            # the "no class" index, as sample.py passes it
+    labels = torch.tensor([2, 0])                                 # 2: the "no class" index, as sample.py passes it
+    closed_over = lambda x, sigma: diffusion.denoise_with(net, x, sigma, y=labels)
     for name, fn in INVERSE_METHODS.items():
-        x = sigmas[0] * torch.randn(2, 3, 8, 8)
-        out = fn(denoiser, x, sigmas, op, y, generator=torch.Generator().manual_seed(0), cond=cond)
-        assert out.shape == x0.shape and out.dtype == torch.float32 and torch.isfinite(out).all(), name
+        x = sigmas[0] * torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+        run = lambda D, **kw: fn(D, x, sigmas, op, y, generator=torch.Generator().manual_seed(0), **kw)
+        out = run(denoiser, cond={'y': labels})
+        torch.testing.assert_close(out, run(closed_over), rtol=0, atol=0, msg=name)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all(), name
+        assert (out - run(denoiser, cond={'y': torch.tensor([1, 1])})).abs().max() > 1e-4, name
         if name in CONSISTENT:
             assert (op.forward(out) - y).abs().max() < 1e-5, name
     assert all(p.grad is None for p in net.parameters())       # gradients are taken with respect to x only

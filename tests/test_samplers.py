@@ -121,9 +121,12 @@ def test_ddpm_step_is_the_exact_posterior_on_the_model_steps():
     ('pc', {}, 100),
     ('euler', {}, 100),
     ('dpmpp_3m', {}, 20),
+    ('dpmpp_3m_corrected', {}, 20),
 ])
 def test_samplers_reproduce_mixture_moments(name, kwargs, steps):
-    """From exact noise, with the exact denoiser, samples have the mixture's mean and covariance."""
+    """From exact noise, with the exact denoiser, samples have the mixture's mean and covariance (a coarse check of
+    multimodal sampling; the noise scales are pinned down by test_stochastic_samplers_reach_the_exact_gaussian and
+    test_pc_langevin_corrector_reaches_p_sigma, which this one is too loose to replace)."""
     gm = GaussianMixture.random(K=3, D=2, seed=4)
     g = torch.Generator().manual_seed(5)
     sigmas = karras_sigmas(steps, 0.002, 80.0).double()
@@ -134,6 +137,60 @@ def test_samplers_reproduce_mixture_moments(name, kwargs, steps):
     scale = gm.cov().diagonal().sqrt()
     assert ((out.mean(0) - gm.mean()).abs() / scale).max().item() < 0.08
     assert torch.allclose(torch.cov(out.T), gm.cov(), atol=0.1 * scale.max().item() ** 2)
+
+
+def gaussian_denoiser(mu, C):
+    """The exact denoiser of N(mu, C), mu + C (C + sigma^2 I)^-1 (x - mu), in the eigenbasis of C (fast: no mixture)."""
+    lam, U = torch.linalg.eigh(C)
+    return lambda x, sigma: mu + ((x - mu) @ U * lam / (lam + sigma[:, None] ** 2)) @ U.T
+
+
+def whitened_moments(out, mu, C):
+    """Mean and covariance eigenvalues of C^(-1/2) (out - mu): 0 and 1 for exact samples."""
+    L = torch.linalg.cholesky(C)
+    w = torch.linalg.solve_triangular(L, (out - mu).T, upper=False).T
+    return w.mean(0), torch.linalg.eigvalsh(torch.cov(w.T))
+
+
+@pytest.mark.parametrize('name, kwargs, low, high', [
+    ('ddpm', {}, 0.82, 1.05),                        # measured 0.88, 0.93 (first-order bias of the ancestral step)
+    ('ddim', dict(eta=1.0), 0.82, 1.05),             # the same chain as ddpm
+    ('euler_ancestral', {}, 0.82, 1.05),             # 0.88, 0.93; with s_noise = 1.2: 1.27, 1.35
+    ('dpmpp_2m_sde', {}, 0.93, 1.10),                # 1.01, 1.05; with s_noise = 0.8: 0.64, 0.67
+    ('heun', dict(S_churn=40, S_tmin=0.05, S_tmax=50, S_noise=1.0), 0.93, 1.10),      # 1.04, 1.06
+    ('pc', {}, 0.93, 1.10),                          # 1.01, 1.06
+])
+def test_stochastic_samplers_reach_the_exact_gaussian(name, kwargs, low, high):
+    """From exact noise with the exact denoiser of a 2-D Gaussian, 100 steps: whitened samples have mean 0 and
+    covariance eigenvalues in [low, high] around 1. The bands are tight enough that the noise scale matters:
+    a wrong s_noise (1.2 in euler_ancestral, 0.8 in dpmpp_2m_sde) moves the variance by over 30%."""
+    mu, C = torch.tensor([0.5, -0.3], dtype=torch.float64), torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    sigmas = karras_sigmas(100, 0.002, 80.0).double()
+    x = sigmas[0] * torch.randn(10_000, 2, dtype=torch.float64, generator=g)
+    out = SAMPLERS[name](gaussian_denoiser(mu, C), x, sigmas, generator=g, **kwargs)
+    mean, eig = whitened_moments(out, mu, C)
+    assert mean.abs().max() < 0.05, (name, mean)
+    assert low < eig.min() and eig.max() < high, (name, eig)
+
+
+def test_pc_langevin_corrector_reaches_p_sigma():
+    """The corrector alone (Song et al. 2021, Alg. 4) is Langevin dynamics at a fixed sigma: started from the wrong
+    distribution, 300 steps bring x to p_sigma = N(mu, C + sigma^2 I); callback shows x after step 0's corrector.
+    Its stationary variance is exact up to the step bias (1 - eps / (2 v))^-1 ~ 1.03 here; noise sqrt(eps) instead
+    of sqrt(2 eps) would halve it, and snr = 0 (no corrector) leaves the starting variance, 3x too large."""
+    mu, C = torch.tensor([0.5, -0.3], dtype=torch.float64), torch.tensor([[1.0, 0.6], [0.6, 0.5]], dtype=torch.float64)
+    sigma = 1.0
+    target = C + sigma ** 2 * torch.eye(2, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    wrong_start = mu + 1.0 + torch.randn(4000, 2, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(3 * target).T
+    sigmas = torch.tensor([sigma * (1 + 1e-9), sigma, 0.0], dtype=torch.float64)   # a negligible predictor step
+    states = []
+    SAMPLERS['pc'](gaussian_denoiser(mu, C), wrong_start, sigmas, snr=0.16, n_corrector=300, generator=g,
+                   callback=lambda info: states.append(info['x']))
+    mean, eig = whitened_moments(states[1], mu, target)
+    assert mean.abs().max() < 0.1, mean
+    assert 0.93 < eig.min() and eig.max() < 1.12, eig          # measured 1.00, 1.07; snr = 0 gives 2.95, 3.06
 
 
 def test_image_shaped_batches_and_conditioning():
@@ -240,6 +297,31 @@ def test_sigma_schedules():
     vc = vp_continuous_sigmas(4)
     assert vc[0].item() == pytest.approx(math.sqrt(math.expm1(10.05)), rel=1e-5)
     assert steps_for_nfe('heun', 35) == 18 and steps_for_nfe('euler', 10) == 10
+
+
+@pytest.mark.parametrize('spacing', ['trailing', 'leading', 'linspace'])
+def test_vp_sigmas_every_step_count(spacing):
+    """Every n in 1..T gives exactly n of the model's levels, strictly descending, then 0, so every sampler accepts
+    them; the indices are the published integer formulas, computed here in exact rational arithmetic (Python's round
+    of a Fraction ties to even, as numpy.round does). A float ramp arange(T, 0, -T/n) fails 62 of these n."""
+    from fractions import Fraction
+    T = 1000
+    table = DiscreteVP.linear(T).sigmas
+    index = {float(v): i for i, v in enumerate(table.float().tolist())}
+    for n in range(1, T + 1):
+        sigmas = vp_sigmas(table, n, spacing)
+        if spacing == 'trailing':          # Lin et al. 2024, Table 2
+            expected = [round(Fraction(T * (n - i), n)) - 1 for i in range(n)]
+        elif spacing == 'leading':         # DDIM / Stable Diffusion
+            expected = [(n - 1 - i) * (T // n) for i in range(n)]
+        else:
+            expected = [round(Fraction((T - 1) * (n - 1 - i), n - 1)) for i in range(n)] if n > 1 else [T - 1]
+        assert len(sigmas) == n + 1 and sigmas[-1] == 0, n
+        assert [index[v] for v in sigmas[:-1].tolist()] == expected, n
+        assert (sigmas[1:] < sigmas[:-1]).all(), n
+    assert vp_sigmas(table, 61, 'trailing')[0] == vp_sigmas(table, 1, 'trailing')[0]    # starts at t = T
+    with pytest.raises(ValueError, match='1 <= n <= T'):
+        vp_sigmas(table, T + 1, spacing)
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
