@@ -330,6 +330,10 @@ def check_args(args):
         problems.append(f"--operator must be sr, inpaint_box or inpaint_random (got {args.operator!r})")
     if args.inverse and args.image and not os.path.isfile(args.image):
         problems.append(f'--image {args.image!r} does not exist')
+    try:
+        torch.device(args.device) if args.device else None
+    except RuntimeError:
+        problems.append(f'--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)')
     if problems:
         raise SystemExit('error: ' + '\n       '.join(problems))
     try:
@@ -430,6 +434,8 @@ def write_samples(images, labels, out, npz):
 def main(args):
     check_args(args)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise SystemExit(f'error: --device {args.device} but this machine has no CUDA GPU; use --device cpu')
     # Output paths before the model: a typo in --out must not cost the sampling time.
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png')
     if not args.inverse:

@@ -157,6 +157,8 @@ def check_args(args):
     need(args.config is None or args.config in configs, f"--config {args.config!r} is not a {args.model} configuration; "
                                                         f"choose from {', '.join(configs)}")
     need(args.resolution is None or args.resolution >= 1, f'--resolution must be a positive size (got {args.resolution})')
+    if args.resolution and args.resolution >= 1 and (args.config is None or args.config in configs):
+        need(resolution_problem(args, args.resolution) is None, f'--{resolution_problem(args, args.resolution)}')
     need(args.split in ('train', 'test'), f"--split must be 'train' or 'test' (got {args.split!r})")
     # A device string torch cannot parse; whether CUDA exists is checked in setup_distributed.
     try:
@@ -207,11 +209,31 @@ def ema_decay(step, max_decay):
 DEFAULT_SCHEDULE = {'eps': 'cosine', 'x0': 'cosine', 'v': 'cosine', 'edm': 'edm', 'flow': 'flow'}
 
 
+def resolution_problem(args, r):
+    """Why image size r does not suit the chosen network, or None. The U-Net halves the image once per level and
+    the DiT cuts it into patches: checked before building, so the message names the constraint instead of a
+    shape error from deep inside the network."""
+    if args.model == 'unet':
+        name = args.config or 'micro'
+        levels = len(UNET_CONFIGS[name]['channel_mult'])
+        factor = 2 ** (levels - 1)                                      # one halving per level below the first
+        if r % factor:
+            return (f"resolution {r} does not suit U-Net '{name}': its {levels} levels halve the image {levels - 1} "
+                    f'times, so it needs a multiple of {factor}')
+        return None
+    name = args.config or 'DiT-S/4'
+    patch = DIT_CONFIGS[name]['patch_size']
+    if r % patch:
+        return f"resolution {r} does not suit DiT '{name}': it needs a multiple of its patch size {patch}"
+    return None
+
+
 def network_config(args, dataset, num_classes, aug_dim):
-    """Constructor arguments of the U-Net or DiT for this dataset, checked against the image size first."""
-    # The U-Net halves the image once per level and the DiT cuts it into patches: check the size fits before
-    # building, so the message names the constraint instead of a shape error from deep inside the network.
+    """Constructor arguments of the U-Net or DiT for this dataset (its image size checked first)."""
     r = dataset.resolution
+    problem = resolution_problem(args, r)
+    if problem:
+        raise SystemExit(f'error: {problem}')
     if args.model == 'unet':
         name = args.config or 'micro'
         net = dict(UNET_CONFIGS[name], in_channels=dataset.channels, image_size=r, num_classes=num_classes, aug_dim=aug_dim)
@@ -219,15 +241,8 @@ def network_config(args, dataset, num_classes, aug_dim):
             net['dropout'] = args.dropout
         if args.model_channels is not None:
             net['model_channels'] = args.model_channels
-        factor = 2 ** (len(net['channel_mult']) - 1)                    # one halving per level below the first
-        if r % factor:
-            raise SystemExit(f"error: resolution {r} does not suit U-Net '{name}': its {len(net['channel_mult'])} "
-                             f'levels halve the image {len(net["channel_mult"]) - 1} times, so it needs a multiple of {factor}')
         return name, UNet(**net).config
     name = args.config or 'DiT-S/4'
-    patch = DIT_CONFIGS[name]['patch_size']
-    if r % patch:
-        raise SystemExit(f"error: resolution {r} does not suit DiT '{name}': it needs a multiple of its patch size {patch}")
     return name, DiT(**dict(DIT_CONFIGS[name], input_size=r, in_channels=dataset.channels, num_classes=num_classes,
                             aug_dim=aug_dim)).config
 
@@ -489,8 +504,11 @@ class RunLog:
 
     # Flushed per record: a killed run loses at most the line being written.
     def write(self, record):
-        self.file.write(json.dumps(record) + '\n')
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + '\n')
+            self.file.flush()
+        except OSError as e:
+            raise disk_full(self.path, e) if e.errno == errno.ENOSPC else e
 
     def close(self):
         self.file.close()
@@ -568,9 +586,10 @@ def prepare_run_folder(args):
         if not args.overwrite:
             raise SystemExit(f'error: {args.out} already holds a run (ckpt.pt / log.jsonl). Use --resume auto to continue '
                              f'it, a new --out for a new run, or --overwrite to replace it.')
-        for name in ('ckpt.pt', 'log.jsonl'):                           # --overwrite: start afresh, knowingly
-            if os.path.exists(os.path.join(args.out, name)):
+        for name in os.listdir(args.out):                               # --overwrite: the old run's own files go
+            if name in ('ckpt.pt', 'log.jsonl') or (name.endswith(('.png', '.pt')) and name.startswith(('samples_', 'ckpt_'))):
                 os.remove(os.path.join(args.out, name))
+        print(f'--overwrite: removed the previous run in {args.out}')
     return ckpt_path, resume
 
 
@@ -863,3 +882,7 @@ if __name__ == '__main__':
         main(parse_args())
     except (data.DatasetNotFoundError, ValueError) as e:     # a missing dataset, a bad flag value: the message only
         raise SystemExit(f'error: {e}')
+    except OSError as e:                                     # a full disk while writing a grid or the log
+        if e.errno != errno.ENOSPC:
+            raise
+        raise SystemExit(f'error: disk full ({e}); the last checkpoint is intact. Free space, then --resume auto.')
