@@ -630,7 +630,7 @@ def sample_unipc_bh2(denoiser, x, sigmas, *, order=3, lower_order_final=True, co
 
 
 @torch.no_grad()
-def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, progress=False):
+def sample_eps_abm(denoiser, x, sigmas, *, order=3, final_correction=False, cond=None, callback=None, progress=False):
     """Ours (not a published method): an exponential-integrator Adams-Bashforth-Moulton pair on the noise
     prediction, with exact weights for any step sizes.
     Predictor: DEIS's tAB in t = log sigma with `order` points (the exact weights of _eps_weights; order 3 is tAB2).
@@ -638,7 +638,11 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, pr
     point and the last `order` old ones (order + 1 points, the Adams-Moulton counterpart, integrated exactly),
     as UniC does but with the exact integral instead of UniPC's B(h) coefficients. The next step uses the noise
     prediction at the uncorrected point (no extra evaluation). The order builds up over the first steps and is
-    capped by the steps left (lower order final, as UniPC); the step to sigma = 0 returns D(x) at the last sigma.
+    capped by the steps left (lower order final, as UniPC); the step to sigma = 0 returns D(x) at the last sigma,
+    or, with final_correction=True, D(x_pred) + (x_corr - x_pred): the corrector's last correction carried into
+    the output by a first-order Taylor step of D, whose Jacobian is ~I at the smallest sigma (UniPC discards that
+    correction; measured: 7% smaller error at 20 NFE on the 64-D mixture, a few % elsewhere; off by default so
+    that the last step is the same final denoising step as every other sampler's).
     How it differs from UniPC: noise instead of data prediction, exact weights instead of B(h), an order + 1
     corrector; from DEIS: the corrector (third order overall, DEIS is second: the tests measure both).
     Measured on the 2-D and 64-D mixtures of benchmarks/samplers.py (Karras schedule, 80 -> 0.002): the most
@@ -651,7 +655,7 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, pr
     Gaussian with variance sigma_data^2 (between data and noise prediction); the corrector only on small steps;
     the noise of the corrected point in the history; a damped corrector (x_pred + 0.5 (x_corr - x_pred)), which
     helps at 5 NFE but loses the extra order; per-sample order selection from the differences of successive
-    orders (Shampine-Gordon style); D(x_pred) + (x_corr - x_pred) as the final output (a few % better)."""
+    orders (Shampine-Gordon style)."""
     cond = check_inputs(x, sigmas, cond)
     if order not in (1, 2, 3, 4):
         raise ValueError(f'eps_abm order must be 1, 2, 3 or 4, got {order!r}')
@@ -664,6 +668,7 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, pr
         x0_hat = _denoise(denoiser, x, sigma, cond)
         _report(callback, i, sigmas, x, x0_hat)
         eps = (x - x0_hat) / sigma
+        x_pred = x
         if last is not None:                                 # corrector: order + 1 points, the new one at u = h
             x_prev, sigma_prev, lam_prev, q = last
             pts = [(eps, lam)] + hist[:q - 1]
@@ -671,7 +676,7 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, cond=None, callback=None, pr
             x = x_prev - sigma_prev * sum(wj * e for wj, (e, _) in zip(w, pts))
         hist = [(eps, lam)] + hist[:order]
         if sigma_next == 0:
-            return x0_hat                                    # the final denoising step, D(x_pred) at the last sigma
+            return x0_hat + (x - x_pred) if final_correction else x0_hat    # final denoising step (see docstring)
         p = min(order, len(hist), n - i)
         last = (x, sigma, lam, min(order + 1, len(hist) + 1))
         h = math.log(sigma / sigma_next)

@@ -79,8 +79,9 @@ def search_sigmas(denoiser, n, sampler='eps_abm', options=None, sigma_min=0.002,
                   n_paths=128, max_evals=None, seed=0, tol=1e-10, verbose=False):
     """Search n noise levels (sigma_max ... sigma_min, plus the final 0) that minimise the sampler's error against
     the exact ODE of `denoiser` (an exact denoiser such as a GaussianMixture: D(x, sigma) with sigma of shape (N,)).
-    Starts from karras_sigmas(n, sigma_min, sigma_max, rho); returns float64 sigmas. tol: of the exact ODE solve. A deterministic sampler only:
-    the error is measured path by path against the ODE solution from the same noise."""
+    Starts from karras_sigmas(n, sigma_min, sigma_max, rho); returns float64 sigmas. tol: of the exact ODE solve.
+    A deterministic sampler only: the error is measured path by path against the ODE solution from the same noise.
+    n_paths noise draws (seed) are the training set; check the result on other noise (the test and benchmark do)."""
     options = dict(options or {})
     if sampler not in SAMPLERS:
         raise ValueError(f'unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}')

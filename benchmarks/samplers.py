@@ -21,7 +21,7 @@ k-diffusion (Crowson): sampling.py alone is imported. diffusers (UniPCMultistepS
 DEISMultistepScheduler) are driven step by step on our sigmas with an x0-predicting model (drive_diffusers), so they
 solve exactly the same problem; the UniPC parity line shows our unipc_bh1/bh2 equal theirs to round-off.
 
-    OMP_NUM_THREADS=1 python benchmarks/samplers.py --refs /tmp/ref_pkgs [--n-ode 64] [--png out/sampler_paths.png]
+    OMP_NUM_THREADS=1 python benchmarks/samplers.py --refs /tmp/ref_pkgs [--schedules] [--png out/sampler_paths.png]
 """
 import argparse
 import importlib.machinery
@@ -39,6 +39,7 @@ from scipy.integrate import solve_ivp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from diffusion import GaussianMixture                                  # noqa: E402
 from samplers import SAMPLERS, karras_sigmas, steps_for_nfe            # noqa: E402
+from schedule_search import search_sigmas                               # noqa: E402
 
 NFES = (5, 10, 20, 35, 50, 100)
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
@@ -195,6 +196,8 @@ def deterministic_solvers(kd, df):
     s['dpmpp_3m_corrected (ours)'] = (ours('dpmpp_3m_corrected'), 'new', 'x')
     s['eps_abm (ours)'] = (ours('eps_abm'), 'new', 'x')
     s['eps_abm order=4 (ours)'] = (ours('eps_abm', order=4), 'new', 'x')
+    s['eps_abm final_correction (ours)'] = (ours('eps_abm', final_correction=True), 'new', 'x')
+    s['eps_abm order=4 final_corr. (ours)'] = (ours('eps_abm', order=4, final_correction=True), 'new', 'x')
     if kd is not None:
         s.update({'k-diff euler': (kdiff(kd, 'euler'), False, 'euler'), 'k-diff heun': (kdiff(kd, 'heun'), False, 'heun'),
                   'k-diff dpm_2': (kdiff(kd, 'dpm_2'), False, 'dpm_2'), 'k-diff lms': (kdiff(kd, 'lms'), False, 'x'),
@@ -285,6 +288,22 @@ def race_stochastic(pname, gm, solvers, n_sde, nfes):
             print(f'  parity with shared noise: {name} vs k-diffusion: max |difference| {diff:.1e}')
 
 
+def race_schedules(pname, gm, x_T, ref, nfes=(5, 10), max_evals=600):
+    """schedule_search.search_sigmas (a tool, see its docstring) tuned on 64 OTHER noise paths, then measured on the
+    race's paths: the error with Karras's schedule against the searched one, at equal NFE."""
+    print(f'\n[{pname}] searched schedules (schedule_search.py, tuned on other noise) vs Karras, equal NFE')
+    for name, options in (('eps_abm', {}), ('deis_tab', {}), ('unipc_bh2', {'order': 2}), ('dpmpp_2m', {})):
+        for nfe in nfes:
+            t0 = time.time()
+            searched = search_sigmas(gm, nfe, sampler=name, options=options, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                                     n_paths=64, max_evals=max_evals, seed=1)
+            errs = [((SAMPLERS[name](gm, x_T.clone(), s, **options) - ref) ** 2).mean().sqrt().item()
+                    for s in (karras_sigmas(nfe, SIGMA_MIN, SIGMA_MAX).double(), searched)]
+            print(f'  {name} {options or ""} NFE {nfe:>3}: Karras {errs[0]:.2e} -> searched {errs[1]:.2e} '
+                  f'({errs[1] / errs[0]:.2f}x; search {time.time() - t0:.0f}s); sigmas '
+                  + ' '.join(f'{v:.3g}' for v in searched[:-1].tolist()))
+
+
 def main(args):
     df = load_diffusers(args.refs)                 # first: diffusers probes for k_diffusion's spec at import
     kd = load_kdiffusion(args.refs)
@@ -300,6 +319,8 @@ def main(args):
             print(f'[{pname}] UniPC parity: max |ours - diffusers| over bh1/bh2, orders 1-3, NFE 5/10/20: '
                   f'{unipc_parity(gm, x_T, df):.1e}')
         race_deterministic(pname, gm, x_T, ref, deterministic_solvers(kd, df), nfes)
+        if args.schedules:
+            race_schedules(pname, gm, x_T, ref)
         if not args.skip_sde:
             race_stochastic(pname, gm, stochastic_solvers(kd), args.n_sde, nfes)
     if args.png:
@@ -350,5 +371,6 @@ if __name__ == '__main__':
     p.add_argument('--n-sde', type=int, default=10000, help='samples for the distribution distance')
     p.add_argument('--nfes', default=','.join(map(str, NFES)), help='comma-separated NFE counts')
     p.add_argument('--skip-sde', action='store_true', help='only the deterministic race')
+    p.add_argument('--schedules', action='store_true', help='also race searched schedules against Karras (minutes)')
     p.add_argument('--png', default=None, help='write a 2-D picture of sampler paths here')
     main(p.parse_args())

@@ -107,6 +107,19 @@ def test_eps_abm_corrector_is_exact_for_linear_eps():
     assert abs(xs[1] - exact) > 1e-3                         # the predictor alone is not exact: the corrector did it
 
 
+def test_eps_abm_final_correction():
+    """final_correction=True returns D(x_pred) + (x_corr - x_pred) = x_corr - sigma_last eps at the last sigma:
+    with eps linear in log sigma and order 1 the corrected state is exact, so the output is too."""
+    coeffs = [0.3, -0.5]
+    sigmas = torch.tensor([3.0, 0.8, 0.0], dtype=torch.float64)
+    _, plain = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1)
+    _, out = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1, final_correction=True)
+    exact = 0.7 + _integral_log_poly(coeffs, 0.8) - _integral_log_poly(coeffs, 3.0)
+    eps_1 = coeffs[0] + coeffs[1] * math.log(0.8)
+    assert out.item() == pytest.approx(exact - 0.8 * eps_1, rel=1e-12)
+    assert abs(plain.item() - (exact - 0.8 * eps_1)) > 1e-3           # the default returns D(x_pred)
+
+
 def test_unipc_rejects_unsupported_order():
     gm = GaussianMixture.random(K=2, D=2, seed=0)
     with pytest.raises(ValueError, match='order'):
