@@ -902,7 +902,7 @@ def check_paths(args):
         check_output_path(os.path.join(args.stats_cache, 'probe.npz'), ('.npz',), '--stats-cache')
 
 
-def build_network(args):
+def build_feature_network(args):
     """The feature network the flags ask for, in eval mode on args.device."""
     if args.network == 'inception':
         return load_inception(args.inception_weights, args.device, resize=args.resize,
@@ -972,7 +972,11 @@ def sample_checkpoint(args):
                               sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                               seed=args.seed + int(idx[0]), aug_dim=s['aug_dim']).cpu()
               for idx in tqdm(torch.arange(n).split(args.batch_size), desc='sampling')]
-    images = data.to_uint8(torch.cat(images))
+    images = torch.cat(images)
+    if not torch.isfinite(images).all():  # to_uint8 would turn NaN into pixels and the scores would be of those
+        raise ValueError(f'{args.generated} produced {int((~torch.isfinite(images)).sum())} NaN/inf pixel values: '
+                         'its weights have diverged; nothing meaningful to score')
+    images = data.to_uint8(images)
     print(f'sampled {n} images from {args.generated} ({args.sampler}, {args.steps} steps, guidance {args.guidance})')
     if args.npz:  # the samples are kept, whatever happens later (sample.py's layout: uint8 NHWC + labels)
         tmp = args.npz[:-len('.npz')] + '.tmp.npz'
@@ -983,28 +987,36 @@ def sample_checkpoint(args):
     return images, labels
 
 
-def reference_statistics(args, net, net_id):
-    """(statistics, reference features or None, number of reference images) for the REFERENCE argument."""
-    meta = dict(network=net.name, resize=net.resize, network_id=net_id)
+def load_reference(args, net, net_id):
+    """(statistics, None) for a statistics file, checked against this network; else (None, reference images).
+
+    Called before the generated images are sampled or read, so a mismatch or a too small set costs nothing.
+    """
     if is_statistics_file(args.reference):  # cached statistics: no reference image is read
         stats = load_statistics(args.reference)
         check_statistics_match(stats, net.name, net.resize, args.reference, net_id)
-        return stats, None, int(stats.get('num_images', -1))
+        return stats, None
     real = load_images(args.reference, args.num_ref)
     if len(real) < 2:
         raise ValueError(f'REFERENCE {args.reference} holds {len(real)} image(s); statistics need at least 2')
+    return None, real
+
+
+def reference_statistics(args, net, net_id, real):
+    """(statistics, features or None) of the reference images `real`: from the cache, or computed (and saved)."""
+    meta = dict(network=net.name, resize=net.resize, network_id=net_id)
     if args.stats_cache:  # computed once per (dataset, resolution, count, network, resize), then reused
         name = os.path.splitext(os.path.basename(os.path.normpath(args.reference)))[0]
         path = statistics_cache_path(args.stats_cache, name, real.shape[-1], len(real), net.name, net.resize, net_id)
         cached = os.path.isfile(path)
         stats = cached_statistics(path, lambda: extract_features(real, net, args.batch_size, args.device), **meta)
         print(f'reference statistics {"read from" if cached else "computed and saved to"} {path}')
-        return stats, None, len(real)
+        return stats, None
     real_feats = extract_features(real, net, args.batch_size, args.device)
     stats = compute_statistics(real_feats, **meta)
     if args.save_stats:
         save_statistics(args.save_stats, stats)
-    return stats, real_feats, len(real)
+    return stats, real_feats
 
 
 def video_command(args):
@@ -1021,7 +1033,7 @@ def video_command(args):
     if metrics & {'fvd', 'kvd'}:
         nets.append((VideoFeatures(load_i3d(args.i3d_weights, args.device)), {'fvd': 'fid', 'kvd': 'kid'}))
     if metrics & set(METRICS):
-        nets.append((FrameFeatures(build_network(args)), {m: m for m in METRICS}))
+        nets.append((FrameFeatures(build_feature_network(args)), {m: m for m in METRICS}))
     for net, names in nets:   # each network's features, statistics and scores, named after the network
         wanted = tuple(names[m] for m in VIDEO_METRICS if m in metrics and m in names)
         want_logits = 'is' in wanted and net.name.split('/')[0] == 'inception'
@@ -1052,9 +1064,10 @@ def main(args):
         return video_command(args)
     check_paths(args)  # every path before any long work: a bad output path must not cost the computation
     metrics = tuple(args.metrics.split(','))
-    net = build_network(args)
+    net = build_feature_network(args)
     net_id = network_id(net)
     want_logits = 'is' in metrics and net.name == 'inception'
+    ref_stats, real = load_reference(args, net, net_id)  # checked first: a mismatch must not cost the sampling
     if args.generated.endswith('.pt'):
         fake, _ = sample_checkpoint(args)
     else:
@@ -1064,7 +1077,11 @@ def main(args):
                          '(thousands for meaningful scores)')
     out = extract_features(fake, net, args.batch_size, args.device, return_logits=want_logits)
     fake_feats, fake_logits = out if want_logits else (out, None)
-    ref_stats, real_feats, num_ref = reference_statistics(args, net, net_id)
+    if ref_stats is None:
+        ref_stats, real_feats = reference_statistics(args, net, net_id, real)
+    else:
+        real_feats = None
+    num_ref = int(ref_stats.get('num_images', -1))
     results = compute_metrics(fake_feats, ref_stats, fake_logits, metrics, net.name, args.kid_subset_size, net.resize)
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
     print(format_results(results, len(fake_feats), num_ref, net.resize, split, args.conditions))

@@ -105,14 +105,16 @@ def test_a_nan_pixel_in_a_float_npz_is_an_error_not_a_misdecode(tmp_path):
     assert np.array_equal(evaluate.load_images(str(tmp_path / 'ok.npz')).numpy(), expected)
 
 
-def test_statistics_of_another_feature_network_are_refused(lenet_run):
+def test_statistics_of_another_feature_network_are_refused(lenet_run, count_feature_passes):
     # Before: only the network's name was stored, so statistics of another LeNet were accepted (FD 970, not 41.7).
     args, root = lenet_run
     evaluate.main(args('gen.npz', 'ref.npz', '--save-stats', str(root / 'stats.npz')))
     torch.manual_seed(2)                                              # another LeNet: same name, other weights
     torch.save(evaluate.LeNetFeatures(1, 10, 16).state_dict(), root / 'other.pth')
+    count_feature_passes.clear()
     with pytest.raises(ValueError, match='other lenet weights'):
         evaluate.main(args('gen.npz', 'stats.npz', weights='other.pth'))
+    assert count_feature_passes == []                                 # refused before the generated images' features
     evaluate.main(args('gen.npz', 'stats.npz'))                       # the right network is accepted
 
 
@@ -158,6 +160,8 @@ def test_one_image_is_a_clear_error_before_feature_extraction(lenet_run, count_f
     np.savez(root / 'one.npz', np.zeros((1, 1, 16, 16), np.uint8))
     with pytest.raises(ValueError, match='holds 1 image.*at least 2'):
         evaluate.main(args('one.npz', 'ref.npz'))
+    with pytest.raises(ValueError, match='REFERENCE .* holds 1 image.*at least 2'):
+        evaluate.main(args('gen.npz', 'one.npz'))
     assert count_feature_passes == []
     with pytest.raises(ValueError, match='at least 2 feature vectors'):
         evaluate.feature_statistics(np.ones((1, 8)))
@@ -184,7 +188,7 @@ def test_a_checkpoint_with_missing_keys_or_another_object_is_a_clear_error(lenet
 
 
 def test_lenet_weights_with_missing_keys_are_a_clear_error(lenet_run):
-    # Before: KeyError('conv1.weight') from build_network.
+    # Before: KeyError("fc2.weight") from build_network (now build_feature_network).
     args, root = lenet_run
     state = torch.load(root / 'lenet.pth')
     del state['fc2.weight']
@@ -205,3 +209,15 @@ def test_a_folder_of_fewer_than_20_images_holds_out_nothing(tmp_path):
     assert len(val_index) == 0 and sorted(train_index.tolist()) == list(range(10))
     x, _ = ds.batch(train_index)
     assert torch.isfinite(x).all() and len(x) == 10
+
+
+def test_a_checkpoint_whose_samples_are_nan_is_an_error_not_a_score(lenet_run, monkeypatch):
+    # Before: NaN samples were cast to uint8 (some pixel value) and scored like images.
+    import sample
+    args, root = lenet_run
+    (root / 'ckpt.pt').write_bytes(b'')
+    settings = dict(channels=1, resolution=16, num_classes=0, aug_dim=0, frames=None)
+    monkeypatch.setattr(evaluate, 'load_checkpoint_model', lambda path, device: (None, None, settings))
+    monkeypatch.setattr(sample, 'generate', lambda net, diffusion, n, shape, *a, **k: torch.full((n, *shape), np.nan))
+    with pytest.raises(ValueError, match='NaN/inf pixel values.*diverged'):
+        evaluate.main(args('ckpt.pt', 'ref.npz', '--num-gen', '4'))

@@ -336,7 +336,7 @@ def test_train_lenet_command(shared_data, tmp_path, capsys):
                                        '--lenet-steps', '30']))
     assert 'held-out accuracy' in capsys.readouterr().out
     args = evaluate.parse_args(['a.npz', 'b.npz', '--network', 'lenet', '--lenet-weights', weights])
-    model = evaluate.build_network(args)  # the architecture is rebuilt from the saved shapes
+    model = evaluate.build_feature_network(args)  # the architecture is rebuilt from the saved shapes
     assert (model.in_channels, model.image_size, model.feature_dim) == (1, 28, 128)
 
 
