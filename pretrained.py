@@ -27,6 +27,7 @@ each file's URL and the exact path to save it under.
 
 Usage: net, diffusion, config, vae = load_pretrained('dit-xl-2-256', 'cuda')
        python pretrained.py            # lists the models and which files are present
+       python sample.py --pretrained dit-xl-2-256 --class 207 --guidance 4 --steps 32 -n 16
 """
 import hashlib
 import os
