@@ -82,9 +82,11 @@ def vp_sigmas(model_sigmas, n, spacing='trailing'):
     'leading'  t_i = (n - 1 - i) * (T // n) (DDIM's and Stable Diffusion's choice; never reaches t = T)
     'trailing' t_i = round(T - i T/n) - 1 (Lin et al. 2024, arXiv:2305.08891, Table 2; starts at t = T)
     'linspace' t_i = round((T - 1)(n - 1 - i)/(n - 1)), i.e. round(linspace(T - 1, 0, n))
-    Each is computed in integers: a float ramp such as arange(T, 0, -T/n) returns one step too many for some n
-    (n = 61, 103, ... of T = 1000), whose index -1 would wrap to sigma_max. Sampling exactly on these levels lets
-    the `ddpm` sampler use the model's exact posteriors."""
+    Each is computed in integers, ties rounding to even as numpy.round does: a float ramp such as
+    arange(T, 0, -T/n) returns one step too many for 62 n of T = 1000 (n = 61, 103, ...), whose index -1 would wrap
+    to sigma_max, and its accumulated rounding decides some exact ties (x.5) upwards (49 n of T = 1000, where
+    diffusers' float formula then differs by one index). Sampling exactly on these levels lets the `ddpm` sampler
+    use the model's exact posteriors."""
     T = len(model_sigmas)
     if not 1 <= n <= T:
         raise ValueError(f'vp_sigmas needs 1 <= n <= T = {T} steps, got n = {n}')

@@ -2,6 +2,7 @@
 Gaussian, the DDIM/Euler/DDPM identities, the mixture's moments from every stochastic sampler, schedules and errors."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -302,22 +303,22 @@ def test_sigma_schedules():
 @pytest.mark.parametrize('spacing', ['trailing', 'leading', 'linspace'])
 def test_vp_sigmas_every_step_count(spacing):
     """Every n in 1..T gives exactly n of the model's levels, strictly descending, then 0, so every sampler accepts
-    them; the indices are the published integer formulas, computed here in exact rational arithmetic (Python's round
-    of a Fraction ties to even, as numpy.round does). A float ramp arange(T, 0, -T/n) fails 62 of these n."""
-    from fractions import Fraction
+    them; the indices are the published formulas, computed here with one float64 division per index (exact: a tie
+    x.5 is representable and any other quotient is at least 1/(2n) away from one, so numpy's round-half-even cannot
+    be misled). The float ramp arange(T, 0, -T/n), which accumulates rounding, gave n + 1 levels for 62 of these n."""
     T = 1000
     table = DiscreteVP.linear(T).sigmas
-    index = {float(v): i for i, v in enumerate(table.float().tolist())}
     for n in range(1, T + 1):
+        i = np.arange(n)
+        if spacing == 'trailing':          # Lin et al. 2024, Table 2: round(T - i T / n) - 1
+            expected = np.round(T * (n - i) / n) - 1
+        elif spacing == 'leading':         # DDIM / Stable Diffusion: i * (T // n), counted down
+            expected = (n - 1 - i) * (T // n)
+        else:                              # round(linspace(T - 1, 0, n))
+            expected = np.round((T - 1) * (n - 1 - i) / (n - 1)) if n > 1 else np.array([T - 1])
         sigmas = vp_sigmas(table, n, spacing)
-        if spacing == 'trailing':          # Lin et al. 2024, Table 2
-            expected = [round(Fraction(T * (n - i), n)) - 1 for i in range(n)]
-        elif spacing == 'leading':         # DDIM / Stable Diffusion
-            expected = [(n - 1 - i) * (T // n) for i in range(n)]
-        else:
-            expected = [round(Fraction((T - 1) * (n - 1 - i), n - 1)) for i in range(n)] if n > 1 else [T - 1]
         assert len(sigmas) == n + 1 and sigmas[-1] == 0, n
-        assert [index[v] for v in sigmas[:-1].tolist()] == expected, n
+        assert torch.equal(sigmas[:-1], table[torch.from_numpy(expected.astype(np.int64))].float()), n
         assert (sigmas[1:] < sigmas[:-1]).all(), n
     assert vp_sigmas(table, 61, 'trailing')[0] == vp_sigmas(table, 1, 'trailing')[0]    # starts at t = T
     with pytest.raises(ValueError, match='1 <= n <= T'):
