@@ -31,6 +31,7 @@ and optionally an .npz of uint8 samples. With --inverse METHOD it instead solves
 import argparse
 import ast
 import errno
+import hashlib
 import math
 import os
 import tempfile
@@ -44,6 +45,7 @@ from diffusion import Diffusion
 from dit import DiT
 from guidance import ClassifierFreeGuidance
 from unet import UNet
+import vae
 
 NETWORKS = {'unet': UNet, 'dit': DiT}          # config['model'] -> class; config['net'] holds its kwargs
 CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every train.py checkpoint holds, at least
@@ -118,6 +120,8 @@ def load_model(path, device='cpu', use_ema=True):
 
 def sample_shape(config):
     """(C, H, W) of an image model, (C, F, H, W) of a video model, from the checkpoint's data config."""
+    if config.get('autoencoder'):                                 # latent diffusion: the shape the network sees
+        return tuple(config['autoencoder']['latent_shape'])
     d = config['data']
     return (d['channels'],) + ((d['frames'],) if d.get('frames') else ()) + (d['resolution'], d['resolution'])
 
@@ -166,7 +170,7 @@ def run_sampler(name, denoiser, x, sigmas, options, cond, generator=None, progre
 @torch.no_grad()
 def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampler='heun', steps=18, guidance=1.0,
              seed=0, progress=False, aug_dim=0, sampler_options=None, batch_size=None, sigmas=None, cond=None,
-             guide=None, callback=None):
+             guide=None, callback=None, decode=None):
     """n samples (n, *shape) in [-1, 1] on the CPU.
 
     labels: (n,) class indices (guided with weight `guidance` when != 1), or None for unconditional samples of a
@@ -176,6 +180,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     misspelt one fails before any sampling). sigmas: an explicit noise-level schedule (default: Karras, `steps`).
     cond: extra per-sample conditioning {name: (n, ...) tensor} for the network (x_cond, context, ...).
     guide: denoiser -> denoiser, applied after classifier-free guidance (other guidance methods).
+    decode: latents -> images (latent diffusion: latent_decoder(config)), applied before the clamp to [-1, 1].
     """
     # Every argument is checked before the first network call: a typo must not cost a batch of sampling.
     options = check_sampler_options(sampler, sampler_options)
@@ -208,8 +213,54 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
         if not torch.isfinite(x).all():
             raise FloatingPointError(f'sampling produced non-finite values (batch at {start}): the model or the '
                                      f'sampler settings ({sampler}, {len(sigmas) - 1} steps, guidance {guidance}) diverge')
+        if decode is not None:                                        # latent models: latents -> images first
+            x = decode(x)
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Latent diffusion (vae.py): a checkpoint trained with train.py --autoencoder records its autoencoder (path,
+# sha256, config with the latent scale) in config['autoencoder']; samples are latents, decoded to pixels here.
+
+def file_sha256(path, chunk=1 << 20):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(chunk), b''):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_autoencoder(path, device='cpu', use_ema=True):
+    """The (EMA) autoencoder of a train.py --task autoencoder checkpoint, frozen, in eval mode."""
+    ckpt = load_checkpoint(path, device)
+    if ckpt['config'].get('task') != 'autoencoder':
+        raise SystemExit(f"error: {path!r} is a {ckpt['config'].get('task', 'diffusion')} checkpoint, not an "
+                         'autoencoder; train one with train.py --task autoencoder')
+    ae = vae.Autoencoder(**ckpt['config']['net']).to(device)
+    ae.load_state_dict(ckpt['ema' if use_ema else 'model'])
+    return ae.eval().requires_grad_(False)
+
+
+def latent_decoder(config, device='cpu'):
+    """latents -> images for a latent diffusion checkpoint (None for a pixel model), through the autoencoder its
+    config records, with the latent scale it was trained with. The file must be the one trained on (sha256)."""
+    record = config.get('autoencoder')
+    if not record:
+        return None
+    if not os.path.isfile(record['path']):
+        raise SystemExit(f"error: this latent diffusion model decodes through the autoencoder {record['path']!r}, "
+                         'which is missing; put that checkpoint back at that path')
+    if file_sha256(record['path']) != record['sha256']:
+        raise SystemExit(f"error: {record['path']!r} is not the autoencoder this model was trained on (its sha256 "
+                         "changed: retrained or replaced?); decoding through it would give wrong images")
+    ae = load_autoencoder(record['path'], device)
+    ae.set_latent_scale(record['config']['scale_factor'], record['config']['shift_factor'])
+
+    @torch.no_grad()
+    def decode(z):
+        return ae.decode(z.to(device))
+    return decode
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -444,6 +495,9 @@ def main(args):
             check_output_path(args.npz, ('.npz',), '--npz')
     net, diffusion, config = load_model(args.ckpt, device, use_ema=not args.raw)
     trained = config['args']
+    if args.inverse and config.get('autoencoder'):
+        raise SystemExit('error: --inverse needs a pixel-space model: its operators act on pixels, and this model '
+                         'samples latents of an autoencoder (a solver through the decoder is not implemented)')
     if args.inverse:
         return run_inverse(args, net, diffusion, config, device)
     # Sampler settings: the command line's, else those the run used for its own grids.
@@ -455,7 +509,8 @@ def main(args):
         options = check_sampler_options(sampler, args.sampler_options)
         images = generate(net, diffusion, args.num, sample_shape(config), device, labels,
                           config['data']['num_classes'], sampler, steps, guidance, seed=args.seed, progress=True,
-                          aug_dim=config['net'].get('aug_dim', 0), sampler_options=options, batch_size=args.batch)
+                          aug_dim=config['net'].get('aug_dim', 0), sampler_options=options, batch_size=args.batch,
+                          decode=latent_decoder(config, device))
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f'error: {e}') from None
     write_samples(images, labels, out, args.npz)

@@ -48,8 +48,9 @@ from samplers import SAMPLERS
 # it moves to sample.py); new code imports them from sample.py.
 from sample import build_diffusion, build_network, generate, load_checkpoint  # noqa: F401
 from unet import UNET_CONFIGS, UNet
+import vae
 
-TASKS = ('diffusion',)                         # --task: what the network learns (make_config, build_trainee)
+TASKS = ('diffusion', 'autoencoder')                       # --task: what the network learns (make_config, build_trainee)
 # Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
 RESUME_FLAGS = ('split', 'seed', 'batch_size', 'grad_accum', 'lr', 'warmup', 'lr_decay', 'weight_decay',
                 'grad_clip', 'ema_decay', 'p_uncond', 'aug_p', 'overfit_batch', 'amp')
@@ -121,6 +122,16 @@ def parse_args(argv=None):
     g.add_argument('--eval-network', default='lenet', choices=['lenet', 'inception'],
                    help='features: a LeNet trained on this dataset (offline, scores named FD_lenet/KD_lenet) or the FID Inception')
     g.add_argument('--inception-weights', default=None, help='pt_inception-2015-12-05-6726825d.pth (see evaluate.py)')
+    # Autoencoders (vae.py): train one (--task autoencoder), or train diffusion on one's latents (--autoencoder).
+    g = p.add_argument_group('autoencoder (vae.py)')
+    g.add_argument('--autoencoder', default=None, metavar='CKPT', help='train diffusion on the latents of this --task autoencoder checkpoint (encoded once, cached in memory); grids and sample.py decode them')
+    g.add_argument('--vae-config', default=None, help=f"--task autoencoder configuration: {', '.join(vae.AUTOENCODER_CONFIGS)} (default kl-f4, vq-f4 with --vq)")
+    g.add_argument('--vq', action='store_true', help='VQ regularisation (VQGAN codebook) instead of the KL term')
+    g.add_argument('--kl-weight', type=float, default=1e-6, help='KL weight (LDM: 1e-6)')
+    g.add_argument('--codebook-weight', type=float, default=1.0, help='VQ loss weight (VQGAN: 1)')
+    g.add_argument('--disc-weight', type=float, default=0.5, help='scale of the adaptive GAN weight, VQGAN Eq. 7 (0 = no GAN)')
+    g.add_argument('--gan-start', type=int, default=None, help='first step with the GAN loss (default: half of --steps)')
+    g.add_argument('--lpips', default='auto', help="LPIPS weights folder, 'auto' (use them if on this machine) or 'off'")
     g = p.add_argument_group('misc')
     g.add_argument('--seed', type=int, default=0)
     g.add_argument('--device', default=None, help='default: cuda if available, else cpu')
@@ -170,8 +181,26 @@ def check_args(args):
         args.sampler_options = sample.check_sampler_options(args.sampler, sample.parse_sampler_options(args.sampler_opt))
     except ValueError as e:
         bad.append(str(e))
+    check_autoencoder_args(args, need, finite)
     if bad:
         raise SystemExit('error: ' + '\n       '.join(bad))
+
+
+def check_autoencoder_args(args, need, finite):
+    """The autoencoder flags: the task's incompatibilities and the ranges of its weights."""
+    for flag in ('kl_weight', 'codebook_weight', 'disc_weight'):
+        need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, flag)})")
+    need(args.vae_config is None or args.vae_config in vae.AUTOENCODER_CONFIGS,
+         f"--vae-config {args.vae_config!r} is not a vae.py configuration; choose from {', '.join(vae.AUTOENCODER_CONFIGS)}")
+    args.gan_start = args.steps // 2 if args.gan_start is None else args.gan_start
+    need(args.gan_start >= 0, f'--gan-start must be 0 or more (got {args.gan_start})')
+    if args.task == 'autoencoder':
+        need(not args.autoencoder, '--autoencoder trains diffusion on latents; it cannot be used with --task autoencoder')
+        for flag, off in (('aug_p', 0), ('eval_every', 0), ('overfit_batch', False)):
+            need(getattr(args, flag) == off, f"--{flag.replace('_', '-')} is for diffusion, not --task autoencoder")
+    if args.autoencoder:
+        need(os.path.isfile(args.autoencoder), f'--autoencoder {args.autoencoder!r} does not exist')
+        need(args.aug_p == 0, '--aug-p augments pixels; latent diffusion (--autoencoder) cannot use it')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -247,14 +276,21 @@ def network_config(args, dataset, num_classes, aug_dim):
                             aug_dim=aug_dim)).config
 
 
-def make_config(args, dataset):
-    """Everything needed to rebuild the model and sample it as trained; stored in every checkpoint."""
+def make_config(args, dataset, latents=None):
+    """Everything needed to rebuild the model and sample it as trained; stored in every checkpoint.
+    latents: (LatentDataset, record) with --autoencoder: the network is sized for the latents, 'data' stays the
+    images', and config['autoencoder'] records the decoder (see encode_dataset)."""
     num_classes = 0 if args.unconditional else dataset.num_classes
-    name, net = network_config(args, dataset, num_classes, AUG_DIM if args.aug_p > 0 else 0)
+    if args.task == 'autoencoder':                  # vae.py's config in place of a network's; no diffusion
+        name, net = autoencoder_config(args, dataset)
+    else:
+        name, net = network_config(args, latents[0] if latents else dataset, num_classes, AUG_DIM if args.aug_p > 0 else 0)
     # 'task' tells sample.py what the checkpoint is; 'net' holds the constructor arguments (build_network).
-    return {'task': args.task, 'model': args.model, 'config_name': name, 'net': net,
-            'diffusion': {'prediction': args.prediction, 'schedule': args.schedule or DEFAULT_SCHEDULE[args.prediction],
-                          't_sampler': args.t_sampler, 'sigma_data': args.sigma_data},
+    return {'task': args.task, 'model': 'autoencoder' if args.task == 'autoencoder' else args.model,
+            'config_name': name, 'net': net, **({'autoencoder': latents[1]} if latents else {}),
+            'diffusion': {} if args.task == 'autoencoder' else {
+                'prediction': args.prediction, 'schedule': args.schedule or DEFAULT_SCHEDULE[args.prediction],
+                't_sampler': args.t_sampler, 'sigma_data': args.sigma_data},
             'data': {'dataset': args.dataset, 'resolution': dataset.resolution, 'channels': dataset.channels,
                      'num_classes': num_classes, 'class_names': list(getattr(dataset, 'class_names', None) or []),
                      'frames': getattr(dataset, 'frames', 0)}}
@@ -275,22 +311,34 @@ class Trainee:
     step: int = 0                               # optimizer steps done
     skipped: int = 0                            # consecutive steps skipped for a non-finite loss
     grad_norm: float = 0.0                      # gradient norm of the last update (before clipping)
+    gan: object = None                          # --task autoencoder: vae.AutoencoderLoss (holds the discriminator)
+    gan_optimizer: torch.optim.Optimizer = None  # --task autoencoder: the discriminator's Adam
 
     def state_dict(self):
-        return {'model': self.net.state_dict(), 'ema': self.ema.state_dict(), 'optimizer': self.optimizer.state_dict(),
-                'scaler': self.scaler.state_dict(), 'diffusion': self.diffusion.state_dict(), 'step': self.step}
+        state = {'model': self.net.state_dict(), 'ema': self.ema.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                 'scaler': self.scaler.state_dict(), 'step': self.step,
+                 'diffusion': self.diffusion.state_dict() if self.diffusion is not None else {}}
+        if self.gan is not None:                # the discriminator only: LPIPS weights are frozen files
+            state.update(discriminator=self.gan.discriminator.state_dict(), gan_optimizer=self.gan_optimizer.state_dict())
+        return state
 
     def load_state_dict(self, state):
         self.net.load_state_dict(state['model'])
         self.ema.load_state_dict(state['ema'])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scaler.load_state_dict(state['scaler'])
-        self.diffusion.load_state_dict(state.get('diffusion', {}))    # importance-sampling history
+        if self.diffusion is not None:
+            self.diffusion.load_state_dict(state.get('diffusion', {}))    # importance-sampling history
+        if self.gan is not None:
+            self.gan.discriminator.load_state_dict(state['discriminator'])
+            self.gan_optimizer.load_state_dict(state['gan_optimizer'])
         self.step = state['step']
 
 
 def build_trainee(args, config, device, world):
     """Network, EMA copy (starting equal), Diffusion, Adam and the AMP scaler for the run's task."""
+    if config['task'] == 'autoencoder':
+        return build_autoencoder_trainee(args, config, device, world)
     # The EMA starts as an exact copy; it is what grids, evaluation and sample.py use.
     net = build_network(config).to(device)
     ema = build_network(config).to(device).eval().requires_grad_(False)    # eval: no dropout, no RNG drawn
@@ -600,7 +648,7 @@ def config_mismatch(a, b, prefix=''):
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += config_mismatch(va, vb, f'{prefix}{k}.')
-        elif va != vb and k != 'class_names':
+        elif va != vb and k not in ('class_names', 'scale_factor', 'shift_factor'):   # latent scale: measured at the end
             out.append(f'{prefix}{k}: checkpoint has {va!r}, this run has {vb!r}')
     return out
 
@@ -685,7 +733,7 @@ def sample_grid(ema, diffusion, config, args, path, device):
         n = len(labels) if labels is not None else 4
     images = generate(ema, diffusion, n, sample.sample_shape(config), device, labels, num_classes, args.sampler,
                       args.sample_steps, args.guidance, seed=args.seed, aug_dim=config['net'].get('aug_dim', 0),
-                      sampler_options=args.sampler_options)
+                      sampler_options=args.sampler_options, decode=sample.latent_decoder(config, device))
     sample.save_grid(images, path, nrow=8)
 
 
@@ -714,18 +762,200 @@ def run_evaluation(args, ema, diffusion, config, eval_state, step, device):
     # Labels drawn from the data's own label frequencies, fixed by the seed, so evaluations compare over steps.
     labels = train_labels[torch.randint(len(train_labels), (args.eval_samples,), generator=g)] if d['num_classes'] else None
     starts = iter(range(0, args.eval_samples, 250))
+    decode = sample.latent_decoder(config, device)             # latent models: scored as decoded images
 
     def make(n):                                                # batch k: seed + 1 + its first index, as sample.py
         start = next(starts)
         return generate(ema, diffusion, n, sample.sample_shape(config), device,
                         None if labels is None else labels[start:start + n], d['num_classes'], args.sampler,
                         args.sample_steps, args.guidance, seed=args.seed + 1 + start,
-                        aug_dim=config['net'].get('aug_dim', 0), sampler_options=args.sampler_options)
+                        aug_dim=config['net'].get('aug_dim', 0), sampler_options=args.sampler_options, decode=decode)
     results = evaluate.evaluate_generator(make, ref, model, args.eval_samples, batch_size=250, device=device)
     print(evaluate.format_results(results, args.eval_samples, int(ref['num_images']), 'clean', 'training images',
                                   'labels drawn from the data' if labels is not None else None))
     return {'step': step, 'eval': {k: float(v) for k, v in results.items()}, 'eval_samples': args.eval_samples,
             'eval_network': model.name, 'guidance': args.guidance}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autoencoders (vae.py). --task autoencoder trains one with the same machinery (AMP, EMA, DDP, exact resume);
+# --autoencoder CKPT trains diffusion in its latent space. Latents are encoded ONCE, before training (the
+# posterior mean, scaled by the latent scale recorded in CKPT) and cached in memory: the encoder then costs
+# nothing per step and every step of a resumed run sees the same latents. Grids and evaluation decode through it.
+
+class LatentDataset:
+    """The training images replaced by their scaled latents (float), with the same labels and batch() interface."""
+    streaming = False
+
+    def __init__(self, latents, labels, class_names):
+        self.latents, self.labels = latents, labels                   # (N, c, h, w) float, (N,) long
+        self.class_names = tuple(class_names)
+        self.num_classes = len(self.class_names)
+        self.channels, self.resolution = latents.shape[1], latents.shape[-1]
+
+    def __len__(self):
+        return len(self.latents)
+
+    def batch(self, index):
+        return self.latents[index], self.labels[index]
+
+
+@torch.no_grad()
+def encode_dataset(args, dataset, device, chunk=256):
+    """(LatentDataset, record for the config): every image through the frozen autoencoder of --autoencoder."""
+    ae = sample.load_autoencoder(args.autoencoder, device)
+    if dataset.channels != ae.config['in_channels'] or dataset.resolution % ae.downsample_factor:
+        raise SystemExit(f"error: --autoencoder {args.autoencoder} takes {ae.config['in_channels']}-channel images "
+                         f'with sides divisible by {ae.downsample_factor}; {args.dataset} has {dataset.channels} '
+                         f'channels at {dataset.resolution}x{dataset.resolution}')
+    latents, labels = [], []
+    for start in range(0, len(dataset), chunk):
+        x, y = load_batch(dataset, torch.arange(start, min(start + chunk, len(dataset))))
+        latents.append(ae.encode(x.to(device)).cpu())
+        labels.append(torch.as_tensor(y))
+    latents = torch.cat(latents)
+    record = {'path': os.path.abspath(args.autoencoder), 'sha256': sample.file_sha256(args.autoencoder),
+              'config': ae.config, 'latent_shape': list(latents.shape[1:])}
+    print(f'--autoencoder: {len(latents)} images encoded once to latents {tuple(latents.shape[1:])} '
+          f'(mean {latents.mean():.3f}, std {latents.std():.3f} after the recorded scale)')
+    return LatentDataset(latents, torch.cat(labels), getattr(dataset, 'class_names', ())), record
+
+
+def autoencoder_config(args, dataset):
+    """The vae.py configuration (--vae-config, --vq) for this dataset's channels, checked against its size."""
+    name = args.vae_config or ('vq-f4' if args.vq else 'kl-f4')
+    ae = vae.autoencoder_config(name, in_channels=dataset.channels, **({'kind': 'vq'} if args.vq else {}))
+    factor = 2 ** (len(ae['channel_mult']) - 1)
+    if dataset.resolution % factor:
+        raise SystemExit(f"error: resolution {dataset.resolution} does not suit autoencoder '{name}': it needs a "
+                         f'multiple of its downsampling factor {factor}')
+    return name, ae
+
+
+def build_autoencoder_loss(args, config, device):
+    """vae.AutoencoderLoss: L1 (+ LPIPS when its weights are here) + KL / VQ loss + PatchGAN from --gan-start."""
+    perceptual = None
+    if args.lpips != 'off':
+        try:   # 'auto': use the weights if they are on this machine, never download; a folder must hold them
+            perceptual = vae.load_lpips(None if args.lpips == 'auto' else args.lpips, device, download=False)
+        except FileNotFoundError as e:
+            if args.lpips != 'auto':
+                raise SystemExit(f'error: {e}') from None
+            print('LPIPS weights not found: training with L1 + GAN (see vae.find_lpips_weights to add them)')
+    kind = config['net']['kind']
+    # PatchGAN depth: 3 strided layers (70x70 patches) from 32x32 up; fewer on smaller images, which they would
+    # shrink below the 4x4 kernels
+    layers = max(1, min(3, int(math.log2(config['data']['resolution'])) - 2))
+    return vae.AutoencoderLoss(kind, args.kl_weight if kind == 'kl' else args.codebook_weight, args.disc_weight,
+                               args.gan_start, perceptual, in_channels=config['net']['in_channels'],
+                               disc_layers=layers).to(device)
+
+
+def train_step_autoencoder(run, micro_batches, args):
+    """One step of the first-stage objective (vae.AutoencoderLoss; LDM App. G, VQGAN Sec. 3): the autoencoder on
+    L1 (+ LPIPS) + KL or VQ loss + VQGAN's adaptively weighted GAN loss, then the PatchGAN on the hinge loss.
+    Returns [(loss, logs)] per micro-batch, or None when the step was skipped."""
+    out = []
+    for i, b in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        sync = run.model.no_sync() if run.model is not run.net and not last else nullcontext()
+        with sync, torch.autocast(b['x0'].device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            x_hat, reg, info = run.model(b['x0'])
+            loss, logs = run.gan.generator_loss(b['x0'], x_hat, reg, run.step, run.net.last_layer())
+            run.scaler.scale(loss / len(micro_batches)).backward()
+            # The discriminator learns from the same reconstructions, detached (its own optimizer, below).
+            d_loss, d_logs = run.gan.discriminator_loss(b['x0'], x_hat, run.step)
+            if d_loss is not None:
+                run.scaler.scale(d_loss / len(micro_batches)).backward()
+        logs.update(d_logs, **{k: float(v) for k, v in info.items() if k in ('perplexity', 'usage')})
+        out.append((loss.detach().reshape(1), logs))
+    step_loss = torch.stack([l for l, _ in out]).mean()
+    if dist.is_initialized():
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        for p in run.gan.discriminator.parameters():      # the discriminator is not DDP-wrapped: average by hand
+            if p.grad is not None:
+                dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    if not torch.isfinite(step_loss):
+        run.gan_optimizer.zero_grad(set_to_none=True)
+        skip_step(run)
+        return None
+    run.skipped = 0
+    run.scaler.unscale_(run.optimizer)
+    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
+    run.scaler.step(run.optimizer)
+    if run.gan.gan_active(run.step):
+        run.scaler.step(run.gan_optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.gan_optimizer.zero_grad(set_to_none=True)
+    update_ema(run.ema, run.net, ema_decay(run.step, args.ema_decay))
+    return out
+
+
+class AutoencoderTracker:
+    """Means of the loss parts (rec, reg, g_loss, d_loss, gan_weight, perplexity, usage) since the last log line;
+    the same add/summary/reset/steps interface as LossByNoiseLevel."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.sums, self.counts, self.steps, self.step_loss = {}, {}, 0, 0.0
+
+    def add(self, losses):
+        for loss, logs in losses:
+            for k, v in logs.items():
+                self.sums[k], self.counts[k] = self.sums.get(k, 0.0) + v, self.counts.get(k, 0) + 1
+        self.steps += 1
+        self.step_loss += torch.stack([l.mean() for l, _ in losses]).mean().item()
+
+    def summary(self):
+        return self.step_loss / max(self.steps, 1), {k: round(self.sums[k] / self.counts[k], 5) for k in self.sums}
+
+
+@torch.no_grad()
+def held_out_psnr(ema, images, device):
+    """PSNR (dB) of the EMA autoencoder's reconstructions of held-out images in [-1, 1]: 10 log10(2^2 / MSE)."""
+    x = images.to(device)
+    x_hat = ema.decode_raw(ema.encode_raw(x)).clamp(-1, 1)
+    return (10 * torch.log10(4.0 / ((x - x_hat) ** 2).flatten(1).mean(1))).mean().item()
+
+
+@torch.no_grad()
+def reconstruction_grid(ema, images, path, device):
+    """Originals and their reconstructions in alternate rows (8 per row)."""
+    x = images[:32].to(device)
+    x_hat = ema.decode_raw(ema.encode_raw(x)).clamp(-1, 1)
+    rows = [t for i in range(0, len(x), 8) for t in (x[i:i + 8], x_hat[i:i + 8])]
+    sample.save_grid(torch.cat(rows).cpu(), path, nrow=8)
+
+
+@torch.no_grad()
+def measure_latent_scale(run, config, dataset, train_index, device):
+    """After training: the latent scale (1 / std of the EMA model's latents on up to 1024 training images, LDM
+    Sec. 4.3.2) goes into the EMA and raw models and into config['net'], so the final checkpoint carries it."""
+    index = train_index[:1024]
+    batches = (load_batch(dataset, index[i:i + 256])[0].to(device) for i in range(0, len(index), 256))
+    scale = vae.compute_latent_scale(run.ema, batches)
+    for model in (run.ema, run.net):
+        model.set_latent_scale(**scale)
+    config['net'] = dict(run.ema.config)
+    return scale['scale_factor']
+
+
+def build_autoencoder_trainee(args, config, device, world):
+    """--task autoencoder: the autoencoder, its EMA, Adam (betas 0.5, 0.9 as LDM/VQGAN), and the loss module with
+    the PatchGAN discriminator and its own Adam; no Diffusion."""
+    net = vae.Autoencoder(**config['net']).to(device)
+    ema = vae.Autoencoder(**config['net']).to(device).eval().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
+    gan = build_autoencoder_loss(args, config, device)
+    gan_optimizer = torch.optim.Adam(gan.discriminator.parameters(), lr=args.lr, betas=(0.5, 0.9))
+    amp_dtype, use_scaler = amp_settings(args, device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    return Trainee(net, ema, None, optimizer, torch.amp.GradScaler('cuda', enabled=use_scaler), model, amp_dtype,
+                   gan=gan, gan_optimizer=gan_optimizer)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -794,9 +1024,13 @@ def main(args):
     # Setup data: the training set, and a held-out split whose loss shows memorisation.
     dataset = load_training_data(args)
     train_index, val_index = data.holdout_split(len(dataset), args.seed)
+    pixels, latents = dataset, None             # evaluation compares images with images
+    if args.autoencoder:                        # latent diffusion: train on the cached latents of the same images
+        latents = encode_dataset(args, dataset, device)
 
     # Setup model: network, EMA, diffusion, optimizer for the task; then resume restores all of them exactly.
-    config = make_config(args, dataset)
+    config = make_config(args, dataset, latents)
+    dataset = latents[0] if latents else dataset
     run = build_trainee(args, config, device, world)
     if resume:
         resume_run(run, resume, config, args, world, device)
@@ -816,9 +1050,13 @@ def main(args):
     else:
         batches = iter(training_batches(args, dataset, train_index, rank, micro_batch, run.step))
     augment_pipe = AugmentPipe(p=args.aug_p) if args.aug_p > 0 else None
-    held_out = held_out_batch(dataset, val_index, run.diffusion, config) if is_main and args.val_every else None
-    eval_state = setup_evaluation(args, dataset, train_index, config, device) if args.eval_every and is_main else None
-    tracker = LossByNoiseLevel(run.diffusion.sigma_min, run.diffusion.sigma_max)
+    autoencoder = config['task'] == 'autoencoder'   # its held-out images give PSNR and the reconstruction grids
+    if autoencoder:
+        held_out = load_batch(dataset, val_index[:256] if len(val_index) else train_index[:32])[0] if is_main else None
+    else:
+        held_out = held_out_batch(dataset, val_index, run.diffusion, config) if is_main and args.val_every else None
+    eval_state = setup_evaluation(args, pixels, train_index, config, device) if args.eval_every and is_main else None
+    tracker = AutoencoderTracker() if autoencoder else LossByNoiseLevel(run.diffusion.sigma_min, run.diffusion.sigma_max)
     bar = tqdm(total=args.steps, initial=run.step, disable=not is_main or args.no_progress, desc='train', dynamic_ncols=True)
     t_last = time.time()
 
@@ -827,7 +1065,8 @@ def main(args):
         lr = get_lr(run.step, args)
         for group in run.optimizer.param_groups:
             group['lr'] = lr
-        losses = train_step(run, micro_batches(args, config, batches, run.step, rank, augment_pipe, device), args)
+        step_fn = train_step_autoencoder if autoencoder else train_step
+        losses = step_fn(run, micro_batches(args, config, batches, run.step, rank, augment_pipe, device), args)
         run.step += 1
         bar.update(1)
         if losses is not None:
@@ -838,31 +1077,42 @@ def main(args):
         if is_main and (run.step % args.log_every == 0 or done) and tracker.steps:
             loss, by_sigma = tracker.summary()
             record = {'step': run.step, 'loss': loss, 'lr': lr, 'grad_norm': float(run.grad_norm),
-                      'img_per_s': tracker.steps * args.batch_size / (time.time() - t_last), 'loss_by_sigma': by_sigma}
+                      'img_per_s': tracker.steps * args.batch_size / (time.time() - t_last), ('loss_parts' if autoencoder else 'loss_by_sigma'): by_sigma}
             bar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.1e}', img_s=f"{record['img_per_s']:.0f}")
             log.write(record)
             tracker.reset()
             t_last = time.time()
         if held_out is not None and (run.step % args.val_every == 0 or done):
-            log.write({'step': run.step, 'val_loss': held_out_loss(run, held_out, device)})
+            log.write({'step': run.step, 'val_psnr': held_out_psnr(run.ema, held_out, device)} if autoencoder else
+                      {'step': run.step, 'val_loss': held_out_loss(run, held_out, device)})
         if eval_state is not None and (run.step % args.eval_every == 0 or done):
             log.write(run_evaluation(args, run.ema.eval(), run.diffusion, config, eval_state, run.step, device))
 
         # Save checkpoint: only weights known to be good replace the previous checkpoint.
+        if done and autoencoder:                 # the latent scale goes into the final checkpoint's config
+            scale = measure_latent_scale(run, config, dataset, train_index, device)
+            if is_main:
+                bar.write(f'step {run.step}: latent scale factor {scale:.5g} (1 / std of the latents)')
         if run.step % args.ckpt_every == 0 or done or run.step == args.save_early:
             last_good = checkpoint(run, config, args, ckpt_path, world, device, is_main, last_good)
 
         # Sample grid: a picture of the EMA model now (the final one is also redone at the end if missing).
         if is_main and ((args.sample_every and run.step % args.sample_every == 0) or done):
             path = os.path.join(args.out, f'samples_{run.step:07d}.png')
-            sample_grid(run.ema.eval(), run.diffusion, config, args, path, device)
+            if autoencoder:
+                reconstruction_grid(run.ema, held_out, path, device)
+            else:
+                sample_grid(run.ema.eval(), run.diffusion, config, args, path, device)
             bar.write(f'step {run.step}: wrote {path}')
     bar.close()
 
     # Finish: the final grid if a kill interrupted it; DDP replica check; a run that ended on non-finite steps fails.
     final_grid = os.path.join(args.out, f'samples_{run.step:07d}.png')
     if is_main and not os.path.exists(final_grid):
-        sample_grid(run.ema.eval(), run.diffusion, config, args, final_grid, device)
+        if autoencoder:
+            reconstruction_grid(run.ema, held_out, final_grid, device)
+        else:
+            sample_grid(run.ema.eval(), run.diffusion, config, args, final_grid, device)
         print(f'step {run.step}: wrote {final_grid}')
     if world > 1:
         check_replicas(run, world, log, is_main)

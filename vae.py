@@ -425,9 +425,9 @@ class Autoencoder(nn.Module):
     the quantiser is part of the decoder, so diffusion works on continuous latents (LDM Sec. 3.1, VQ-reg.).
     """
 
-    def __init__(self, config):
+    def __init__(self, config='kl-f4', **overrides):   # a name or config dict, plus overrides (Autoencoder(**cfg) works)
         super().__init__()
-        self.config = config = autoencoder_config(config)
+        self.config = config = autoencoder_config(config, **overrides)
         c, kind = config['latent_channels'], config['kind']
         arch = dict(channels=config['channels'], channel_mult=config['channel_mult'],
                     num_res_blocks=config['num_res_blocks'], groups=config['norm_groups'], dropout=config['dropout'])
