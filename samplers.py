@@ -13,8 +13,8 @@ and the reverse SDE adds Langevin noise to it (Eq. 6). The samplers here are its
   dpmpp_2m         DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2)
   dpmpp_2m_sde     its SDE variant (the same paper, Appendix; exact integration of the linear part of the SDE)
   dpmpp_3m         DPM-Solver++(3M) exactly as published (Lu et al. 2022; k-diffusion's sample_dpmpp_3m_sde, eta=0)
-  dpmpp_3m_corrected  ours, not a published method: the 3M predictor plus a UniPC-style corrector (Zhao et al. 2023,
-                   arXiv:2302.04867) that reuses the next evaluation and makes the method third order
+  dpmpp_3m_corrected  ours, not a published method: a 3M-like predictor (whole second difference halved) plus a
+                   UniPC-style corrector (Zhao et al. 2023) that reuses the next evaluation and makes it third order
   pc               predictor-corrector with Langevin corrector (Song et al. 2021, arXiv:2011.13456, Alg. 2)
   ipndm            improved PNDM (Zhang & Chen 2023, arXiv:2204.13902): Adams-Bashforth on eps, lower-order warm-up
   deis_tab         DEIS tAB (the same paper, Eq. 14): exact exponential-integrator weights for eps, polynomial in log sigma
@@ -678,7 +678,8 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, final_correction=False, cond
             x = x_prev - sigma_prev * sum(wj * e for wj, (e, _) in zip(w, pts))
         hist = [(eps, lam)] + hist[:order]
         if sigma_next == 0:
-            return x0_hat + (x - x_pred) if final_correction else x0_hat    # final denoising step (see docstring)
+            x = x0_hat + (x - x_pred) if final_correction else x0_hat       # final denoising step (see docstring)
+            break
         p = min(order, len(hist), n - i)
         last = (x, sigma, lam, min(order + 1, len(hist) + 1))
         h = math.log(sigma / sigma_next)
