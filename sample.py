@@ -45,6 +45,7 @@ from diffusion import Diffusion
 from dit import DiT
 from guidance import ClassifierFreeGuidance
 from unet import UNet
+import pretrained
 import vae
 
 NETWORKS = {'unet': UNet, 'dit': DiT}          # config['model'] -> class; config['net'] holds its kwargs
@@ -337,7 +338,7 @@ def save_npz(images, labels, path):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Sample a trained diffusion model.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument('--ckpt', required=True, help='checkpoint written by train.py')
+    p.add_argument('--ckpt', default=None, help='checkpoint written by train.py (or --pretrained NAME)')
     p.add_argument('--out', default=None, help='PNG path; default: next to the checkpoint')
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) in this .npz')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
@@ -360,6 +361,12 @@ def parse_args(argv=None):
     g.add_argument('--factor', type=int, default=4, help='super-resolution factor')
     g.add_argument('--noise-std', type=float, default=0.0, help='measurement noise')
     g.add_argument('--image', default=None, help='image file to measure and reconstruct; default: a held-out dataset image')
+    g = p.add_argument_group('public pretrained models (pretrained.py)')
+    g.add_argument('--pretrained', default=None, metavar='NAME',
+                   help=f"sample a published model instead of --ckpt: {', '.join(pretrained.PRETRAINED)}")
+    g.add_argument('--weights-dir', default=None,
+                   help=f'folder with its weight files (else ${pretrained.PRETRAINED_ENV}, then the torch hub folder)')
+    g.add_argument('--no-download', action='store_true', help='never download: say which files to put where instead')
     return p.parse_args(argv)
 
 
@@ -381,6 +388,7 @@ def check_args(args):
         problems.append(f"--operator must be sr, inpaint_box or inpaint_random (got {args.operator!r})")
     if args.inverse and args.image and not os.path.isfile(args.image):
         problems.append(f'--image {args.image!r} does not exist')
+    problems += check_pretrained_args(args)
     try:
         torch.device(args.device) if args.device else None
     except RuntimeError:
@@ -463,6 +471,38 @@ def run_inverse(args, net, diffusion, config, device):
           f'|A x - y| = {(op.forward(recon) - y).abs().max().item():.3g}')
 
 
+def check_pretrained_args(args):
+    """--pretrained NAME replaces --ckpt: exactly one of them, a known name, and no checkpoint-only mode."""
+    problems = []
+    if (args.ckpt is None) == (args.pretrained is None):
+        problems.append('give either --ckpt (a train.py checkpoint) or --pretrained NAME '
+                        f"({', '.join(pretrained.PRETRAINED)})")
+    if args.pretrained is not None and args.pretrained not in pretrained.PRETRAINED:
+        problems.append(f"--pretrained must be one of {', '.join(pretrained.PRETRAINED)} (got {args.pretrained!r})")
+    checkpoint_only = [flag for flag in ('inverse', 'raw', 'cascade', 'autoguidance') if getattr(args, flag, None)]
+    if args.pretrained is not None and checkpoint_only:
+        problems.append('--inverse, --raw, --cascade and --autoguidance work on train.py checkpoints (--ckpt) only')
+    return problems
+
+
+def load_pretrained_model(args, device):
+    """(net, diffusion, config, decode) of a published model (pretrained.py: files found, downloaded, or asked
+    for by name and folder). It has no training run: the sampling defaults are sampling_setup's (Heun, 18 steps,
+    no guidance), and every sampler and guidance flag applies. A latent model (DiT) samples latents, which decode
+    turns into images through the autoencoder it was trained with (the SD VAE) before the clamp to [-1, 1]."""
+    try:
+        net, diffusion, config, autoencoder = pretrained.load_pretrained(args.pretrained, device, args.weights_dir,
+                                                                         download=not args.no_download)
+    except (FileNotFoundError, ValueError) as e:     # missing files (what to put where) or a different file
+        raise SystemExit(f'error: {e}') from None
+    config['args'] = {}
+    decode = None
+    if autoencoder is not None:
+        def decode(z):
+            return autoencoder.decode(z.to(device))
+    return net, diffusion, config, decode
+
+
 def write_samples(images, labels, out, npz):
     """The arrays first (they are the data), then the pictures. If a write fails anyway, the samples are kept in
     a file in the temporary folder, so an hour of sampling is not lost to a full disk or a vanished folder."""
@@ -488,12 +528,17 @@ def main(args):
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'error: --device {args.device} but this machine has no CUDA GPU; use --device cpu')
     # Output paths before the model: a typo in --out must not cost the sampling time.
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png')
+    out = args.out or (f'samples_{args.pretrained}.png' if args.pretrained else
+                       os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png'))
     if not args.inverse:
         check_output_path(out, ('.png',), '--out')
         if args.npz:
             check_output_path(args.npz, ('.npz',), '--npz')
-    net, diffusion, config = load_model(args.ckpt, device, use_ema=not args.raw)
+    if args.pretrained:
+        net, diffusion, config, decode = load_pretrained_model(args, device)
+    else:
+        net, diffusion, config = load_model(args.ckpt, device, use_ema=not args.raw)
+        decode = latent_decoder(config, device)
     trained = config['args']
     if args.inverse and config.get('autoencoder'):
         raise SystemExit('error: --inverse needs a pixel-space model: its operators act on pixels, and this model '
@@ -510,7 +555,7 @@ def main(args):
         images = generate(net, diffusion, args.num, sample_shape(config), device, labels,
                           config['data']['num_classes'], sampler, steps, guidance, seed=args.seed, progress=True,
                           aug_dim=config['net'].get('aug_dim', 0), sampler_options=options, batch_size=args.batch,
-                          decode=latent_decoder(config, device))
+                          decode=decode)
     except (ValueError, FloatingPointError) as e:
         raise SystemExit(f'error: {e}') from None
     write_samples(images, labels, out, args.npz)

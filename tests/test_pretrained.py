@@ -124,3 +124,62 @@ def test_learned_sigma_dit_becomes_an_eps_denoiser_on_ddpms_linear_schedule(tmp_
         expected = x - sigma[:, None, None, None] * eps
         denoised = diffusion.denoiser(net)(x, sigma, y=y)
     torch.testing.assert_close(denoised, expected, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------
+# sample.py --pretrained NAME
+
+class LinearDecoder:
+    """A stand-in autoencoder whose decoder is known in closed form: image = 0.01 * z[:, :3], upsampled 2x."""
+    config = {'scale_factor': 1.0, 'shift_factor': 0.0}
+
+    def decode(self, z):
+        return 0.01 * z[:, :3].repeat_interleave(2, dim=-1).repeat_interleave(2, dim=-2)
+
+
+def register_latent_test_model(tmp_path, monkeypatch):
+    """A tiny official-layout DiT registered as a latent model, with a verified stand-in VAE file."""
+    torch.save(official_dit_state_dict(depth=2, hidden=64), tmp_path / 'DiT-tiny-2-test.pt')
+    (tmp_path / 'fake-vae.safetensors').write_bytes(b'vae')
+    for name in ('DiT-tiny-2-test.pt', 'fake-vae.safetensors'):
+        monkeypatch.setitem(pretrained.FILES, name, dict(url=f'https://example.org/{name}', size=None, about='1 MB',
+                                                         sha256=pretrained.sha256_of(tmp_path / name)))
+    monkeypatch.setitem(pretrained.PRETRAINED, 'test-latent-dit', dict(
+        kind='dit', weights='DiT-tiny-2-test.pt', vae='fake-vae.safetensors', dataset='imagenet', resolution=16,
+        channels=3, num_classes=1000))
+    import vae
+    monkeypatch.setattr(vae, 'load_sd_vae', lambda path, device='cpu': LinearDecoder())
+
+
+def test_sample_cli_pretrained_latent_model_decodes_unclamped_latents(tmp_path, monkeypatch):
+    """sample.py --pretrained samples the latents with our sampler and guidance, then decodes them before any
+    clamp: with decoder 0.01 z, images reach beyond 0.01 only if the latents were not clamped to [-1, 1] first.
+    (Planted mistake caught: decoding the clamped output of generate.)"""
+    import numpy as np
+    import sample
+    register_latent_test_model(tmp_path, monkeypatch)
+    out, npz = tmp_path / 'grid.png', tmp_path / 'samples.npz'
+    sample.main(sample.parse_args(['--pretrained', 'test-latent-dit', '--weights-dir', str(tmp_path), '--no-download',
+                                   '-n', '2', '--sampler', 'euler', '--steps', '3', '--guidance', '3', '--class', '5',
+                                   '--out', str(out), '--npz', str(npz)]))
+    images = np.load(npz)['samples']
+    assert out.is_file() and images.shape == (2, 16, 16, 3)
+    assert np.abs(images.astype(float) - 127.5).max() > 3          # |x| > 0.02: latents beyond [-1, 1] decoded
+
+
+@pytest.mark.parametrize('argv, message', [
+    ([], 'either --ckpt'),
+    (['--pretrained', 'dit-xl-2'], 'must be one of'),
+    (['--pretrained', 'ddpm-cifar10', '--inverse', 'dps'], 'checkpoints'),
+])
+def test_sample_cli_pretrained_flag_checks(argv, message, capsys):
+    import sample
+    with pytest.raises(SystemExit, match=message):
+        sample.main(sample.parse_args(argv))
+
+
+def test_sample_cli_offline_message(tmp_path):
+    import sample
+    with pytest.raises(SystemExit, match='google-ddpm-cifar10-32.bin'):
+        sample.main(sample.parse_args(['--pretrained', 'ddpm-cifar10', '--weights-dir', str(tmp_path), '--no-download',
+                                       '--out', str(tmp_path / 'x.png')]))
