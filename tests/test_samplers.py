@@ -1,5 +1,6 @@
 """Tests of samplers.py on exact denoisers: convergence order against the closed-form probability-flow ODE of a
 Gaussian, the DDIM/Euler/DDPM identities, the mixture's moments from every stochastic sampler, schedules and errors."""
+import inspect
 import math
 
 import numpy as np
@@ -242,7 +243,6 @@ def test_sampler_options_and_is_stochastic():
         sampler_options('eulr')
     # every sampler that can draw noise takes generator=, and nothing else does
     for name, fn in SAMPLERS.items():
-        import inspect
         takes = 'generator' in inspect.signature(fn).parameters
         assert takes == (name in ('ddpm', 'ddim', 'heun', 'euler_ancestral', 'dpmpp_2m_sde', 'pc')), name
 
