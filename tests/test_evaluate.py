@@ -395,6 +395,8 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
 def test_the_command_line_scores_with_the_pytorch_fid_protocol_by_default():
     # Issue 10: published FIDs use pytorch-fid's resize; flipping the default back to 'clean' must fail here.
     assert evaluate.parse_args(['gen.npz', 'ref.npz']).resize == 'legacy'
+    import inception
+    assert evaluate.load_inception is inception.load_inception              # the DESIGN.md contract, re-exported
     assert evaluate.metric_name('fid') == 'FID' and evaluate.metric_name('kid') == 'KID'
     assert evaluate.metric_name('fid', 'inception', 'clean') == 'clean-FID'
     assert evaluate.metric_name('fid', 'lenet', 'clean') == 'FD_lenet'      # a different network keeps its name
