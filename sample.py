@@ -32,6 +32,7 @@ import argparse
 import ast
 import errno
 import hashlib
+import json
 import math
 import os
 import tempfile
@@ -39,6 +40,7 @@ import tempfile
 import numpy as np
 import torch
 
+import cascade
 import data
 import samplers
 from diffusion import Diffusion
@@ -361,6 +363,13 @@ def parse_args(argv=None):
     g.add_argument('--factor', type=int, default=4, help='super-resolution factor')
     g.add_argument('--noise-std', type=float, default=0.0, help='measurement noise')
     g.add_argument('--image', default=None, help='image file to measure and reconstruct; default: a held-out dataset image')
+    # --cascade runs super-resolution stages (train.py --task superres) after the --ckpt base model (cascade.py).
+    g = p.add_argument_group('cascade (cascade.py)')
+    g.add_argument('--cascade', default=None, metavar='JSON',
+                   help='super-resolution stages after --ckpt: a .json file or an inline JSON list, one object per stage: '
+                        '{"ckpt": PATH, "sampler": .., "steps": .., "guidance": .., "sampler_opt": {..}, "aug_level": t in [0, 1], '
+                        '"truncated": false}; unset keys: that run\'s grid settings, aug_level 0 (see cascade.py)')
+    g.add_argument('--save-stages', action='store_true', help='with --cascade: also write every stage\'s output as OUT_stageK.png')
     g = p.add_argument_group('public pretrained models (pretrained.py)')
     g.add_argument('--pretrained', default=None, metavar='NAME',
                    help=f"sample a published model instead of --ckpt: {', '.join(pretrained.PRETRAINED)}")
@@ -388,6 +397,11 @@ def check_args(args):
         problems.append(f"--operator must be sr, inpaint_box or inpaint_random (got {args.operator!r})")
     if args.inverse and args.image and not os.path.isfile(args.image):
         problems.append(f'--image {args.image!r} does not exist')
+    if args.cascade:
+        try:
+            args.cascade_stages = parse_cascade(args.cascade)
+        except ValueError as e:
+            problems.append(str(e))
     problems += check_pretrained_args(args)
     try:
         torch.device(args.device) if args.device else None
@@ -522,6 +536,125 @@ def write_samples(images, labels, out, npz):
         raise SystemExit(f'error: {e.strerror if e.strerror else e}; {kept}') from None
 
 
+# ----------------------------------------------------------------------------------------------------
+# Cascades (cascade.py): the --ckpt model samples small images, then every --cascade stage (a train.py --task
+# superres checkpoint) upsamples the previous output with its own sampler, steps, guidance and augmentation level.
+
+CASCADE_KEYS = ('ckpt', 'sampler', 'steps', 'guidance', 'sampler_opt', 'aug_level', 'truncated')
+
+
+def parse_cascade(spec):
+    """--cascade (a .json file, or the JSON itself) -> list of stage dicts, each checked; ValueError naming the problem."""
+    text = open(spec).read() if spec.endswith('.json') and os.path.isfile(spec) else spec
+    try:
+        stages = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'--cascade is neither a .json file nor JSON ({e.msg}); give a list of stages, e.g. '
+                         '\'[{"ckpt": "runs/sr/ckpt.pt", "aug_level": 0.1}]\'') from None
+    stages = [stages] if isinstance(stages, dict) else stages
+    if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
+        raise ValueError('--cascade must be a non-empty JSON list of objects, one per super-resolution stage')
+    for k, st in enumerate(stages, start=1):
+        where = f'--cascade stage {k}'
+        unknown = sorted(set(st) - set(CASCADE_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(CASCADE_KEYS)}")
+        if not isinstance(st.get('ckpt'), str) or not os.path.isfile(st['ckpt']):
+            raise ValueError(f"{where}: 'ckpt' must name an existing train.py --task superres checkpoint (got {st.get('ckpt')!r})")
+        t = st.get('aug_level', 0.0)
+        if not isinstance(t, (int, float)) or not 0 <= t <= 1:
+            raise ValueError(f'{where}: aug_level is a diffusion time in [0, 1] (0 = no augmentation), got {t!r}')
+        if st.get('truncated') and not 0 < t < 1:
+            raise ValueError(f'{where}: truncated stops the previous stage at aug_level, which must then be in (0, 1), got {t!r}')
+        if 'steps' in st and (not isinstance(st['steps'], int) or st['steps'] < 1):
+            raise ValueError(f"{where}: steps must be an integer >= 1, got {st['steps']!r}")
+        if 'guidance' in st and (not isinstance(st['guidance'], (int, float)) or not math.isfinite(st['guidance'])):
+            raise ValueError(f"{where}: guidance must be a finite number, got {st['guidance']!r}")
+        if 'sampler' in st:
+            check_sampler_options(st['sampler'], st.get('sampler_opt'))
+    return stages
+
+
+def cascade_stage(net, diffusion, config, settings, n, labels, device):
+    """A cascade.Stage for n samples of a loaded model: its denoiser (classifier-free guided when labels are given and
+    guidance != 1), Karras sigmas of its own range, its solver options and its noise-augmentation level."""
+    options = check_sampler_options(settings['sampler'], settings.get('sampler_opt'))
+    num_classes, sr = config['data']['num_classes'], config.get('superres')
+    denoiser, cond = diffusion.denoiser(net), {}
+    if num_classes:
+        cond['y'] = labels.to(device) if labels is not None else torch.full((n,), num_classes, device=device)
+        if settings['guidance'] != 1.0 and labels is not None:
+            denoiser = ClassifierFreeGuidance(denoiser, w=settings['guidance'], null_class=num_classes)
+    if not sr and config['net'].get('aug_dim'):
+        cond['aug_cond'] = torch.zeros(n, config['net']['aug_dim'], device=device)   # EDM labels: "no augmentation"
+    sigmas = samplers.karras_sigmas(settings['steps'], diffusion.sigma_min, diffusion.sigma_max)
+    return cascade.Stage(denoiser, sample_shape(config), samplers.SAMPLERS[settings['sampler']], sigmas, options,
+                         samplers.is_stochastic(settings['sampler'], options), settings.get('aug_level', 0.0),
+                         sr['aug_dim'] if sr else 0, settings.get('truncated', False),
+                         sr['upsample'] if sr else 'bicubic', cond)
+
+
+def load_cascade(args, net, diffusion, config, device):
+    """[(net, diffusion, config, settings)] of the base model and every --cascade stage, checked to fit together."""
+    if config.get('task') == 'superres':
+        raise SystemExit(f'error: {args.ckpt} is a super-resolution stage (train.py --task superres): it upsamples a '
+                         'low-res image. Sample a base model with --ckpt BASE and give this checkpoint in --cascade.')
+    if config.get('autoencoder') or config['data'].get('frames'):
+        raise SystemExit('error: --cascade needs a pixel-space image model as the base (not latents, not video)')
+    trained = config.get('args', {})                             # a --pretrained base has no training flags
+    base = {'sampler': args.sampler or trained.get('sampler', 'heun'), 'steps': args.steps or trained.get('sample_steps', 18),
+            'guidance': args.guidance if args.guidance is not None else trained.get('guidance', 1.0),
+            'sampler_opt': args.sampler_options}
+    models = [(net, diffusion, config, base)]
+    for k, spec in enumerate(args.cascade_stages, start=1):
+        m_net, m_diffusion, m_config = load_model(spec['ckpt'], device, use_ema=not args.raw)
+        sr, prev = m_config.get('superres'), models[-1][2]['data']
+        if m_config.get('task') != 'superres':
+            raise SystemExit(f"error: --cascade stage {k} ({spec['ckpt']}) is not a super-resolution stage (train.py --task superres)")
+        if sr['low_res'] != prev['resolution'] or m_config['data']['channels'] != prev['channels']:
+            raise SystemExit(f"error: --cascade stage {k} upsamples {m_config['data']['channels']}x{sr['low_res']}px images, "
+                             f"but the stage before it makes {prev['channels']}x{prev['resolution']}px ones")
+        if spec.get('aug_level', 0) > 0 and not sr['aug_dim']:
+            raise SystemExit(f'error: --cascade stage {k} was trained without noise conditioning augmentation '
+                             '(--noise-aug-max 0), so its aug_level must be 0')
+        n_classes = m_config['data']['num_classes']
+        if n_classes and config['data']['num_classes'] and n_classes != config['data']['num_classes']:
+            raise SystemExit(f"error: --cascade stage {k} has {n_classes} classes, the base model {config['data']['num_classes']}")
+        ran = m_config['args']
+        settings = {'sampler': ran.get('sampler', 'heun'), 'steps': ran.get('sample_steps', 18),
+                    'guidance': ran.get('guidance', 1.0), **spec}
+        models.append((m_net, m_diffusion, m_config, settings))
+    return models
+
+
+@torch.no_grad()
+def run_cascade(args, net, diffusion, config, device, out):
+    """Sample the whole cascade in batches (batch at index k: seed + k, as generate) and write the final images."""
+    models = load_cascade(args, net, diffusion, config, device)     # an SR checkpoint alone: stops with its message
+    labels = resolve_label(args.label, config, args.num)
+    outputs = [[] for _ in models]
+    try:
+        for start in range(0, args.num, args.batch):
+            n = min(args.batch, args.num - start)
+            y = labels[start:start + n] if labels is not None else None
+            stages = [cascade_stage(m, d, c, s, n, y if c['data']['num_classes'] else None, device) for m, d, c, s in models]
+            for k, x in enumerate(cascade.run_cascade(stages, n, seed=args.seed + start, device=device, progress=True)):
+                outputs[k].append(x.cpu())
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    images = [torch.cat(o) for o in outputs]
+    if not torch.isfinite(images[-1]).all():
+        raise SystemExit('error: the cascade produced non-finite values: a stage or its sampler settings diverge')
+    write_samples(images[-1].clamp(-1, 1), labels, out, args.npz)
+    if args.save_stages:
+        for k, x in enumerate(images[:-1]):
+            save_grid(x.clamp(-1, 1), f'{os.path.splitext(out)[0]}_stage{k}.png')
+    print(f'wrote {out}: {args.num} samples; ' + ' -> '.join(
+        f"{c['data']['resolution']}px ({s['sampler']}, {s['steps']} steps, guidance {s['guidance']}"
+        + (f", aug_level {s.get('aug_level', 0)}{' truncated' if s.get('truncated') else ''}" if k else '') + ')'
+        for k, (_, _, c, s) in enumerate(models)))
+
+
 def main(args):
     check_args(args)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -545,6 +678,8 @@ def main(args):
                          'samples latents of an autoencoder (a solver through the decoder is not implemented)')
     if args.inverse:
         return run_inverse(args, net, diffusion, config, device)
+    if args.cascade or config.get('task') == 'superres':
+        return run_cascade(args, net, diffusion, config, device, out)
     # Sampler settings: the command line's, else those the run used for its own grids.
     sampler = args.sampler or trained.get('sampler', 'heun')
     steps = args.steps or trained.get('sample_steps', 18)

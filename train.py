@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import cascade
 import data
 import sample
 from augment import AUG_DIM, AugmentPipe
@@ -50,7 +51,7 @@ from sample import build_diffusion, build_network, generate, load_checkpoint  # 
 from unet import UNET_CONFIGS, UNet
 import vae
 
-TASKS = ('diffusion', 'autoencoder')                       # --task: what the network learns (make_config, build_trainee)
+TASKS = ('diffusion', 'autoencoder', 'superres')                       # --task: what the network learns (make_config, build_trainee)
 # Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
 RESUME_FLAGS = ('split', 'seed', 'batch_size', 'grad_accum', 'lr', 'warmup', 'lr_decay', 'weight_decay',
                 'grad_clip', 'ema_decay', 'p_uncond', 'aug_p', 'overfit_batch', 'amp')
@@ -122,6 +123,12 @@ def parse_args(argv=None):
     g.add_argument('--eval-network', default='lenet', choices=['lenet', 'inception'],
                    help='features: a LeNet trained on this dataset (offline, scores named FD_lenet/KD_lenet) or the FID Inception')
     g.add_argument('--inception-weights', default=None, help='pt_inception-2015-12-05-6726825d.pth (see evaluate.py)')
+    # Super-resolution stage of a cascade (cascade.py): the network sees the upsampled low-res image as x_cond.
+    g = p.add_argument_group('super-resolution stage (--task superres, cascade.py)')
+    g.add_argument('--low-res', type=int, default=None, help='size of the low-resolution conditioning image, made on the fly by area downsampling')
+    g.add_argument('--noise-aug-max', type=float, default=0.0, help='noise conditioning augmentation: levels t ~ U[0, this] in [0, 1], given to the network (0 = off; see cascade.py)')
+    g.add_argument('--noise-aug-dim', type=int, default=8, help='width of the level embedding (aug_cond) when --noise-aug-max > 0')
+    g.add_argument('--upsample', default='bicubic', choices=['bicubic', 'bilinear', 'nearest'], help='how the low-res image is upsampled to x_cond')
     # Autoencoders (vae.py): train one (--task autoencoder), or train diffusion on one's latents (--autoencoder).
     g = p.add_argument_group('autoencoder (vae.py)')
     g.add_argument('--autoencoder', default=None, metavar='CKPT', help='train diffusion on the latents of this --task autoencoder checkpoint (encoded once, cached in memory); grids and sample.py decode them')
@@ -182,6 +189,7 @@ def check_args(args):
     except ValueError as e:
         bad.append(str(e))
     check_autoencoder_args(args, need, finite)
+    check_superres_args(args, need, finite)
     if bad:
         raise SystemExit('error: ' + '\n       '.join(bad))
 
@@ -202,6 +210,19 @@ def check_autoencoder_args(args, need, finite):
         need(os.path.isfile(args.autoencoder), f'--autoencoder {args.autoencoder!r} does not exist')
         need(args.aug_p == 0, '--aug-p augments pixels; latent diffusion (--autoencoder) cannot use it')
 
+
+def check_superres_args(args, need, finite):
+    """The super-resolution flags: --low-res belongs to --task superres and needs a size; the level range."""
+    if args.task != 'superres':
+        need(args.low_res is None and args.noise_aug_max == 0, '--low-res and --noise-aug-max belong to --task superres')
+        return
+    need(args.low_res is not None and args.low_res >= 1, '--task superres needs --low-res, the size of the conditioning image (e.g. 16)')
+    need(finite(args.noise_aug_max) and 0 <= args.noise_aug_max <= 1, f'--noise-aug-max is a diffusion time in [0, 1] (got {args.noise_aug_max})')
+    need(args.noise_aug_dim >= 2 and args.noise_aug_dim % 2 == 0, f'--noise-aug-dim must be an even number >= 2 (got {args.noise_aug_dim})')
+    # aug_cond carries either EDM's augmentation labels or the noise-augmentation level, not both.
+    need(args.aug_p == 0, '--aug-p gives the network augmentation labels through aug_cond, which --task superres uses for the noise level')
+    need(not args.autoencoder, '--task superres works on pixels; it cannot be combined with --autoencoder')
+    need(args.eval_every == 0, '--eval-every samples unconditionally; for an SR stage measure with benchmarks/cascade.py instead')
 
 # ----------------------------------------------------------------------------------------------------
 # Small pieces: learning rate and EMA.
@@ -283,11 +304,14 @@ def make_config(args, dataset, latents=None):
     num_classes = 0 if args.unconditional else dataset.num_classes
     if args.task == 'autoencoder':                  # vae.py's config in place of a network's; no diffusion
         name, net = autoencoder_config(args, dataset)
+    elif args.task == 'superres':                   # cascade.py: the low-res image in x_cond, its noise level in aug_cond
+        name, net, superres = superres_config(args, dataset, num_classes)
     else:
         name, net = network_config(args, latents[0] if latents else dataset, num_classes, AUG_DIM if args.aug_p > 0 else 0)
     # 'task' tells sample.py what the checkpoint is; 'net' holds the constructor arguments (build_network).
     return {'task': args.task, 'model': 'autoencoder' if args.task == 'autoencoder' else args.model,
             'config_name': name, 'net': net, **({'autoencoder': latents[1]} if latents else {}),
+            **({'superres': superres} if args.task == 'superres' else {}),
             'diffusion': {} if args.task == 'autoencoder' else {
                 'prediction': args.prediction, 'schedule': args.schedule or DEFAULT_SCHEDULE[args.prediction],
                 't_sampler': args.t_sampler, 'sigma_data': args.sigma_data},
@@ -410,6 +434,8 @@ def condition_batch(args, config, x0, y, g, augment_pipe, device):
     if augment_pipe is not None:
         x0, aug_cond = augment_pipe(x0, generator=g)                 # ADA-style, labels to the net (EDM App. C.4)
         cond['aug_cond'] = aug_cond.to(device)
+    if config['task'] == 'superres':                               # x_cond (+ level) made from x0 itself
+        cond.update(superres_condition(config, x0, g, device))
     if config['data']['num_classes']:
         drop = torch.rand(len(y), generator=g) < args.p_uncond      # label dropout (Ho & Salimans 2022)
         cond['y'] = torch.where(drop, torch.full_like(y, config['data']['num_classes']), y).to(device)
@@ -526,6 +552,9 @@ def held_out_batch(dataset, val_index, diffusion, config):
         batch['cond']['y'] = torch.full((n,), config['data']['num_classes'])
     if config['net'].get('aug_dim'):
         batch['cond']['aug_cond'] = torch.zeros(n, config['net']['aug_dim'])
+    if config['task'] == 'superres':                 # the clean conditioning image (level 0: aug_cond = 0 above)
+        sr = config['superres']
+        batch['cond']['x_cond'] = cascade.upsample(cascade.downsample(x, sr['low_res']), x.shape[-2:], sr['upsample'])
     return batch
 
 
@@ -721,8 +750,10 @@ def checkpoint(run, config, args, path, world, device, is_main, last_good):
 # ----------------------------------------------------------------------------------------------------
 # Sample grids and in-training evaluation, both through sample.generate.
 
-def sample_grid(ema, diffusion, config, args, path, device):
+def sample_grid(ema, diffusion, config, args, path, device, probe=None):
     """A grid of EMA samples: one row per class (up to 10) when conditional, else a square."""
+    if config['task'] == 'superres':                 # an SR stage needs low-res inputs: those of the probe images
+        return superres_grid(ema, diffusion, config, args, probe, path, device)
     num_classes, d = config['data']['num_classes'], config['data']
     # Classes in rows, 8 samples each, always from the same seed: successive grids show the same noise maturing.
     n_rows = min(num_classes, 10) if num_classes else 8
@@ -775,6 +806,51 @@ def run_evaluation(args, ema, diffusion, config, eval_state, step, device):
                                   'labels drawn from the data' if labels is not None else None))
     return {'step': step, 'eval': {k: float(v) for k, v in results.items()}, 'eval_samples': args.eval_samples,
             'eval_network': model.name, 'guidance': args.guidance}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Super-resolution stages of a cascade (cascade.py). --task superres trains D(x, sigma | z) with z the image
+# area-downsampled to --low-res on the fly and upsampled into x_cond; with --noise-aug-max > 0 z is first corrupted
+# at a random level t ~ U[0, max] that the network also sees, through aug_cond (noise conditioning augmentation).
+# sample.py --cascade runs the stage after a base model.
+
+def superres_config(args, dataset, num_classes):
+    """The network of an SR stage (x_cond channels, level embedding) and config['superres'] for sample.py."""
+    if getattr(dataset, 'frames', 0):
+        raise SystemExit('error: --task superres works on images; this dataset holds videos')
+    if args.low_res >= dataset.resolution:
+        raise SystemExit(f'error: --low-res {args.low_res} must be smaller than the training resolution {dataset.resolution}')
+    aug_dim = args.noise_aug_dim if args.noise_aug_max > 0 else 0
+    name, net = network_config(args, dataset, num_classes, aug_dim)
+    net = dict(net, cond_channels=dataset.channels)             # x_cond: the upsampled low-res image
+    return name, net, {'low_res': args.low_res, 'noise_aug_max': args.noise_aug_max, 'aug_dim': aug_dim,
+                       'upsample': args.upsample}
+
+
+def superres_condition(config, x0, generator, device):
+    """x_cond (and aug_cond at a random level) for one training micro-batch of high-resolution images x0."""
+    sr = config['superres']
+    cond = cascade.training_condition(x0, sr['low_res'], sr['noise_aug_max'], sr['aug_dim'], generator=generator,
+                                      mode=sr['upsample'])
+    return {k: v.to(device) for k, v in cond.items()}
+
+
+def superres_probe(dataset, val_index, train_index):
+    """8 fixed held-out images (training images when none are held out) whose SR the grids show."""
+    return load_batch(dataset, (val_index if len(val_index) else train_index)[:8])
+
+
+@torch.no_grad()
+def superres_grid(ema, diffusion, config, args, probe, path, device):
+    """Three rows: the low-res inputs (nearest-upsampled), the EMA stage's SR of them (level 0), the real images."""
+    sr, (x, y) = config['superres'], probe
+    z = cascade.downsample(x, sr['low_res'])
+    num_classes = config['data']['num_classes']
+    images = generate(ema, diffusion, len(x), tuple(x.shape[1:]), device, y if num_classes else None, num_classes,
+                      args.sampler, args.sample_steps, args.guidance, seed=args.seed, aug_dim=sr['aug_dim'],
+                      sampler_options=args.sampler_options,
+                      cond={'x_cond': cascade.upsample(z, x.shape[-2:], sr['upsample'])})
+    sample.save_grid(torch.cat([cascade.upsample(z, x.shape[-2:], 'nearest'), images, x]), path, nrow=len(x))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1056,6 +1132,7 @@ def main(args):
     else:
         held_out = held_out_batch(dataset, val_index, run.diffusion, config) if is_main and args.val_every else None
     eval_state = setup_evaluation(args, pixels, train_index, config, device) if args.eval_every and is_main else None
+    probe = superres_probe(dataset, val_index, train_index) if config['task'] == 'superres' and is_main else None
     tracker = AutoencoderTracker() if autoencoder else LossByNoiseLevel(run.diffusion.sigma_min, run.diffusion.sigma_max)
     bar = tqdm(total=args.steps, initial=run.step, disable=not is_main or args.no_progress, desc='train', dynamic_ncols=True)
     t_last = time.time()
@@ -1102,7 +1179,7 @@ def main(args):
             if autoencoder:
                 reconstruction_grid(run.ema, held_out, path, device)
             else:
-                sample_grid(run.ema.eval(), run.diffusion, config, args, path, device)
+                sample_grid(run.ema.eval(), run.diffusion, config, args, path, device, probe)
             bar.write(f'step {run.step}: wrote {path}')
     bar.close()
 
@@ -1112,7 +1189,7 @@ def main(args):
         if autoencoder:
             reconstruction_grid(run.ema, held_out, final_grid, device)
         else:
-            sample_grid(run.ema.eval(), run.diffusion, config, args, final_grid, device)
+            sample_grid(run.ema.eval(), run.diffusion, config, args, final_grid, device, probe)
         print(f'step {run.step}: wrote {final_grid}')
     if world > 1:
         check_replicas(run, world, log, is_main)

@@ -1,6 +1,7 @@
 """Tests of cascade.py: the noise-augmentation corruption against its formula, the level reaching the network,
 a cascade's resolution and seeding, the truncated variant against the Gaussian closed form, and a tiny trained SR
 stage against bicubic upsampling."""
+import json
 import math
 
 import pytest
@@ -212,3 +213,44 @@ def test_trained_sr_stage_beats_bicubic_psnr():
                                   generator=g).clamp(-1, 1)
     psnr_sr, psnr_bicubic = cascade.psnr(x, test).mean().item(), cascade.psnr(bicubic, test).mean().item()
     assert psnr_sr > psnr_bicubic + 2.0, (psnr_sr, psnr_bicubic)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The command lines: train.py --task superres, sample.py --cascade
+
+def test_train_superres_then_sample_a_cascade(tmp_path):
+    import numpy as np
+    import sample
+    import train
+    fast = ['--model-channels', '8', '--batch-size', '8', '--log-every', '2', '--val-every', '2', '--sample-every', '0',
+            '--sample-steps', '2', '--warmup', '2', '--no-progress', '--unconditional', '--steps', '2']
+    train.main(train.parse_args(fast + ['--resolution', '8', '--out', str(tmp_path / 'base')]))
+    train.main(train.parse_args(fast + ['--resolution', '16', '--task', 'superres', '--low-res', '8',
+                                        '--noise-aug-max', '0.5', '--noise-aug-dim', '4', '--out', str(tmp_path / 'sr')]))
+    ckpt = torch.load(tmp_path / 'sr' / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['superres'] == {'low_res': 8, 'noise_aug_max': 0.5, 'aug_dim': 4, 'upsample': 'bicubic'}
+    assert ckpt['config']['net']['cond_channels'] == 3 and ckpt['config']['net']['aug_dim'] == 4
+    log = [json.loads(line) for line in open(tmp_path / 'sr' / 'log.jsonl')]
+    assert all(math.isfinite(r['val_loss']) for r in log if 'val_loss' in r) and any('val_loss' in r for r in log)
+
+    def cascade_npz(name, seed, stages='[{"ckpt": "%s", "aug_level": 0.2, "steps": 2, "sampler": "euler_ancestral"}]'):
+        npz = tmp_path / f'{name}.npz'
+        sample.main(sample.parse_args(['--ckpt', str(tmp_path / 'base' / 'ckpt.pt'), '--steps', '2', '-n', '3',
+                                       '--batch', '2', '--seed', str(seed), '--out', str(tmp_path / f'{name}.png'),
+                                       '--npz', str(npz), '--cascade', stages % (tmp_path / 'sr' / 'ckpt.pt')]))
+        return np.load(npz)['samples']
+    a, b, c = cascade_npz('a', 0), cascade_npz('b', 0), cascade_npz('c', 1)
+    assert a.shape == (3, 16, 16, 3)                               # the final resolution, (N, H, W, C) uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    truncated = cascade_npz('t', 0, '[{"ckpt": "%s", "aug_level": 0.3, "truncated": true, "steps": 2}]')
+    assert truncated.shape == (3, 16, 16, 3)
+    # Mistakes stop before any work, with the reason.
+    with pytest.raises(SystemExit, match='super-resolution stage'):
+        sample.main(sample.parse_args(['--ckpt', str(tmp_path / 'sr' / 'ckpt.pt'), '--out', str(tmp_path / 'x.png')]))
+    with pytest.raises(SystemExit, match='aug_level'):
+        cascade_npz('bad', 0, '[{"ckpt": "%s", "aug_level": 1.5}]')
+    with pytest.raises(SystemExit, match='--low-res'):
+        train.main(train.parse_args(fast + ['--task', 'superres', '--out', str(tmp_path / 'bad')]))
+    with pytest.raises(SystemExit, match='--aug-p'):
+        train.main(train.parse_args(fast + ['--task', 'superres', '--low-res', '8', '--aug-p', '0.2',
+                                            '--out', str(tmp_path / 'bad')]))
