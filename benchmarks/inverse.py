@@ -118,7 +118,7 @@ def gaussian_table(args):
     shape, prior = (1, 4, 4), gaussian_prior()
     print(f'Gaussian prior on 4x4 images, {args.n} samples per method, {args.steps} NFE each '
           f'(CCDF: from sigma = {args.ccdf_sigma})')
-    print(f"{'problem':<22} {'method':<24} {'mean err':>9} {'cov err':>8} {'|Ax-y|':>8} {'NFE':>4} {'sec':>6}")
+    print(f"{'problem':<23} {'method':<31} {'mean err':>9} {'cov err':>8} {'|Ax-y|':>8} {'NFE':>4} {'sec':>6}")
     for op_name, noise_std in [('inpaint_random', 0.0), ('sr', 0.0), ('inpaint_random', 0.1), ('sr', 0.1)]:
         g = torch.Generator().manual_seed(args.seed)
         x_true = prior.sample(1, generator=g)[0].reshape(1, *shape)
@@ -143,7 +143,7 @@ def gaussian_table(args):
             mean_err = ((flat.mean(0) - m_post).norm() / C_post.trace().sqrt()).item()
             cov_err = ((flat.T.cov() - C_post).norm() / C_post.norm()).item()
             residual = (op.forward(out) - y).pow(2).mean().sqrt().item()
-            print(f'{label:<22} {name:<24} {mean_err:>9.3f} {cov_err:>8.3f} {residual:>8.1e} {D.calls:>4} {seconds:>6.2f}')
+            print(f'{label:<23} {name:<31} {mean_err:>9.3f} {cov_err:>8.3f} {residual:>8.1e} {D.calls:>4} {seconds:>6.2f}')
         print()
 
 
@@ -214,7 +214,7 @@ def model_benchmark(args):
           f"{n} test images, {args.nfe} NFE per method, sigma in [{sigma_min:.3g}, {sigma_max:.3g}], {device}")
     print(f'step sizes: DPS zeta={args.dps_zeta or "default"}, MCG zeta={args.mcg_zeta or "default"}, '
           f'reconstruction guidance w_r={args.w_r}; CCDF from sigma={args.model_ccdf_sigma}')
-    print(f"{'task':<16} {'method':<24} {'PSNR':>6} {'|Ax-y|':>8} {'NFE':>4} {'sec':>6}")
+    print(f"{'task':<16} {'method':<31} {'PSNR':>6} {'|Ax-y|':>8} {'NFE':>4} {'sec':>6}")
     tasks = [('inpaint_random', dict(p=0.5)), ('inpaint_box', dict(box=0.5)), ('sr', dict(factor=4))]
     rows = []
     for task, kw in tasks:
@@ -224,7 +224,7 @@ def model_benchmark(args):
             op.mask = op.mask.float().to(device)
         y = op.measure(x0)
         baseline = op.pinv(y)
-        print(f"{task:<16} {'A^+ y (no model)':<24} {psnr(baseline, x0).mean():>6.2f} {0:>8.1e} {0:>4} {0:>6.2f}")
+        print(f"{task:<16} {'A^+ y (no model)':<31} {psnr(baseline, x0).mean():>6.2f} {0:>8.1e} {0:>4} {0:>6.2f}")
         cols = [baseline[:args.show]]
         for name in args.methods:
             fn = INVERSE_METHODS[name]
@@ -248,7 +248,7 @@ def model_benchmark(args):
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - t0
             residual = (op.forward(out) - y).pow(2).mean().sqrt().item()
-            print(f'{task:<16} {name:<24} {psnr(out, x0).mean():>6.2f} {residual:>8.1e} {D.calls:>4} {seconds:>6.2f}')
+            print(f'{task:<16} {name:<31} {psnr(out, x0).mean():>6.2f} {residual:>8.1e} {D.calls:>4} {seconds:>6.2f}')
             cols.append(out[:args.show].clamp(-1, 1))
         cols.append(x0[:args.show])
         rows.append((task, cols))
