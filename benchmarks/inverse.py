@@ -24,10 +24,11 @@ measurement (A^+ y), each method's reconstruction, original. Gradient methods al
 
 What the Gaussian table shows (n = 4000, 64 NFE, seed 0; ~1 min): the projection methods (replacement = ILVR, POCS,
 CCDF) meet a noise-free y exactly but stay biased towards the prior mean where pixels are correlated (mean err
-0.39-0.48 for inpainting, ~0.08 for SR); the gradient methods (MCG, reconstruction guidance, DPS) are 2-4x closer
-(0.11-0.16 and 0.02-0.035); none reaches the oracle's ~0.015, because each approximates p(y | x_sigma). With noisy y
-(s_y = 0.1) the projection methods force A x = y and so fit the noise (SR cov err 0.12 -> 0.20); reconstruction
-guidance, whose weight includes s_y, is least affected (SR mean err 0.035 -> 0.040, cov err 0.15 -> 0.15), while
+0.39-0.48 for inpainting, ~0.08 for SR); the gradient methods (MCG, reconstruction_guidance_tweedie, DPS) are 2-4x
+closer (0.11-0.16 and 0.02-0.035), while Ho et al.'s reconstruction_guidance at w_r = 1 is not (0.47 and 0.21 at
+n = 2000: its constant weight is too weak where sigma is large); none reaches the oracle's ~0.015, because each approximates p(y | x_sigma). With noisy y
+(s_y = 0.1) the projection methods force A x = y and so fit the noise (SR cov err 0.12 -> 0.20); the tweedie
+reconstruction guidance, whose weight includes s_y, is least affected (SR mean err 0.035 -> 0.040, cov err 0.15 -> 0.15), while
 DPS's normalised step knows nothing of s_y (SR mean err 0.023 -> 0.065).
 
 What the model part shows, for a 1.2M-parameter 'tiny' U-Net trained on the procedural shapes dataset
@@ -40,12 +41,14 @@ which ../shared/data lacks), 32 test images, 50 NFE, PSNR in dB, run on one H100
     POCS                      41.0          21.7       39.1        < 1e-7
     CCDF (from sigma 2)       42.3          19.4       39.5        < 1e-7
     MCG (zeta 4)              44.8          33.0       44.3        < 1e-7
-    recon. guidance (w_r 1)   45.9          29.4       42.7        ~4e-4
+    recon. tweedie (w_r 1)    45.9          29.4       42.7        ~4e-4
     DPS (zeta 4)              34.7          28.5       42.0        ~0.03
     DPS (zeta 0.5, default)   38.8          28.3       16.2
 
 The centre box is where the gradient through the denoiser matters: the projection methods fill the hole with shapes
-that ignore the visible rim (picture), while MCG, reconstruction guidance and DPS complete the shape. The step size of
+that ignore the visible rim (picture), while MCG, reconstruction guidance and DPS complete the shape. (The
+reconstruction-guidance row was measured with the weighting now named reconstruction_guidance_tweedie; Ho et al.'s
+weighting, now reconstruction_guidance, has not been run on the model.) The step size of
 DPS and MCG does not carry over between problems (the norm-normalised step is the same size in 16 and 3072
 dimensions): 0.5 is best on the Gaussian problems, ~4 here for SR, so tune it per model and task. A gradient method
 costs about 2x the time per NFE (one backward pass). At 20 NFE MCG stays best (44.7 / 30.7 / 42.6) and CCDF
