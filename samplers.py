@@ -632,32 +632,37 @@ def sample_unipc_bh2(denoiser, x, sigmas, *, order=3, lower_order_final=True, co
 
 
 @torch.no_grad()
-def sample_eps_abm(denoiser, x, sigmas, *, order=3, final_correction=False, cond=None, callback=None, progress=False):
+def sample_eps_abm(denoiser, x, sigmas, *, order=3, h_damp=1.2, final_correction=False, cond=None, callback=None,
+                   progress=False):
     """Ours (not a published method): an exponential-integrator Adams-Bashforth-Moulton pair on the noise
-    prediction, with exact weights for any step sizes.
+    prediction, with exact weights for any step sizes and a corrector damped on large steps.
     Predictor: DEIS's tAB in t = log sigma with `order` points (the exact weights of _eps_weights; order 3 is tAB2).
     Corrector: once D(x_pred) at sigma_next is known, redo the step with the Lagrange polynomial through the new
     point and the last `order` old ones (order + 1 points, the Adams-Moulton counterpart, integrated exactly),
     as UniC does but with the exact integral instead of UniPC's B(h) coefficients. The next step uses the noise
-    prediction at the uncorrected point (no extra evaluation). The order builds up over the first steps and is
-    capped by the steps left (lower order final, as UniPC); the step to sigma = 0 returns D(x) at the last sigma,
-    or, with final_correction=True, D(x_pred) + (x_corr - x_pred): the corrector's last correction carried into
-    the output by a first-order Taylor step of D, whose Jacobian is ~I at the smallest sigma (UniPC discards that
-    correction; measured: 7% smaller error at 20 NFE on the 64-D mixture, a few % elsewhere; off by default so
-    that the last step is the same final denoising step as every other sampler's).
+    prediction at the uncorrected point (no extra evaluation).
+    Damping: the state becomes x_pred + gamma (x_corr - x_pred) with gamma = 1 / (1 + (h / h_damp)^2). At large steps
+    (h ~ 1-4 at 5-10 NFE) the full correction extrapolates a poorly resolved eps and costs accuracy; as h -> 0,
+    1 - gamma = O(h^2) while x_corr - x_pred = O(h^(order+1)), so the damped step keeps the corrector's order (the
+    tests measure it). h_damp = inf is the undamped pair; h_damp = 1.2 was chosen on the two mixtures of
+    benchmarks/samplers.py among 0.5-3 (a tuned constant: 1.0-2.0 are within a few % of it at 10-100 NFE).
+    The order builds up over the first steps and is capped by the steps left (lower order final, as UniPC); the
+    step to sigma = 0 returns D(x) at the last sigma, or, with final_correction=True, D(x_pred) + (x - x_pred): the
+    last correction carried into the output by a first-order Taylor step of D, whose Jacobian is ~I at the smallest
+    sigma (UniPC discards that correction; measured: up to 7% smaller error; off by default so that the last step
+    is the same final denoising step as every other sampler's).
     How it differs from UniPC: noise instead of data prediction, exact weights instead of B(h), an order + 1
-    corrector; from DEIS: the corrector (third order overall, DEIS is second: the tests measure both).
-    Measured on the 2-D and 64-D mixtures of benchmarks/samplers.py (Karras schedule, 80 -> 0.002): the most
-    accurate of all solvers there (published ones included) at 20-50 NFE on the 64-D mixture and at 50 on the 2-D
-    one (order=4: also at 35 on both); it LOSES at 5-10 NFE on both (by 1.2-2.1x: the corrector's extrapolation
-    hurts at large steps, where DEIS tAB, iPNDM and UniPC-bh2-2 are best) and at 20-35 NFE on the 2-D mixture
-    (by 2-9%). Tried and not kept (worse somewhere at 5-35 NFE, numbers in the benchmark notes): data prediction
-    with the same exact weights (x2-4 worse at 5-10 NFE); switching from noise to data prediction below a sigma;
-    polynomials in sigma instead of log sigma; an exponential integrator whose linear part is the denoiser of a
-    Gaussian with variance sigma_data^2 (between data and noise prediction); the corrector only on small steps;
-    the noise of the corrected point in the history; a damped corrector (x_pred + 0.5 (x_corr - x_pred)), which
-    helps at 5 NFE but loses the extra order; per-sample order selection from the differences of successive
-    orders (Shampine-Gordon style)."""
+    corrector, the damping; from DEIS: the corrector (third order overall; DEIS is second: the tests measure both).
+    Measured (benchmarks/samplers.py, Karras 80 -> 0.002, rho 7, shared noise): on the 64-D image-like mixture the
+    most accurate of all solvers, published ones included, at 5, 10, 20, 35 and 50 NFE (order=4 also at 100); on
+    the 2-D mixture it LOSES at 5-35 NFE (to iPNDM at 5 and 20 NFE by 1.16x and 1.07x, to DEIS tAB2 at 10 by 1.5x,
+    to k-diffusion's LMS at 35 by 2%) and wins from 35 (order=4) / 50 NFE on.
+    Tried and not kept (worse somewhere at 5-35 NFE): data prediction with the same exact weights (x2-4 worse at
+    5-10 NFE); switching from noise to data prediction below a sigma; polynomials in sigma instead of log sigma;
+    an exponential integrator whose linear part is the denoiser of a Gaussian with variance sigma_data^2 (between
+    data and noise prediction); the corrector only on small steps (the switch itself costs accuracy); the noise
+    of the corrected point in the history; a constant damping gamma = 0.3-0.5 (helps at 5 NFE, loses the order);
+    per-sample order selection from the differences of successive orders (Shampine-Gordon style)."""
     cond = check_inputs(x, sigmas, cond)
     if order not in (1, 2, 3, 4):
         raise ValueError(f'eps_abm order must be 1, 2, 3 or 4, got {order!r}')
@@ -675,7 +680,9 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, final_correction=False, cond
             x_prev, sigma_prev, lam_prev, q = last
             pts = [(eps, lam)] + hist[:q - 1]
             w = _eps_weights([l - lam_prev for _, l in pts], lam - lam_prev)
-            x = x_prev - sigma_prev * sum(wj * e for wj, (e, _) in zip(w, pts))
+            x_corr = x_prev - sigma_prev * sum(wj * e for wj, (e, _) in zip(w, pts))
+            gamma = 1 / (1 + ((lam - lam_prev) / h_damp) ** 2)  # damped on large steps, -> 1 as h -> 0
+            x = x_pred + gamma * (x_corr - x_pred)
         hist = [(eps, lam)] + hist[:order]
         if sigma_next == 0:
             x = x0_hat + (x - x_pred) if final_correction else x0_hat       # final denoising step (see docstring)

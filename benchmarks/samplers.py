@@ -196,6 +196,7 @@ def deterministic_solvers(kd, df):
     s['dpmpp_3m_corrected (ours)'] = (ours('dpmpp_3m_corrected'), 'new', 'x')
     s['eps_abm (ours)'] = (ours('eps_abm'), 'new', 'x')
     s['eps_abm order=4 (ours)'] = (ours('eps_abm', order=4), 'new', 'x')
+    s['eps_abm h_damp=inf (ours)'] = (ours('eps_abm', h_damp=math.inf), 'new', 'x')
     s['eps_abm final_correction (ours)'] = (ours('eps_abm', final_correction=True), 'new', 'x')
     s['eps_abm order=4 final_corr. (ours)'] = (ours('eps_abm', order=4, final_correction=True), 'new', 'x')
     if kd is not None:
@@ -218,12 +219,18 @@ def deterministic_solvers(kd, df):
 
 
 def stochastic_solvers(kd):
-    s = {'euler_ancestral': ours('euler_ancestral'), 'heun churn=40': ours('heun', S_churn=40, S_tmin=0.05, S_tmax=50),
-         'dpmpp_2m_sde': ours('dpmpp_2m_sde'), 'pc': ours('pc')}
+    """name -> (runner, name used for the NFE rule). k-diffusion's Heun draws noise on EVERY step (torch.randn_like,
+    used only when gamma > 0), ours only where it churns, so with EDM's S_tmin/S_tmax the two consume the random
+    stream differently; the 'all steps' lines (S_tmin = 0, S_tmax = inf: every step churns) share it exactly."""
+    churn = dict(S_churn=40, S_tmin=0.05, S_tmax=50)
+    s = {'euler_ancestral': (ours('euler_ancestral'), 'euler'), 'heun churn=40': (ours('heun', **churn), 'heun'),
+         'heun churn=40 all steps': (ours('heun', S_churn=40), 'heun'),
+         'dpmpp_2m_sde': (ours('dpmpp_2m_sde'), 'euler'), 'pc': (ours('pc'), 'pc')}
     if kd is not None:
-        s.update({'k-diff euler_ancestral': kdiff(kd, 'euler_ancestral'),
-                  'k-diff heun churn=40': kdiff(kd, 'heun', s_churn=40, s_tmin=0.05, s_tmax=50),
-                  'k-diff dpmpp_2m_sde': kdiff(kd, 'dpmpp_2m_sde')})
+        s.update({'k-diff euler_ancestral': (kdiff(kd, 'euler_ancestral'), 'euler'),
+                  'k-diff heun churn=40': (kdiff(kd, 'heun', s_churn=40, s_tmin=0.05, s_tmax=50), 'heun'),
+                  'k-diff heun churn=40 all steps': (kdiff(kd, 'heun', s_churn=40), 'heun'),
+                  'k-diff dpmpp_2m_sde': (kdiff(kd, 'dpmpp_2m_sde'), 'euler')})
     return s
 
 
@@ -266,6 +273,20 @@ def unipc_parity(gm, x_T, df):
     return worst
 
 
+def deis_parity(gm, x_T, df):
+    """Max |ours - diffusers| for DEIS (log-rho tAB, orders 2 and 3) from 15 steps on, where diffusers takes no
+    lower-order final steps (the paper's DEIS takes none)."""
+    worst = 0.0
+    for order in (2, 3):
+        for nfe in (20, 35):
+            sigmas = karras_sigmas(nfe, SIGMA_MIN, SIGMA_MAX).double()
+            a = SAMPLERS['deis_tab'](gm, x_T.clone(), sigmas, order=order)
+            b = diffusers_run(df.DEISMultistepScheduler, final_denoise=True, prediction_type='epsilon',
+                              solver_order=order)(gm, x_T.clone(), sigmas, None)
+            worst = max(worst, (a - b).abs().max().item())
+    return worst
+
+
 def race_stochastic(pname, gm, solvers, n_sde, nfes):
     header = f"{'sampler':<34}" + ''.join(f'{n:>10}' for n in nfes)
     exact = gm.sample(n_sde, generator=torch.Generator().manual_seed(1))[0]
@@ -273,10 +294,10 @@ def race_stochastic(pname, gm, solvers, n_sde, nfes):
     print(f'\n[{pname}] stochastic: sliced W1 to exact samples ({n_sde} samples, the same noise for every sampler; '
           f'exact vs exact = {sliced_w1(exact, exact2):.3f})\n{header}')
     outs = {}
-    for name, run in solvers.items():
+    for name, (run, rule) in solvers.items():
         dists = []
         for nfe in nfes:
-            sigmas = karras_sigmas(nfe_steps(name.split()[-2] if 'churn' in name else name, nfe), SIGMA_MIN, SIGMA_MAX).double()
+            sigmas = karras_sigmas(nfe_steps(rule, nfe), SIGMA_MIN, SIGMA_MAX).double()
             x = SIGMA_MAX * torch.randn(n_sde, gm.D, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
             out = run(gm, x, sigmas, torch.Generator().manual_seed(4))
             outs[name, nfe] = out
@@ -285,7 +306,8 @@ def race_stochastic(pname, gm, solvers, n_sde, nfes):
     for name in solvers:
         if ('k-diff ' + name) in solvers:
             diff = max((outs[name, n] - outs['k-diff ' + name, n]).abs().max().item() for n in nfes)
-            print(f'  parity with shared noise: {name} vs k-diffusion: max |difference| {diff:.1e}')
+            note = ' (k-diffusion also draws on the steps it does not churn: other streams)' if name == 'heun churn=40' else ''
+            print(f'  parity with shared noise: {name} vs k-diffusion: max |difference| {diff:.1e}{note}')
 
 
 def race_schedules(pname, gm, x_T, ref, nfes=(5, 10), max_evals=600):
@@ -318,6 +340,8 @@ def main(args):
         if df is not None:
             print(f'[{pname}] UniPC parity: max |ours - diffusers| over bh1/bh2, orders 1-3, NFE 5/10/20: '
                   f'{unipc_parity(gm, x_T, df):.1e}')
+            print(f'[{pname}] DEIS parity: max |ours deis_tab - diffusers DEIS| orders 2-3, NFE 20/35: '
+                  f'{deis_parity(gm, x_T, df):.1e}')
         race_deterministic(pname, gm, x_T, ref, deterministic_solvers(kd, df), nfes)
         if args.schedules:
             race_schedules(pname, gm, x_T, ref)

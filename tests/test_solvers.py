@@ -30,13 +30,14 @@ def _order_errors(name, opts, steps=(32, 64, 128), sigma_max=10.0, sigma_min=0.0
 
 # Expected global orders (ratio 2^k per doubling): the lower-order first steps cap every multistep method here:
 # an Euler-like first step has local error O(h^2), so iPNDM, DEIS and UniPC-1 are second order overall; UniC
-# raises the first step to second order (local O(h^3)), so UniPC-2/3 and eps_abm-2/3 are third order.
+# raises the first step to second order (local O(h^3)), so UniPC-2/3 and eps_abm-2/3 are third order. eps_abm's
+# damping (gamma ~ 0.9 on the largest steps at 32 steps) slows the approach: order 1 gives 3.4, 3.7 (-> 4).
 @pytest.mark.parametrize('name, opts, ratio', [
     ('ipndm', {}, 3.6), ('ipndm', {'order': 2}, 3.6),
     ('deis_tab', {}, 3.6), ('deis_tab', {'order': 2}, 3.6), ('deis_tab', {'order': 3}, 3.6),
     ('unipc_bh1', {}, 7.0), ('unipc_bh2', {}, 7.0), ('unipc_bh2', {'order': 2}, 7.0),
     ('unipc_bh1', {'order': 2}, 7.0), ('unipc_bh1', {'order': 1}, 3.6),
-    ('eps_abm', {}, 7.0), ('eps_abm', {'order': 2}, 7.0), ('eps_abm', {'order': 1}, 3.6), ('eps_abm', {'order': 4}, 7.0),
+    ('eps_abm', {}, 7.0), ('eps_abm', {'order': 2}, 7.0), ('eps_abm', {'order': 1}, 3.3), ('eps_abm', {'order': 4}, 7.0),
 ])
 def test_measured_order_on_the_exact_gaussian_ode(name, opts, ratio):
     errs = _order_errors(name, opts)
@@ -99,7 +100,7 @@ def test_eps_abm_corrector_is_exact_for_linear_eps():
     from the next predicted state: x_pred(sigma_2) = x_corr(sigma_1) + (sigma_2 - sigma_1) eps(sigma_1)."""
     coeffs = [0.3, -0.5]
     sigmas = torch.tensor([3.0, 0.8, 0.3, 0.0], dtype=torch.float64)
-    xs, _ = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1)
+    xs, _ = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1, h_damp=math.inf)
     eps_1 = coeffs[0] + coeffs[1] * math.log(0.8)
     x_corr = xs[2] - (0.3 - 0.8) * eps_1
     exact = 0.7 + _integral_log_poly(coeffs, 0.8) - _integral_log_poly(coeffs, 3.0)
@@ -107,13 +108,26 @@ def test_eps_abm_corrector_is_exact_for_linear_eps():
     assert abs(xs[1] - exact) > 1e-3                         # the predictor alone is not exact: the corrector did it
 
 
+def test_eps_abm_damping_scales_the_correction():
+    """With damping the corrected state is x_pred + gamma (x_corr - x_pred), gamma = 1/(1 + (h/h_damp)^2), h the
+    step in log sigma: checked on the step 3 -> 0.8 against the undamped (exact) correction."""
+    coeffs = [0.3, -0.5]
+    sigmas = torch.tensor([3.0, 0.8, 0.3, 0.0], dtype=torch.float64)
+    eps = lambda s: coeffs[0] + coeffs[1] * math.log(s)
+    x_pred = 0.7 + (0.8 - 3.0) * eps(3.0)                                 # the order-1 predictor (DDIM step)
+    x_corr = 0.7 + _integral_log_poly(coeffs, 0.8) - _integral_log_poly(coeffs, 3.0)
+    gamma = 1 / (1 + (math.log(3.0 / 0.8) / 0.9) ** 2)
+    xs, _ = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1, h_damp=0.9)
+    assert xs[2] - (0.3 - 0.8) * eps(0.8) == pytest.approx(x_pred + gamma * (x_corr - x_pred), rel=1e-12)
+
+
 def test_eps_abm_final_correction():
     """final_correction=True returns D(x_pred) + (x_corr - x_pred) = x_corr - sigma_last eps at the last sigma:
     with eps linear in log sigma and order 1 the corrected state is exact, so the output is too."""
     coeffs = [0.3, -0.5]
     sigmas = torch.tensor([3.0, 0.8, 0.0], dtype=torch.float64)
-    _, plain = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1)
-    _, out = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1, final_correction=True)
+    _, plain = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1, h_damp=math.inf)
+    _, out = _states('eps_abm', _poly_denoiser(coeffs, 'log'), sigmas, order=1, h_damp=math.inf, final_correction=True)
     exact = 0.7 + _integral_log_poly(coeffs, 0.8) - _integral_log_poly(coeffs, 3.0)
     eps_1 = coeffs[0] + coeffs[1] * math.log(0.8)
     assert out.item() == pytest.approx(exact - 0.8 * eps_1, rel=1e-12)
