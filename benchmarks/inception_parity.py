@@ -12,6 +12,13 @@ inception.load_inception and compares, on the same random images:
      less its bias (the Inception Score code of Salimans et al. multiplies by the weights only).
 It also prints the key-name/shape manifest (count and sha256) embedded in tests/test_inception.py.
 
+Measured (torch 2.13 CPU, pytorch-fid 0.3.0, torchvision 0.28.0): legacy features (inception.py's default
+protocol) are bit-identical to pytorch-fid's at 32, 64, 299 and 512 px (max difference 0.000e+00); the IS
+logits differ by at most 2.4e-07; clean features differ from pytorch-fid fed PIL-resized input by <= 8.1e-05
+(float32 rounding of the resize, amplified by the random network). A CUDA torchvision wheel on a CPU-only
+torch fails on import ("operator torchvision::nms does not exist"); pytorch-fid needs only torchvision's Python
+Inception classes, so setting sys.modules['torchvision._meta_registrations'] to an empty module first is enough.
+
 Random weights need care: with PyTorch's default init the activations shrink layer after layer and
 every feature ends near 0, which would make any comparison pass. So BatchNorm running statistics are
 first calibrated on a batch of random images (a train-mode pass with cumulative averaging), which
