@@ -43,14 +43,16 @@ import torch
 import cascade
 import data
 import samplers
-from diffusion import Diffusion
+from classifier import NoiseConditionalClassifier
+from diffusion import NOISE_SCHEDULES, Diffusion
 from dit import DiT
-from guidance import ClassifierFreeGuidance
+from guidance import (Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, IntervalSchedule, LinearSchedule,
+                      OscillatingSchedule, Thresholded, sample_with_rejection)
 from unet import UNet
 import pretrained
 import vae
 
-NETWORKS = {'unet': UNet, 'dit': DiT}          # config['model'] -> class; config['net'] holds its kwargs
+NETWORKS = {'unet': UNet, 'dit': DiT, 'classifier': NoiseConditionalClassifier}   # config['model'] -> class; config['net'] its kwargs
 CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every train.py checkpoint holds, at least
 
 
@@ -96,7 +98,9 @@ def build_diffusion(config):
     """The Diffusion (parameterisation, training schedule, noise-level sampler) the model was trained with."""
     # t_sampler matters only for training; older checkpoints without it default to uniform.
     d = config['diffusion']
-    return Diffusion(d['schedule'], d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
+    # Discrete schedules record their number of steps T (train.py --T); older checkpoints used T = 1000.
+    schedule = NOISE_SCHEDULES[d['schedule']](d['T']) if d.get('T') else d['schedule']
+    return Diffusion(schedule, d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
 
 
 def load_model(path, device='cpu', use_ema=True):
@@ -189,7 +193,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     options = check_sampler_options(sampler, sampler_options)
     if n < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f'need at least one sample and a batch size of at least 1, got n={n}, batch_size={batch_size}')
-    if not math.isfinite(guidance):
+    if not callable(guidance) and not math.isfinite(guidance):          # a number, or a schedule of sigma
         raise ValueError(f'guidance weight must be a finite number, got {guidance}')
     if sigmas is None:
         sigmas = samplers.karras_sigmas(steps, diffusion.sigma_min, diffusion.sigma_max)
@@ -205,7 +209,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
         denoiser = diffusion.denoiser(net)
         if num_classes:
             y = labels[start:start + b].to(device) if labels is not None else torch.full((b,), num_classes, device=device)
-            if guidance != 1.0 and labels is not None:
+            if (callable(guidance) or guidance != 1.0) and labels is not None:
                 denoiser = ClassifierFreeGuidance(denoiser, w=guidance, null_class=num_classes)   # one batched call
             batch_cond['y'] = y
         if guide is not None:
@@ -336,6 +340,202 @@ def save_npz(images, labels, path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Every sampling knob as a flag: the sigma schedule, the sampler's own options, the guidance weight's schedule,
+# thresholding, autoguidance, classifier guidance and rejection sampling. sample.py and evaluate.py share these
+# flags (add_sampling_flags) and this construction (sampling_setup), so a score names exactly what was sampled.
+
+SCHEDULES = ('karras', 'loglinear', 'vp-leading', 'vp-trailing', 'vp-linspace', 'vp-continuous', 'flow')
+# Dedicated flags for the options the papers tune; each fills the sampler's own keyword (any other: --sampler-opt).
+OPTION_FLAGS = {'eta': ('eta',), 's_churn': ('S_churn',), 's_tmin': ('S_tmin',), 's_tmax': ('S_tmax',),
+                's_noise': ('S_noise', 's_noise'), 'snr': ('snr',), 'n_corrector': ('n_corrector',)}
+
+
+def add_sampling_flags(p):
+    """The sampler and guidance flag groups; defaults of None mean 'what the training run used for its grids'."""
+    g = p.add_argument_group('sampler')
+    g.add_argument('--sampler', default=None, choices=list(samplers.SAMPLERS), help="default: the training run's --sampler")
+    g.add_argument('--steps', type=int, default=None, help="noise levels of the schedule; default: the run's --sample-steps")
+    g.add_argument('--schedule', default='karras', choices=SCHEDULES,
+                   help="sigma schedule (samplers.py): karras (Karras et al. Eq. 5), loglinear, the model's own "
+                        "discrete steps vp-leading|vp-trailing|vp-linspace (DDPM/DDIM models; with --sampler ddpm and "
+                        "--steps T this is exactly the trained Markov chain), vp-continuous, flow")
+    g.add_argument('--rho', type=float, default=7.0, help='karras: the schedule exponent rho')
+    g.add_argument('--sigma-max', type=float, default=None, help="start of karras/loglinear; default: the model's "
+                   "sigma_max (a lower start is SDEdit/CCDF's shortcut: with --inverse ccdf the solve starts here)")
+    g.add_argument('--sigma-min', type=float, default=None, help="end of karras/loglinear; default: the model's")
+    g.add_argument('--flow-shift', type=float, default=1.0, help='flow: shift of the time steps (SD3 Eq. 23)')
+    g.add_argument('--eta', type=float, default=None, help='ddim / euler_ancestral / dpmpp_2m_sde: noise scale (0 = ODE)')
+    g.add_argument('--s-churn', type=float, default=None, help='heun: S_churn, stochasticity (Karras et al. Alg. 2)')
+    g.add_argument('--s-tmin', type=float, default=None, help='heun: S_tmin, churn only for sigma >= this')
+    g.add_argument('--s-tmax', type=float, default=None, help='heun: S_tmax, churn only for sigma <= this')
+    g.add_argument('--s-noise', type=float, default=None, help='heun / euler_ancestral / dpmpp_2m_sde: noise inflation')
+    g.add_argument('--snr', type=float, default=None, help='pc: signal-to-noise ratio of the Langevin corrector')
+    g.add_argument('--n-corrector', type=int, default=None, help='pc: Langevin corrector steps per noise level')
+    g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE',
+                   help="any other option of the sampler, e.g. order=3 for unipc_bh2 (repeatable)")
+    g = p.add_argument_group('guidance (guidance.py)')
+    g.add_argument('--guidance', type=float, default=None, help="guidance weight w (1 = none): classifier-free, or "
+                   "autoguidance's with --autoguidance; default: the run's")
+    g.add_argument('--guidance-schedule', default='constant', choices=['constant', 'increasing', 'oscillating', 'interval'],
+                   help='w over the steps: constant; increasing from --guidance-start to w (Muse); oscillating '
+                        'between w and --guidance-low (Imagen Video); interval: w only inside --guidance-interval')
+    g.add_argument('--guidance-start', type=float, default=1.0, help='increasing: the weight at the first step')
+    g.add_argument('--guidance-low', type=float, default=1.0, help='oscillating: the low weight')
+    g.add_argument('--guidance-num-high', type=int, default=0, help='oscillating: steps at w before oscillating')
+    g.add_argument('--guidance-interval', type=float, nargs=2, default=(0.28, 5.42), metavar=('SIGMA_LO', 'SIGMA_HI'),
+                   help='interval: guide where SIGMA_LO < sigma <= SIGMA_HI (default: the EDM2 ImageNet-512 '
+                        'interval of Kynkaanniemi et al. 2024 as public ports use it; tune per model)')
+    g.add_argument('--threshold', default='none', choices=['none', 'static', 'dynamic'],
+                   help='clip the x0 estimate (Imagen Sec. 2.3): static to [-1, 1], dynamic at a percentile')
+    g.add_argument('--threshold-percentile', type=float, default=0.995, help='dynamic thresholding percentile (Imagen: 0.995)')
+    g.add_argument('--autoguidance', default=None, metavar='BAD_CKPT', help='guide with this worse model instead of the '
+                   "unconditional one (Karras et al. 2024), e.g. the early checkpoint of train.py --save-early")
+    g.add_argument('--classifier', default=None, metavar='CKPT', help='noise-conditional classifier of train.py --task '
+                   'classifier, for classifier guidance (--classifier-scale) and rejection (--reject)')
+    g.add_argument('--classifier-scale', type=float, default=0.0, help='classifier guidance scale s (ADM Alg. 1; 0 = none)')
+    g.add_argument('--reject', type=float, default=None, nargs='?', const=-1, metavar='TOP_FRACTION',
+                   help='rejection sampling with --classifier: keep samples it assigns to the requested class '
+                        '(or, given a fraction, the most confident fraction per class); prints the acceptance rate')
+
+
+def check_sampling_flags(args):
+    """Range checks of the sampling flags (no checkpoint needed): a list of problems, empty when all is well."""
+    problems = []
+    for flag in ('rho', 'sigma_max', 'sigma_min', 'flow_shift', 'guidance_start', 'guidance_low', 'classifier_scale'):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            problems.append(f"--{flag.replace('_', '-')} must be a finite number (got {value})")
+    for flag in ('sigma_max', 'sigma_min', 'rho', 'flow_shift'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            problems.append(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
+    if args.sigma_max is not None and args.sigma_min is not None and args.sigma_min >= args.sigma_max:
+        problems.append(f'--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}')
+    if not 0 < args.threshold_percentile <= 1:
+        problems.append(f'--threshold-percentile must be in (0, 1] (got {args.threshold_percentile})')
+    lo, hi = args.guidance_interval
+    if not 0 <= lo < hi:
+        problems.append(f'--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI (got {lo} {hi})')
+    if (args.classifier_scale or args.reject is not None) and not args.classifier:
+        problems.append('--classifier-scale and --reject need --classifier CKPT (train one with train.py --task classifier)')
+    if args.reject is not None and args.reject != -1 and not 0 < args.reject <= 1:
+        problems.append(f'--reject TOP_FRACTION must be in (0, 1] (got {args.reject})')
+    for path, flag in ((args.autoguidance, '--autoguidance'), (args.classifier, '--classifier')):
+        if path and not os.path.isfile(path):
+            problems.append(f'{flag} {path!r} does not exist')
+    return problems
+
+
+def sampler_options_from_args(args, sampler):
+    """--sampler-opt KEY=VALUE plus the dedicated flags, mapped to this sampler's own option names."""
+    options = parse_sampler_options(args.sampler_opt)
+    known = samplers.sampler_options(sampler) if sampler in samplers.SAMPLERS else {}
+    for flag, names in OPTION_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        name = next((n for n in names if n in known), names[0])   # S_noise for heun, s_noise for the others
+        options[name] = value
+    return check_sampler_options(sampler, options)
+
+
+def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None, flow_shift=1.0):
+    """The descending noise levels (steps of them, then 0) of a named schedule for this model."""
+    lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
+    if name == 'karras':
+        return samplers.karras_sigmas(steps, lo, hi, rho)
+    if name == 'loglinear':
+        return samplers.loglinear_sigmas(steps, lo, hi)
+    if name.startswith('vp-') and name != 'vp-continuous':
+        table = getattr(diffusion.schedule, 'sigmas', None)        # only discrete VP models have their own steps
+        if table is None:
+            raise ValueError(f"--schedule {name} uses the model's own discrete noise levels; this model's schedule "
+                             f'({type(diffusion.schedule).__name__}) has none: use karras or loglinear')
+        if steps > len(table):
+            raise ValueError(f'--steps {steps} is more than the model\'s {len(table)} discrete noise levels')
+        return samplers.vp_sigmas(table, steps, name[3:])
+    if name == 'vp-continuous':
+        return samplers.vp_continuous_sigmas(steps)
+    if name == 'flow':
+        return samplers.flow_sigmas(steps, shift=flow_shift)
+    raise ValueError(f"unknown --schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def guidance_weight(args, w, sigmas):
+    """The guidance weight as guidance.py takes it: a number, or a schedule over the sampler's sigmas."""
+    if args.guidance_schedule == 'constant' or w == 1:
+        return w
+    if args.guidance_schedule == 'increasing':
+        return LinearSchedule(sigmas, w_end=w, w_start=args.guidance_start)
+    if args.guidance_schedule == 'oscillating':
+        return OscillatingSchedule(sigmas, w_high=w, w_low=args.guidance_low, num_high=args.guidance_num_high)
+    return IntervalSchedule(w, *args.guidance_interval)
+
+
+def load_classifier(path, device):
+    """(log p(y | x, sigma), log p(y | x) of clean samples, num_classes) from a train.py --task classifier checkpoint."""
+    import classifier as clf_lib
+    net, diffusion, config = load_model(path, device)
+    if config.get('task') != 'classifier':
+        raise SystemExit(f"error: {path!r} is not a classifier checkpoint (its task is {config.get('task', 'diffusion')!r}); "
+                         'train one with train.py --task classifier')
+    return (clf_lib.classifier_log_prob(net, diffusion), clf_lib.clean_log_prob(net, diffusion),
+            config['net']['num_classes'])
+
+
+def sampling_setup(args, config, diffusion, device, trained=None):
+    """Everything generate() needs from the flags: a dict of sampler, steps, sigmas, sampler_options, guidance,
+    guide (autoguidance, classifier guidance, thresholding, in that order around CFG) and, for --reject, the
+    clean classifier. Models are loaded here, after the flag checks, so a typo costs no loading time."""
+    trained = trained if trained is not None else config.get('args', {})
+    sampler = args.sampler or trained.get('sampler', 'heun')
+    steps = args.steps or trained.get('sample_steps', 18)
+    w = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
+    options = sampler_options_from_args(args, sampler)
+    sigmas = make_sigmas(args.schedule, steps, diffusion, args.rho, args.sigma_min, args.sigma_max, args.flow_shift)
+    weight = guidance_weight(args, w, sigmas)
+    wrappers, cfg = [], weight
+    if args.autoguidance:
+        # Autoguidance replaces CFG's unconditional branch by the bad model, with the same condition (Karras 2024).
+        bad_net, bad_diffusion, _ = load_model(args.autoguidance, device)
+        bad = bad_diffusion.denoiser(bad_net)
+        wrappers.append(lambda d: Autoguidance(d, bad, w=weight))
+        cfg = 1.0
+    log_prob = clean_log_prob = None
+    if args.classifier:
+        log_prob, clean_log_prob, num_classes = load_classifier(args.classifier, device)
+        if config['data']['num_classes'] and num_classes != config['data']['num_classes']:
+            raise SystemExit(f"error: the classifier has {num_classes} classes, the model {config['data']['num_classes']}")
+        if args.classifier_scale:
+            conditional = bool(config['data']['num_classes'])   # guide the conditional model, else the unconditional
+            wrappers.append(lambda d: ClassifierGuidance(d, log_prob, scale=args.classifier_scale, pass_y=conditional))
+    if args.threshold != 'none':
+        wrappers.append(lambda d: Thresholded(d, args.threshold, args.threshold_percentile))
+
+    def guide(denoiser):
+        for wrap in wrappers:
+            denoiser = wrap(denoiser)
+        return denoiser
+    return dict(sampler=sampler, steps=steps, sigmas=sigmas, sampler_options=options, guidance=cfg,
+                guide=guide if wrappers else None, clean_log_prob=clean_log_prob, weight=w,
+                classifier_classes=None if not args.classifier else num_classes)
+
+
+def describe_sampling(args, setup):
+    """One line naming what was sampled, printed with the samples and stored with evaluate.py's scores."""
+    parts = [setup['sampler'], f"{setup['steps']} steps ({args.schedule})"]
+    parts += [f'{k}={v}' for k, v in setup['sampler_options'].items()]
+    if args.autoguidance:
+        parts.append(f"autoguidance w={setup['weight']:g} ({args.guidance_schedule})")
+    elif setup['weight'] != 1:
+        parts.append(f"CFG w={setup['weight']:g} ({args.guidance_schedule})")
+    if args.classifier_scale:
+        parts.append(f'classifier guidance s={args.classifier_scale:g}')
+    if args.threshold != 'none':
+        parts.append(f'{args.threshold} thresholding')
+    return ', '.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command line: flags, their checks (all before loading or sampling), and the two modes.
 
 def parse_args(argv=None):
@@ -345,16 +545,11 @@ def parse_args(argv=None):
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) in this .npz')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
     p.add_argument('--batch', type=int, default=256, help='samples per batch')
-    # Sampler settings default to those the run used for its grids (stored in the checkpoint's args).
-    g = p.add_argument_group('sampler')
-    g.add_argument('--sampler', default=None, choices=list(samplers.SAMPLERS), help="default: the training run's --sampler")
-    g.add_argument('--steps', type=int, default=None, help="noise levels of the Karras schedule; default: the run's --sample-steps")
-    g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE',
-                   help="a sampler's own option, e.g. eta=0.5 for ddim or S_churn=40 for heun (repeatable)")
-    g.add_argument('--guidance', type=float, default=None, help="classifier-free guidance weight (1 = none); default: the run's")
-    g.add_argument('--class', dest='label', default=None, help="class index or name; default: cycle through all classes ('none': unconditional)")
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
+    p.add_argument('--class', dest='label', default=None, help="class index or name; default: cycle through all classes ('none': unconditional)")
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
+    # Sampler and guidance settings default to those the run used for its grids (stored in the checkpoint's args).
+    add_sampling_flags(p)
     p.add_argument('--device', default=None, help='default: cuda if available')
     # --inverse replaces generation by one inverse problem; a new sample.py mode adds its own group and a branch in main.
     g = p.add_argument_group('inverse problems (inverse.py)')
@@ -363,6 +558,12 @@ def parse_args(argv=None):
     g.add_argument('--factor', type=int, default=4, help='super-resolution factor')
     g.add_argument('--noise-std', type=float, default=0.0, help='measurement noise')
     g.add_argument('--image', default=None, help='image file to measure and reconstruct; default: a held-out dataset image')
+    g = p.add_argument_group('public pretrained models (pretrained.py)')
+    g.add_argument('--pretrained', default=None, metavar='NAME',
+                   help=f"sample a published model instead of --ckpt: {', '.join(pretrained.PRETRAINED)}")
+    g.add_argument('--weights-dir', default=None,
+                   help=f'folder with its weight files (else ${pretrained.PRETRAINED_ENV}, then the torch hub folder)')
+    g.add_argument('--no-download', action='store_true', help='never download: say which files to put where instead')
     # --cascade runs super-resolution stages (train.py --task superres) after the --ckpt base model (cascade.py).
     g = p.add_argument_group('cascade (cascade.py)')
     g.add_argument('--cascade', default=None, metavar='JSON',
@@ -370,12 +571,14 @@ def parse_args(argv=None):
                         '{"ckpt": PATH, "sampler": .., "steps": .., "guidance": .., "sampler_opt": {..}, "aug_level": t in [0, 1], '
                         '"truncated": false}; unset keys: that run\'s grid settings, aug_level 0 (see cascade.py)')
     g.add_argument('--save-stages', action='store_true', help='with --cascade: also write every stage\'s output as OUT_stageK.png')
-    g = p.add_argument_group('public pretrained models (pretrained.py)')
-    g.add_argument('--pretrained', default=None, metavar='NAME',
-                   help=f"sample a published model instead of --ckpt: {', '.join(pretrained.PRETRAINED)}")
-    g.add_argument('--weights-dir', default=None,
-                   help=f'folder with its weight files (else ${pretrained.PRETRAINED_ENV}, then the torch hub folder)')
-    g.add_argument('--no-download', action='store_true', help='never download: say which files to put where instead')
+    g = p.add_argument_group('video extension (Ho et al. 2022, arXiv:2204.03458, Sec. 3.1)')
+    g.add_argument('--extend', nargs='?', const='data', default=None, metavar='CLIP',
+                   help="continue a clip (GIF, folder of frames, or sample.py .npz; no value: a clip of the training "
+                        "data): its first --context frames are given, the next ones generated by reconstruction guidance")
+    g.add_argument('--context', type=int, default=None, help='given frames the model conditions on (default: half its window)')
+    g.add_argument('--new-frames', type=int, default=None, help='frames to generate (default: the rest of one window)')
+    g.add_argument('--w-r', type=float, default=2.0, help='reconstruction guidance weight w_r (Ho et al. Eq. 7)')
+    g.add_argument('--continuations', type=int, default=4, help='continuations of the clip, each from its own noise')
     return p.parse_args(argv)
 
 
@@ -391,6 +594,7 @@ def check_args(args):
         problems.append(f'--steps must be at least 1 (got {args.steps})')
     if args.guidance is not None and not math.isfinite(args.guidance):
         problems.append(f'--guidance must be a finite number (got {args.guidance})')
+    problems += check_sampling_flags(args)
     if args.noise_std < 0 or not math.isfinite(args.noise_std):
         problems.append(f'--noise-std must be a finite number >= 0 (got {args.noise_std})')
     if args.inverse and args.operator not in ('sr', 'inpaint_box', 'inpaint_random'):
@@ -655,6 +859,99 @@ def run_cascade(args, net, diffusion, config, device, out):
         for k, (_, _, c, s) in enumerate(models)))
 
 
+# ----------------------------------------------------------------------------------------------------
+# Extending a video (Ho et al. 2022, Sec. 3.1): sample a window whose first frames are given, as an inverse problem
+# in time solved by reconstruction guidance (inverse.py), append its new frames, slide the window, repeat.
+
+def extend_video(denoiser, clip, window, num_new, sigmas, context=None, method='reconstruction_guidance',
+                 method_options=None, generator=None, cond=None):
+    """Continue clips (N, C, G, H, W) by num_new frames -> (N, C, G + num_new, H, W), the given frames first, as given.
+
+    Each round samples one window of `window` frames (the model's length) whose first `context` frames are the last
+    frames so far: A keeps those frames (inverse.Inpaint with a mask over time), y holds them, and the inverse method
+    (default: reconstruction guidance, x0_tilde = x0_hat - (w_r / 2) grad ||y - A x0_hat||^2, Ho et al. Eq. 7, with
+    any sampler) draws the window's other frames conditioned on them. The model's own version of the given frames
+    is only the means of conditioning: the output keeps the given frames themselves."""
+    import inverse
+    N, C, G, H, W = clip.shape
+    context = context or window // 2
+    if not 0 < context < window or context > G:
+        raise ValueError(f'context must be in [1, {window - 1}] (the window has {window} frames) and at most the '
+                         f'{G} given frames, got {context}')
+    out = clip
+    while out.shape[2] < G + num_new:
+        mask = torch.zeros(1, 1, window, 1, 1, dtype=clip.dtype, device=clip.device)
+        mask[:, :, :context] = 1                                             # A keeps the first `context` frames
+        y = torch.zeros(N, C, window, H, W, dtype=clip.dtype, device=clip.device)
+        y[:, :, :context] = out[:, :, -context:]                             # ... which are the last frames so far
+        x = sigmas[0] * torch.randn(y.shape, generator=generator, dtype=clip.dtype).to(clip.device)
+        sampled = inverse.INVERSE_METHODS[method](denoiser, x, sigmas, inverse.Inpaint(mask), y, generator=generator,
+                                                  cond=cond, **(method_options or {}))
+        need = min(window - context, G + num_new - out.shape[2])
+        out = torch.cat([out, sampled[:, :, context:context + need].detach()], dim=2)
+    return out
+
+
+def read_clip(source, config):
+    """--extend's clip -> (1, C, F, R, R) in [-1, 1]: a clip of the training data, a sample.py .npz (its first video),
+    or a GIF / folder of frames (data.load_clip), in the model's channels and resolution."""
+    d, args = config['data'], config['args']
+    if source == 'data':
+        ds = data.load_dataset(d['dataset'], data_dir=args.get('data_dir'), split=args.get('split', 'train'),
+                               resolution=d['resolution'])
+        return ds[0][0][None]
+    if source.endswith('.npz'):
+        with np.load(source, allow_pickle=False) as z:
+            video = torch.from_numpy(z['samples'][:1]).movedim(-1, 1)       # (1, F, H, W, C) -> (1, C, F, H, W)
+    else:
+        try:
+            video = data.load_clip(source, args.get('context') or 1, d['resolution'])[None]
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f'error: {e}') from None
+    if video.shape[1] != d['channels']:                                     # RGB <-> grey to match the model
+        video = video.float().mean(1, keepdim=True).round().byte() if d['channels'] == 1 else video.expand(-1, 3, -1, -1, -1)
+    return data.to_float(video)
+
+
+def run_extend(args, net, diffusion, config, device, out):
+    """--extend: continue one clip --continuations times; writes the frames (given | generated) as a grid and a GIF."""
+    d = config['data']
+    if not d.get('frames'):
+        raise SystemExit('error: --extend continues videos; this checkpoint is an image model')
+    window = d['frames']
+    context = args.context or window // 2
+    num_new = args.new_frames or window - context
+    if not 0 < context < window or num_new < 1 or args.continuations < 1 or not math.isfinite(args.w_r):
+        raise SystemExit(f'error: --context must be in [1, {window - 1}], --new-frames and --continuations at least 1, '
+                         f'--w-r finite (got {context}, {num_new}, {args.continuations}, {args.w_r})')
+    given = read_clip(args.extend, dict(config, args=dict(config['args'], context=context)))
+    if given.shape[2] < context:
+        raise SystemExit(f'error: the clip has {given.shape[2]} frames; --context {context} needs at least that many')
+    given = given[:, :, :context].expand(args.continuations, -1, -1, -1, -1).to(device)
+    cond, denoiser = {}, diffusion.denoiser(net)
+    labels = resolve_label(args.label, config, args.continuations) if args.label is not None else None
+    if d['num_classes']:
+        cond['y'] = (labels if labels is not None else torch.full((args.continuations,), d['num_classes'])).to(device)
+        if labels is not None and args.guidance not in (None, 1.0):
+            denoiser = ClassifierFreeGuidance(denoiser, w=args.guidance, null_class=d['num_classes'])
+    if config['net'].get('aug_dim'):
+        cond['aug_cond'] = torch.zeros(args.continuations, config['net']['aug_dim'], device=device)
+    sampler = args.sampler or 'euler_ancestral'
+    sigmas = samplers.karras_sigmas(args.steps or 50, diffusion.sigma_min, diffusion.sigma_max).to(device)
+    options = dict(w_r=args.w_r, sampler=sampler, sampler_options=getattr(args, 'sampler_options', None) or {})
+    g = torch.Generator().manual_seed(args.seed)
+    try:
+        video = extend_video(denoiser, given, window, num_new, sigmas, context, method_options=options, generator=g,
+                             cond=cond).clamp(-1, 1).cpu()
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f'error: {e}') from None
+    save_grid(video, out)
+    save_gif(video, os.path.splitext(out)[0] + '.gif')
+    print(f'wrote {out} and its .gif: {args.continuations} continuations, each {context} given frames then {num_new} '
+          f'generated ({sampler}, {len(sigmas) - 1} steps, reconstruction guidance w_r={args.w_r})')
+    return video
+
+
 def main(args):
     check_args(args)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -678,25 +975,49 @@ def main(args):
                          'samples latents of an autoencoder (a solver through the decoder is not implemented)')
     if args.inverse:
         return run_inverse(args, net, diffusion, config, device)
+    if args.extend is not None:
+        return run_extend(args, net, diffusion, config, device, out)
     if args.cascade or config.get('task') == 'superres':
         return run_cascade(args, net, diffusion, config, device, out)
-    # Sampler settings: the command line's, else those the run used for its own grids.
-    sampler = args.sampler or trained.get('sampler', 'heun')
-    steps = args.steps or trained.get('sample_steps', 18)
-    guidance = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
-    labels = resolve_label(args.label, config, args.num)
+    # Sampler, schedule and guidance: the command line's, else those the run used for its own grids.
     try:
-        options = check_sampler_options(sampler, args.sampler_options)
-        images = generate(net, diffusion, args.num, sample_shape(config), device, labels,
-                          config['data']['num_classes'], sampler, steps, guidance, seed=args.seed, progress=True,
-                          aug_dim=config['net'].get('aug_dim', 0), sampler_options=options, batch_size=args.batch,
-                          decode=decode)
-    except (ValueError, FloatingPointError) as e:
+        setup = sampling_setup(args, config, diffusion, device)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    # Classifier guidance can make an unconditional model class-conditional: the classes are the classifier's.
+    classes = config['data']['num_classes'] or setup['classifier_classes'] or 0
+    labels = resolve_label(args.label, {'data': dict(config['data'], num_classes=classes)}, args.num)
+    extra = {'y': labels} if labels is not None and not config['data']['num_classes'] else None
+
+    def make(seed):
+        return generate(net, diffusion, args.num, sample_shape(config), device, labels, config['data']['num_classes'],
+                        setup['sampler'], setup['steps'], setup['guidance'], seed=seed, progress=True,
+                        aug_dim=config['net'].get('aug_dim', 0), sampler_options=setup['sampler_options'],
+                        batch_size=args.batch, sigmas=setup['sigmas'], cond=extra, guide=setup['guide'],
+                        decode=decode)
+    try:
+        if args.reject is None:
+            images = make(args.seed)
+        else:
+            images, labels, rate = reject_samples(args, make, labels, setup['clean_log_prob'])
+    except (ValueError, FloatingPointError, RuntimeError) as e:
         raise SystemExit(f'error: {e}') from None
     write_samples(images, labels, out, args.npz)
-    print(f"wrote {out}: {args.num} samples, {sampler}, {steps} steps, guidance {guidance}"
-          + (f', class {args.label}' if args.label is not None else ''))
+    print(f"wrote {out}: {args.num} samples, {describe_sampling(args, setup)}"
+          + (f', class {args.label}' if args.label is not None else '')
+          + (f'; rejection sampling accepted {rate:.1%} of the samples drawn' if args.reject is not None else ''))
 
+
+def reject_samples(args, make, labels, clean_log_prob):
+    """Rejection sampling (guidance.sample_with_rejection): rounds of args.num samples, each round from its own
+    seeds (seed + round * num), until args.num are accepted by the classifier. Returns (images, labels, rate)."""
+    if labels is None:
+        raise ValueError('--reject keeps samples of the requested class; this model and classifier have no classes')
+    rounds = iter(range(1_000_000))
+    top = None if args.reject == -1 else args.reject
+    x, y, rate = sample_with_rejection(lambda: (make(args.seed + next(rounds) * args.num), labels), clean_log_prob,
+                                       args.num, top_fraction=top)
+    return x, y, rate
 
 if __name__ == '__main__':
     main(parse_args())
