@@ -83,10 +83,9 @@ def test_latent_diffusion_then_sample_decodes_to_pixels(autoencoder_run, tmp_pat
     images = sample.generate(net, diffusion, 2, sample.sample_shape(config), 'cpu', sampler='euler', steps=3,
                              decode=sample.latent_decoder(config))
     ae = sample.load_autoencoder(ae_ckpt)
-    # the same noise: the undecoded run clamps latents to [-1, 1], so compare where the latents were inside
     raw = sample.generate(net, diffusion, 2, sample.sample_shape(config), 'cpu', sampler='euler', steps=3,
-                          decode=lambda z: z / 100)                  # an identity up to scale: no clamping happens
-    assert torch.allclose(images, ae.decode(raw * 100).clamp(-1, 1), atol=1e-5)
+                          decode=lambda z: z / 100) * 100                # the same noise, latents not clamped
+    assert torch.allclose(images, ae.decode(raw).clamp(-1, 1), atol=1e-5)
     assert latents.shape == (2, 2, 8, 8) and images.shape == (2, 3, 16, 16)
     # the autoencoder file is checked: replaced (or retrained in place) and missing are refused
     import shutil
@@ -107,6 +106,16 @@ def test_latent_diffusion_then_sample_decodes_to_pixels(autoencoder_run, tmp_pat
     with pytest.raises(SystemExit, match='pixel-space'):
         sample.main(sample.parse_args(['--ckpt', str(tmp_path / 'ld' / 'ckpt.pt'), '--inverse', 'dps',
                                        '--out', str(tmp_path / 'inv.png')]))
+
+
+def test_generate_decodes_latents_before_clamping_them():
+    """x0-prediction with a constant network: every sample is the latent 3 everywhere (D = F, Euler's last step
+    returns D). decode(z) = z / 10 must see 3, giving images 0.3; clamping the latents first would give 0.1."""
+    from diffusion import Diffusion
+    net = lambda x, noise_level, **cond: torch.full_like(x, 3.0)     # noqa: E731
+    diffusion = Diffusion('cosine', 'x0')
+    images = sample.generate(net, diffusion, 2, (2, 4, 4), 'cpu', sampler='euler', steps=3, decode=lambda z: z / 10)
+    assert torch.allclose(images, torch.full((2, 2, 4, 4), 0.3))
 
 
 def test_autoencoder_resume_is_exact(tmp_path):
