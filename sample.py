@@ -60,6 +60,8 @@ CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every train.py checkpoint
 # Loading a checkpoint. Every failure is a message that says what the file is and what to do, never a KeyError
 # from deep inside: a checkpoint is user input.
 
+# weights_only=True refuses pickled code: a downloaded checkpoint can hold tensors, numbers, strings, lists
+# and dicts, nothing that runs when loaded. map_location lets a GPU checkpoint load on a CPU-only machine.
 def load_checkpoint(path, device='cpu'):
     """Load with weights_only=True (a checkpoint cannot run code) and check that it is a train.py checkpoint."""
     if not os.path.isfile(path):
@@ -86,6 +88,8 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
+# config['net'] is exactly the constructor's keyword arguments (UNet.config / DiT.config), so a checkpoint
+# rebuilds the same architecture without any flag.
 def build_network(config):
     """Rebuild a network from the config stored in a checkpoint (its class and constructor arguments)."""
     # The class comes from a fixed table, never from a name in the file: a checkpoint cannot pick code to run.
@@ -103,6 +107,8 @@ def build_diffusion(config):
     return Diffusion(schedule, d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
 
 
+# The EMA weights are what one samples (Karras et al. 2022 and DDPM sample the EMA); --raw reads the
+# optimised weights, e.g. to see how much the average helps.
 def load_model(path, device='cpu', use_ema=True):
     """(network in eval mode, Diffusion, config) from a train.py checkpoint; config['args'] holds the run's flags.
 
@@ -137,6 +143,8 @@ def sample_shape(config):
 # Sampler options. A solver's options are its own keyword arguments (samplers.py); the network's conditioning
 # travels separately in `cond`, so a misspelt option is an error naming it, never something handed to the network.
 
+# Options are checked against the solver's signature (samplers.sampler_options), so a new solver's options
+# are accepted as soon as it is registered in SAMPLERS.
 def check_sampler_options(name, options=None):
     """Validate a sampler name and its options before any work: unknown names are ValueErrors that list the valid ones."""
     if name not in samplers.SAMPLERS:
@@ -149,6 +157,7 @@ def check_sampler_options(name, options=None):
     return dict(options or {})
 
 
+# The command lines pass options as KEY=VALUE strings; Python literals give numbers, booleans and None.
 def parse_sampler_options(items):
     """['eta=0.5', 'S_churn=40'] (the --sampler-opt flags) -> {'eta': 0.5, 'S_churn': 40}; values are Python literals."""
     # literal_eval, never eval: a value on the command line must not run code.
@@ -164,6 +173,7 @@ def parse_sampler_options(items):
     return options
 
 
+# Only stochastic samplers take generator= (CONTRACTS.md): passing it to a deterministic one is a TypeError.
 def run_sampler(name, denoiser, x, sigmas, options, cond, generator=None, progress=False, callback=None):
     """Call SAMPLERS[name] with its own options, the network's conditioning dict, and the generator only when the
     sampler draws fresh noise with these options (deterministic samplers do not accept one)."""
@@ -197,6 +207,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
         raise ValueError(f'guidance weight must be a finite number, got {guidance}')
     if sigmas is None:
         sigmas = samplers.karras_sigmas(steps, diffusion.sigma_min, diffusion.sigma_max)
+    # One schedule for every batch; a batch of all n when no batch size is given.
     sigmas, batch_size = sigmas.to(device), batch_size or n
     out = []
     for start in range(0, n, batch_size):
@@ -214,6 +225,8 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
             batch_cond['y'] = y
         if guide is not None:
             denoiser = guide(denoiser)
+        # The initial noise is drawn on the CPU from the batch's generator, so the same seed gives the same
+        # samples on a CPU and on a GPU (CUDA generators draw other numbers).
         x = sigmas[0] * torch.randn((b,) + tuple(shape), generator=g).to(device)   # x_N = sigma_max n
         x = run_sampler(sampler, denoiser, x, sigmas, options, batch_cond, g, progress, callback)
         # A NaN image clamps to NaN and would be written as black: stop here with the reason instead.
@@ -305,6 +318,7 @@ def atomic_write(path, write):
         raise
 
 
+# Grids are for looking at; numbers for metrics go through save_npz (uint8, exactly what a PNG would hold).
 def save_grid(images, path, nrow=None):
     """Save (N, C, H, W) images in [-1, 1] as one PNG grid (videos: (N, C, F, H, W) become rows of frames)."""
     from PIL import Image
@@ -619,6 +633,7 @@ def check_args(args):
         raise SystemExit(f'error: {e}') from None
 
 
+# Class names come from the checkpoint (folder names, shape names), so --class circle works without an index.
 def resolve_label(label, config, n):
     """--class as an index or a class name -> (n,) labels, or None for unconditional / cycling."""
     num_classes, names = config['data']['num_classes'], config['data'].get('class_names') or []
@@ -650,6 +665,8 @@ def read_image(path, channels, resolution):
     return data.to_float(rgb)[None]
 
 
+# One image in, one strip out: the measurement y = A x0 (+ noise), the solver's reconstruction and the
+# original, with the PSNR and the measurement residual |A x - y| that shows consistency.
 def run_inverse(args, net, diffusion, config, device):
     """Measure one image, reconstruct it with the chosen method, save measurement | reconstruction | original."""
     import inverse
@@ -721,6 +738,7 @@ def load_pretrained_model(args, device):
     return net, diffusion, config, decode
 
 
+# Called once all sampling is done: from here on, losing the samples would waste the whole run.
 def write_samples(images, labels, out, npz):
     """The arrays first (they are the data), then the pictures. If a write fails anyway, the samples are kept in
     a file in the temporary folder, so an hour of sampling is not lost to a full disk or a vanished folder."""

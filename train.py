@@ -253,6 +253,8 @@ def check_superres_args(args, need, finite):
 # ----------------------------------------------------------------------------------------------------
 # Small pieces: learning rate and EMA.
 
+# nanoGPT's schedule: warm-up protects Adam's early, badly estimated second moments; the cosine tail lets the
+# weights settle. It depends on --steps, so extending a run changes the tail (resume keeps --steps free).
 def get_lr(step, args):
     """Linear warm-up, then constant or cosine decay to 10% (nanoGPT's get_lr)."""
     if step < args.warmup:
@@ -381,6 +383,7 @@ class Trainee:
     gan: object = None                          # --task autoencoder: vae.AutoencoderLoss (holds the discriminator)
     gan_optimizer: torch.optim.Optimizer = None  # --task autoencoder: the discriminator's Adam
 
+    # The checkpoint is this dict plus config, args and rng: sample.py reads 'ema' and 'config' only.
     def state_dict(self):
         state = {'model': self.net.state_dict(), 'ema': self.ema.state_dict(), 'optimizer': self.optimizer.state_dict(),
                  'scaler': self.scaler.state_dict(), 'step': self.step,
@@ -427,6 +430,8 @@ def train_step(run, micro_batches, args):
     micro_batches: one dict per gradient-accumulation step with x0 (on the device), cond (the network's
     conditioning), generator (for sigma and noise) and, in --overfit-batch mode, fixed sigma and noise.
     Returns the per-sample (loss, sigma) of every micro-batch, or None when the step was skipped."""
+    # Gradients of all micro-batches add up in .grad; each loss is divided by their number, so the sum is the
+    # gradient of the mean over the whole batch, the same as one big batch would give.
     losses = []
     for i, b in enumerate(micro_batches):
         # In DDP the gradients need syncing only on the last micro-batch (nanoGPT): the others accumulate locally.
@@ -446,6 +451,7 @@ def train_step(run, micro_batches, args):
         skip_step(run)
         return None
     run.skipped = 0
+    # Clipping must see true gradients, so fp16 scaling is undone first (a no-op when the scaler is off).
     # Gradient step (Alg. 1 line 5) with clipping; the scaler undoes fp16 loss scaling first.
     run.scaler.unscale_(run.optimizer)
     run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
@@ -481,6 +487,7 @@ def skip_step(run):
 
 def condition_batch(args, config, x0, y, g, augment_pipe, device):
     """The network's conditioning for one micro-batch: augmentation labels and class labels with dropout."""
+    # The generator g is this micro-batch's stream 1: the same draws on every resume and on every machine.
     cond = {}
     if augment_pipe is not None:
         x0, aug_cond = augment_pipe(x0, generator=g)                 # ADA-style, labels to the net (EDM App. C.4)
@@ -612,6 +619,7 @@ class LossByNoiseLevel:
         self.lo, self.hi, self.n = math.log(sigma_min), math.log(sigma_max), n_buckets
         self.reset()
 
+    # float64 sums: thousands of small losses added in float32 would lose their last digits.
     def reset(self):
         self.count = torch.zeros(self.n, dtype=torch.float64)          # samples per bucket
         self.total = torch.zeros(self.n, dtype=torch.float64)          # summed loss per bucket
@@ -754,11 +762,13 @@ class RunLog:
 # ----------------------------------------------------------------------------------------------------
 # The run folder: never reuse one silently, checkpoints that are always loadable, and exact resume.
 
+# A full disk is the common failure of long runs; its message says what survived and how to continue.
 def disk_full(path, e, keep=''):
     return SystemExit(f'error: disk full while writing {path} ({e.strerror}); the partial file was removed{keep}. '
                       'Free space, then rerun with --resume auto.')
 
 
+# Used to rewrite log.jsonl on resume: a crash while rewriting must not lose the old records.
 def write_text(path, text):
     """Atomic text write (temp file + rename)."""
     tmp = path + '.tmp'
@@ -830,6 +840,7 @@ def prepare_run_folder(args):
     return ckpt_path, resume
 
 
+# Class names may be re-spelt (a renamed folder) without changing what was learnt, so they are not compared.
 def config_mismatch(a, b, prefix=''):
     """Keys where two nested configs differ, as readable strings."""
     out = []
@@ -871,6 +882,8 @@ def resume_run(run, path, config, args, world, device):
     return ckpt['step']
 
 
+# Dropout draws from the global torch RNG (not from the step generators), so its state is part of the
+# checkpoint; each rank has its own, seeded seed + rank.
 def rng_states(device, world):
     """Every rank's dropout RNG (CPU and CUDA), gathered to rank 0 for an exact resume."""
     rng = {'cpu': torch.get_rng_state()}
@@ -1342,10 +1355,12 @@ def main(args):
     rank, world, device = setup_distributed(args)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)
+    # The global batch splits evenly over processes and accumulation steps, or the effective batch would differ.
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f'error: --batch-size {args.batch_size} must be divisible by processes x --grad-accum = {world * args.grad_accum}')
     micro_batch = args.batch_size // (world * args.grad_accum)
     ckpt_path, resume = prepare_run_folder(args) if is_main else (os.path.join(args.out, 'ckpt.pt'), None)
+    # Rank 0 alone looks at the run folder (one process decides); the others learn its decision.
     if world > 1:                                    # every rank resumes from what rank 0 decided
         resume = [resume]
         dist.broadcast_object_list(resume)
