@@ -43,14 +43,16 @@ import torch
 import cascade
 import data
 import samplers
-from diffusion import Diffusion
+from classifier import NoiseConditionalClassifier
+from diffusion import NOISE_SCHEDULES, Diffusion
 from dit import DiT
-from guidance import ClassifierFreeGuidance
+from guidance import (Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, IntervalSchedule, LinearSchedule,
+                      OscillatingSchedule, Thresholded, sample_with_rejection)
 from unet import UNet
 import pretrained
 import vae
 
-NETWORKS = {'unet': UNet, 'dit': DiT}          # config['model'] -> class; config['net'] holds its kwargs
+NETWORKS = {'unet': UNet, 'dit': DiT, 'classifier': NoiseConditionalClassifier}   # config['model'] -> class; config['net'] its kwargs
 CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every train.py checkpoint holds, at least
 
 
@@ -58,6 +60,8 @@ CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every train.py checkpoint
 # Loading a checkpoint. Every failure is a message that says what the file is and what to do, never a KeyError
 # from deep inside: a checkpoint is user input.
 
+# weights_only=True refuses pickled code: a downloaded checkpoint can hold tensors, numbers, strings, lists
+# and dicts, nothing that runs when loaded. map_location lets a GPU checkpoint load on a CPU-only machine.
 def load_checkpoint(path, device='cpu'):
     """Load with weights_only=True (a checkpoint cannot run code) and check that it is a train.py checkpoint."""
     if not os.path.isfile(path):
@@ -84,6 +88,8 @@ def load_checkpoint(path, device='cpu'):
     return ckpt
 
 
+# config['net'] is exactly the constructor's keyword arguments (UNet.config / DiT.config), so a checkpoint
+# rebuilds the same architecture without any flag.
 def build_network(config):
     """Rebuild a network from the config stored in a checkpoint (its class and constructor arguments)."""
     # The class comes from a fixed table, never from a name in the file: a checkpoint cannot pick code to run.
@@ -96,9 +102,13 @@ def build_diffusion(config):
     """The Diffusion (parameterisation, training schedule, noise-level sampler) the model was trained with."""
     # t_sampler matters only for training; older checkpoints without it default to uniform.
     d = config['diffusion']
-    return Diffusion(d['schedule'], d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
+    # Discrete schedules record their number of steps T (train.py --T); older checkpoints used T = 1000.
+    schedule = NOISE_SCHEDULES[d['schedule']](d['T']) if d.get('T') else d['schedule']
+    return Diffusion(schedule, d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
 
 
+# The EMA weights are what one samples (Karras et al. 2022 and DDPM sample the EMA); --raw reads the
+# optimised weights, e.g. to see how much the average helps.
 def load_model(path, device='cpu', use_ema=True):
     """(network in eval mode, Diffusion, config) from a train.py checkpoint; config['args'] holds the run's flags.
 
@@ -133,6 +143,8 @@ def sample_shape(config):
 # Sampler options. A solver's options are its own keyword arguments (samplers.py); the network's conditioning
 # travels separately in `cond`, so a misspelt option is an error naming it, never something handed to the network.
 
+# Options are checked against the solver's signature (samplers.sampler_options), so a new solver's options
+# are accepted as soon as it is registered in SAMPLERS.
 def check_sampler_options(name, options=None):
     """Validate a sampler name and its options before any work: unknown names are ValueErrors that list the valid ones."""
     if name not in samplers.SAMPLERS:
@@ -145,6 +157,7 @@ def check_sampler_options(name, options=None):
     return dict(options or {})
 
 
+# The command lines pass options as KEY=VALUE strings; Python literals give numbers, booleans and None.
 def parse_sampler_options(items):
     """['eta=0.5', 'S_churn=40'] (the --sampler-opt flags) -> {'eta': 0.5, 'S_churn': 40}; values are Python literals."""
     # literal_eval, never eval: a value on the command line must not run code.
@@ -160,6 +173,7 @@ def parse_sampler_options(items):
     return options
 
 
+# Only stochastic samplers take generator= (CONTRACTS.md): passing it to a deterministic one is a TypeError.
 def run_sampler(name, denoiser, x, sigmas, options, cond, generator=None, progress=False, callback=None):
     """Call SAMPLERS[name] with its own options, the network's conditioning dict, and the generator only when the
     sampler draws fresh noise with these options (deterministic samplers do not accept one)."""
@@ -189,10 +203,11 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     options = check_sampler_options(sampler, sampler_options)
     if n < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f'need at least one sample and a batch size of at least 1, got n={n}, batch_size={batch_size}')
-    if not math.isfinite(guidance):
+    if not callable(guidance) and not math.isfinite(guidance):          # a number, or a schedule of sigma
         raise ValueError(f'guidance weight must be a finite number, got {guidance}')
     if sigmas is None:
         sigmas = samplers.karras_sigmas(steps, diffusion.sigma_min, diffusion.sigma_max)
+    # One schedule for every batch; a batch of all n when no batch size is given.
     sigmas, batch_size = sigmas.to(device), batch_size or n
     out = []
     for start in range(0, n, batch_size):
@@ -205,11 +220,13 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
         denoiser = diffusion.denoiser(net)
         if num_classes:
             y = labels[start:start + b].to(device) if labels is not None else torch.full((b,), num_classes, device=device)
-            if guidance != 1.0 and labels is not None:
+            if (callable(guidance) or guidance != 1.0) and labels is not None:
                 denoiser = ClassifierFreeGuidance(denoiser, w=guidance, null_class=num_classes)   # one batched call
             batch_cond['y'] = y
         if guide is not None:
             denoiser = guide(denoiser)
+        # The initial noise is drawn on the CPU from the batch's generator, so the same seed gives the same
+        # samples on a CPU and on a GPU (CUDA generators draw other numbers).
         x = sigmas[0] * torch.randn((b,) + tuple(shape), generator=g).to(device)   # x_N = sigma_max n
         x = run_sampler(sampler, denoiser, x, sigmas, options, batch_cond, g, progress, callback)
         # A NaN image clamps to NaN and would be written as black: stop here with the reason instead.
@@ -301,6 +318,7 @@ def atomic_write(path, write):
         raise
 
 
+# Grids are for looking at; numbers for metrics go through save_npz (uint8, exactly what a PNG would hold).
 def save_grid(images, path, nrow=None):
     """Save (N, C, H, W) images in [-1, 1] as one PNG grid (videos: (N, C, F, H, W) become rows of frames)."""
     from PIL import Image
@@ -336,6 +354,202 @@ def save_npz(images, labels, path):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Every sampling knob as a flag: the sigma schedule, the sampler's own options, the guidance weight's schedule,
+# thresholding, autoguidance, classifier guidance and rejection sampling. sample.py and evaluate.py share these
+# flags (add_sampling_flags) and this construction (sampling_setup), so a score names exactly what was sampled.
+
+SCHEDULES = ('karras', 'loglinear', 'vp-leading', 'vp-trailing', 'vp-linspace', 'vp-continuous', 'flow')
+# Dedicated flags for the options the papers tune; each fills the sampler's own keyword (any other: --sampler-opt).
+OPTION_FLAGS = {'eta': ('eta',), 's_churn': ('S_churn',), 's_tmin': ('S_tmin',), 's_tmax': ('S_tmax',),
+                's_noise': ('S_noise', 's_noise'), 'snr': ('snr',), 'n_corrector': ('n_corrector',)}
+
+
+def add_sampling_flags(p):
+    """The sampler and guidance flag groups; defaults of None mean 'what the training run used for its grids'."""
+    g = p.add_argument_group('sampler')
+    g.add_argument('--sampler', default=None, choices=list(samplers.SAMPLERS), help="default: the training run's --sampler")
+    g.add_argument('--steps', type=int, default=None, help="noise levels of the schedule; default: the run's --sample-steps")
+    g.add_argument('--schedule', default='karras', choices=SCHEDULES,
+                   help="sigma schedule (samplers.py): karras (Karras et al. Eq. 5), loglinear, the model's own "
+                        "discrete steps vp-leading|vp-trailing|vp-linspace (DDPM/DDIM models; with --sampler ddpm and "
+                        "--steps T this is exactly the trained Markov chain), vp-continuous, flow")
+    g.add_argument('--rho', type=float, default=7.0, help='karras: the schedule exponent rho')
+    g.add_argument('--sigma-max', type=float, default=None, help="start of karras/loglinear; default: the model's "
+                   "sigma_max (a lower start is SDEdit/CCDF's shortcut: with --inverse ccdf the solve starts here)")
+    g.add_argument('--sigma-min', type=float, default=None, help="end of karras/loglinear; default: the model's")
+    g.add_argument('--flow-shift', type=float, default=1.0, help='flow: shift of the time steps (SD3 Eq. 23)')
+    g.add_argument('--eta', type=float, default=None, help='ddim / euler_ancestral / dpmpp_2m_sde: noise scale (0 = ODE)')
+    g.add_argument('--s-churn', type=float, default=None, help='heun: S_churn, stochasticity (Karras et al. Alg. 2)')
+    g.add_argument('--s-tmin', type=float, default=None, help='heun: S_tmin, churn only for sigma >= this')
+    g.add_argument('--s-tmax', type=float, default=None, help='heun: S_tmax, churn only for sigma <= this')
+    g.add_argument('--s-noise', type=float, default=None, help='heun / euler_ancestral / dpmpp_2m_sde: noise inflation')
+    g.add_argument('--snr', type=float, default=None, help='pc: signal-to-noise ratio of the Langevin corrector')
+    g.add_argument('--n-corrector', type=int, default=None, help='pc: Langevin corrector steps per noise level')
+    g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE',
+                   help="any other option of the sampler, e.g. order=3 for unipc_bh2 (repeatable)")
+    g = p.add_argument_group('guidance (guidance.py)')
+    g.add_argument('--guidance', type=float, default=None, help="guidance weight w (1 = none): classifier-free, or "
+                   "autoguidance's with --autoguidance; default: the run's")
+    g.add_argument('--guidance-schedule', default='constant', choices=['constant', 'increasing', 'oscillating', 'interval'],
+                   help='w over the steps: constant; increasing from --guidance-start to w (Muse); oscillating '
+                        'between w and --guidance-low (Imagen Video); interval: w only inside --guidance-interval')
+    g.add_argument('--guidance-start', type=float, default=1.0, help='increasing: the weight at the first step')
+    g.add_argument('--guidance-low', type=float, default=1.0, help='oscillating: the low weight')
+    g.add_argument('--guidance-num-high', type=int, default=0, help='oscillating: steps at w before oscillating')
+    g.add_argument('--guidance-interval', type=float, nargs=2, default=(0.28, 5.42), metavar=('SIGMA_LO', 'SIGMA_HI'),
+                   help='interval: guide where SIGMA_LO < sigma <= SIGMA_HI (default: the EDM2 ImageNet-512 '
+                        'interval of Kynkaanniemi et al. 2024 as public ports use it; tune per model)')
+    g.add_argument('--threshold', default='none', choices=['none', 'static', 'dynamic'],
+                   help='clip the x0 estimate (Imagen Sec. 2.3): static to [-1, 1], dynamic at a percentile')
+    g.add_argument('--threshold-percentile', type=float, default=0.995, help='dynamic thresholding percentile (Imagen: 0.995)')
+    g.add_argument('--autoguidance', default=None, metavar='BAD_CKPT', help='guide with this worse model instead of the '
+                   "unconditional one (Karras et al. 2024), e.g. the early checkpoint of train.py --save-early")
+    g.add_argument('--classifier', default=None, metavar='CKPT', help='noise-conditional classifier of train.py --task '
+                   'classifier, for classifier guidance (--classifier-scale) and rejection (--reject)')
+    g.add_argument('--classifier-scale', type=float, default=0.0, help='classifier guidance scale s (ADM Alg. 1; 0 = none)')
+    g.add_argument('--reject', type=float, default=None, nargs='?', const=-1, metavar='TOP_FRACTION',
+                   help='rejection sampling with --classifier: keep samples it assigns to the requested class '
+                        '(or, given a fraction, the most confident fraction per class); prints the acceptance rate')
+
+
+def check_sampling_flags(args):
+    """Range checks of the sampling flags (no checkpoint needed): a list of problems, empty when all is well."""
+    problems = []
+    for flag in ('rho', 'sigma_max', 'sigma_min', 'flow_shift', 'guidance_start', 'guidance_low', 'classifier_scale'):
+        value = getattr(args, flag)
+        if value is not None and not math.isfinite(value):
+            problems.append(f"--{flag.replace('_', '-')} must be a finite number (got {value})")
+    for flag in ('sigma_max', 'sigma_min', 'rho', 'flow_shift'):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            problems.append(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
+    if args.sigma_max is not None and args.sigma_min is not None and args.sigma_min >= args.sigma_max:
+        problems.append(f'--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}')
+    if not 0 < args.threshold_percentile <= 1:
+        problems.append(f'--threshold-percentile must be in (0, 1] (got {args.threshold_percentile})')
+    lo, hi = args.guidance_interval
+    if not 0 <= lo < hi:
+        problems.append(f'--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI (got {lo} {hi})')
+    if (args.classifier_scale or args.reject is not None) and not args.classifier:
+        problems.append('--classifier-scale and --reject need --classifier CKPT (train one with train.py --task classifier)')
+    if args.reject is not None and args.reject != -1 and not 0 < args.reject <= 1:
+        problems.append(f'--reject TOP_FRACTION must be in (0, 1] (got {args.reject})')
+    for path, flag in ((args.autoguidance, '--autoguidance'), (args.classifier, '--classifier')):
+        if path and not os.path.isfile(path):
+            problems.append(f'{flag} {path!r} does not exist')
+    return problems
+
+
+def sampler_options_from_args(args, sampler):
+    """--sampler-opt KEY=VALUE plus the dedicated flags, mapped to this sampler's own option names."""
+    options = parse_sampler_options(args.sampler_opt)
+    known = samplers.sampler_options(sampler) if sampler in samplers.SAMPLERS else {}
+    for flag, names in OPTION_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        name = next((n for n in names if n in known), names[0])   # S_noise for heun, s_noise for the others
+        options[name] = value
+    return check_sampler_options(sampler, options)
+
+
+def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None, flow_shift=1.0):
+    """The descending noise levels (steps of them, then 0) of a named schedule for this model."""
+    lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
+    if name == 'karras':
+        return samplers.karras_sigmas(steps, lo, hi, rho)
+    if name == 'loglinear':
+        return samplers.loglinear_sigmas(steps, lo, hi)
+    if name.startswith('vp-') and name != 'vp-continuous':
+        table = getattr(diffusion.schedule, 'sigmas', None)        # only discrete VP models have their own steps
+        if table is None:
+            raise ValueError(f"--schedule {name} uses the model's own discrete noise levels; this model's schedule "
+                             f'({type(diffusion.schedule).__name__}) has none: use karras or loglinear')
+        if steps > len(table):
+            raise ValueError(f'--steps {steps} is more than the model\'s {len(table)} discrete noise levels')
+        return samplers.vp_sigmas(table, steps, name[3:])
+    if name == 'vp-continuous':
+        return samplers.vp_continuous_sigmas(steps)
+    if name == 'flow':
+        return samplers.flow_sigmas(steps, shift=flow_shift)
+    raise ValueError(f"unknown --schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+
+
+def guidance_weight(args, w, sigmas):
+    """The guidance weight as guidance.py takes it: a number, or a schedule over the sampler's sigmas."""
+    if args.guidance_schedule == 'constant' or w == 1:
+        return w
+    if args.guidance_schedule == 'increasing':
+        return LinearSchedule(sigmas, w_end=w, w_start=args.guidance_start)
+    if args.guidance_schedule == 'oscillating':
+        return OscillatingSchedule(sigmas, w_high=w, w_low=args.guidance_low, num_high=args.guidance_num_high)
+    return IntervalSchedule(w, *args.guidance_interval)
+
+
+def load_classifier(path, device):
+    """(log p(y | x, sigma), log p(y | x) of clean samples, num_classes) from a train.py --task classifier checkpoint."""
+    import classifier as clf_lib
+    net, diffusion, config = load_model(path, device)
+    if config.get('task') != 'classifier':
+        raise SystemExit(f"error: {path!r} is not a classifier checkpoint (its task is {config.get('task', 'diffusion')!r}); "
+                         'train one with train.py --task classifier')
+    return (clf_lib.classifier_log_prob(net, diffusion), clf_lib.clean_log_prob(net, diffusion),
+            config['net']['num_classes'])
+
+
+def sampling_setup(args, config, diffusion, device, trained=None):
+    """Everything generate() needs from the flags: a dict of sampler, steps, sigmas, sampler_options, guidance,
+    guide (autoguidance, classifier guidance, thresholding, in that order around CFG) and, for --reject, the
+    clean classifier. Models are loaded here, after the flag checks, so a typo costs no loading time."""
+    trained = trained if trained is not None else config.get('args', {})
+    sampler = args.sampler or trained.get('sampler', 'heun')
+    steps = args.steps or trained.get('sample_steps', 18)
+    w = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
+    options = sampler_options_from_args(args, sampler)
+    sigmas = make_sigmas(args.schedule, steps, diffusion, args.rho, args.sigma_min, args.sigma_max, args.flow_shift)
+    weight = guidance_weight(args, w, sigmas)
+    wrappers, cfg = [], weight
+    if args.autoguidance:
+        # Autoguidance replaces CFG's unconditional branch by the bad model, with the same condition (Karras 2024).
+        bad_net, bad_diffusion, _ = load_model(args.autoguidance, device)
+        bad = bad_diffusion.denoiser(bad_net)
+        wrappers.append(lambda d: Autoguidance(d, bad, w=weight))
+        cfg = 1.0
+    log_prob = clean_log_prob = None
+    if args.classifier:
+        log_prob, clean_log_prob, num_classes = load_classifier(args.classifier, device)
+        if config['data']['num_classes'] and num_classes != config['data']['num_classes']:
+            raise SystemExit(f"error: the classifier has {num_classes} classes, the model {config['data']['num_classes']}")
+        if args.classifier_scale:
+            conditional = bool(config['data']['num_classes'])   # guide the conditional model, else the unconditional
+            wrappers.append(lambda d: ClassifierGuidance(d, log_prob, scale=args.classifier_scale, pass_y=conditional))
+    if args.threshold != 'none':
+        wrappers.append(lambda d: Thresholded(d, args.threshold, args.threshold_percentile))
+
+    def guide(denoiser):
+        for wrap in wrappers:
+            denoiser = wrap(denoiser)
+        return denoiser
+    return dict(sampler=sampler, steps=steps, sigmas=sigmas, sampler_options=options, guidance=cfg,
+                guide=guide if wrappers else None, clean_log_prob=clean_log_prob, weight=w,
+                classifier_classes=None if not args.classifier else num_classes)
+
+
+def describe_sampling(args, setup):
+    """One line naming what was sampled, printed with the samples and stored with evaluate.py's scores."""
+    parts = [setup['sampler'], f"{setup['steps']} steps ({args.schedule})"]
+    parts += [f'{k}={v}' for k, v in setup['sampler_options'].items()]
+    if args.autoguidance:
+        parts.append(f"autoguidance w={setup['weight']:g} ({args.guidance_schedule})")
+    elif setup['weight'] != 1:
+        parts.append(f"CFG w={setup['weight']:g} ({args.guidance_schedule})")
+    if args.classifier_scale:
+        parts.append(f'classifier guidance s={args.classifier_scale:g}')
+    if args.threshold != 'none':
+        parts.append(f'{args.threshold} thresholding')
+    return ', '.join(parts)
+
+
+# ----------------------------------------------------------------------------------------------------
 # The command line: flags, their checks (all before loading or sampling), and the two modes.
 
 def parse_args(argv=None):
@@ -345,16 +559,11 @@ def parse_args(argv=None):
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) in this .npz')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
     p.add_argument('--batch', type=int, default=256, help='samples per batch')
-    # Sampler settings default to those the run used for its grids (stored in the checkpoint's args).
-    g = p.add_argument_group('sampler')
-    g.add_argument('--sampler', default=None, choices=list(samplers.SAMPLERS), help="default: the training run's --sampler")
-    g.add_argument('--steps', type=int, default=None, help="noise levels of the Karras schedule; default: the run's --sample-steps")
-    g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE',
-                   help="a sampler's own option, e.g. eta=0.5 for ddim or S_churn=40 for heun (repeatable)")
-    g.add_argument('--guidance', type=float, default=None, help="classifier-free guidance weight (1 = none); default: the run's")
-    g.add_argument('--class', dest='label', default=None, help="class index or name; default: cycle through all classes ('none': unconditional)")
-    g.add_argument('--seed', type=int, default=0)
-    g.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
+    p.add_argument('--class', dest='label', default=None, help="class index or name; default: cycle through all classes ('none': unconditional)")
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
+    # Sampler and guidance settings default to those the run used for its grids (stored in the checkpoint's args).
+    add_sampling_flags(p)
     p.add_argument('--device', default=None, help='default: cuda if available')
     # --inverse replaces generation by one inverse problem; a new sample.py mode adds its own group and a branch in main.
     g = p.add_argument_group('inverse problems (inverse.py)')
@@ -363,6 +572,12 @@ def parse_args(argv=None):
     g.add_argument('--factor', type=int, default=4, help='super-resolution factor')
     g.add_argument('--noise-std', type=float, default=0.0, help='measurement noise')
     g.add_argument('--image', default=None, help='image file to measure and reconstruct; default: a held-out dataset image')
+    g = p.add_argument_group('public pretrained models (pretrained.py)')
+    g.add_argument('--pretrained', default=None, metavar='NAME',
+                   help=f"sample a published model instead of --ckpt: {', '.join(pretrained.PRETRAINED)}")
+    g.add_argument('--weights-dir', default=None,
+                   help=f'folder with its weight files (else ${pretrained.PRETRAINED_ENV}, then the torch hub folder)')
+    g.add_argument('--no-download', action='store_true', help='never download: say which files to put where instead')
     # --cascade runs super-resolution stages (train.py --task superres) after the --ckpt base model (cascade.py).
     g = p.add_argument_group('cascade (cascade.py)')
     g.add_argument('--cascade', default=None, metavar='JSON',
@@ -370,12 +585,6 @@ def parse_args(argv=None):
                         '{"ckpt": PATH, "sampler": .., "steps": .., "guidance": .., "sampler_opt": {..}, "aug_level": t in [0, 1], '
                         '"truncated": false}; unset keys: that run\'s grid settings, aug_level 0 (see cascade.py)')
     g.add_argument('--save-stages', action='store_true', help='with --cascade: also write every stage\'s output as OUT_stageK.png')
-    g = p.add_argument_group('public pretrained models (pretrained.py)')
-    g.add_argument('--pretrained', default=None, metavar='NAME',
-                   help=f"sample a published model instead of --ckpt: {', '.join(pretrained.PRETRAINED)}")
-    g.add_argument('--weights-dir', default=None,
-                   help=f'folder with its weight files (else ${pretrained.PRETRAINED_ENV}, then the torch hub folder)')
-    g.add_argument('--no-download', action='store_true', help='never download: say which files to put where instead')
     g = p.add_argument_group('video extension (Ho et al. 2022, arXiv:2204.03458, Sec. 3.1)')
     g.add_argument('--extend', nargs='?', const='data', default=None, metavar='CLIP',
                    help="continue a clip (GIF, folder of frames, or sample.py .npz; no value: a clip of the training "
@@ -399,6 +608,7 @@ def check_args(args):
         problems.append(f'--steps must be at least 1 (got {args.steps})')
     if args.guidance is not None and not math.isfinite(args.guidance):
         problems.append(f'--guidance must be a finite number (got {args.guidance})')
+    problems += check_sampling_flags(args)
     if args.noise_std < 0 or not math.isfinite(args.noise_std):
         problems.append(f'--noise-std must be a finite number >= 0 (got {args.noise_std})')
     if args.inverse and args.operator not in ('sr', 'inpaint_box', 'inpaint_random'):
@@ -423,6 +633,7 @@ def check_args(args):
         raise SystemExit(f'error: {e}') from None
 
 
+# Class names come from the checkpoint (folder names, shape names), so --class circle works without an index.
 def resolve_label(label, config, n):
     """--class as an index or a class name -> (n,) labels, or None for unconditional / cycling."""
     num_classes, names = config['data']['num_classes'], config['data'].get('class_names') or []
@@ -454,6 +665,8 @@ def read_image(path, channels, resolution):
     return data.to_float(rgb)[None]
 
 
+# One image in, one strip out: the measurement y = A x0 (+ noise), the solver's reconstruction and the
+# original, with the PSNR and the measurement residual |A x - y| that shows consistency.
 def run_inverse(args, net, diffusion, config, device):
     """Measure one image, reconstruct it with the chosen method, save measurement | reconstruction | original."""
     import inverse
@@ -525,6 +738,7 @@ def load_pretrained_model(args, device):
     return net, diffusion, config, decode
 
 
+# Called once all sampling is done: from here on, losing the samples would waste the whole run.
 def write_samples(images, labels, out, npz):
     """The arrays first (they are the data), then the pictures. If a write fails anyway, the samples are kept in
     a file in the temporary folder, so an hour of sampling is not lost to a full disk or a vanished folder."""
@@ -783,23 +997,45 @@ def main(args):
         return run_extend(args, net, diffusion, config, device, out)
     if args.cascade or config.get('task') == 'superres':
         return run_cascade(args, net, diffusion, config, device, out)
-    # Sampler settings: the command line's, else those the run used for its own grids.
-    sampler = args.sampler or trained.get('sampler', 'heun')
-    steps = args.steps or trained.get('sample_steps', 18)
-    guidance = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
-    labels = resolve_label(args.label, config, args.num)
+    # Sampler, schedule and guidance: the command line's, else those the run used for its own grids.
     try:
-        options = check_sampler_options(sampler, args.sampler_options)
-        images = generate(net, diffusion, args.num, sample_shape(config), device, labels,
-                          config['data']['num_classes'], sampler, steps, guidance, seed=args.seed, progress=True,
-                          aug_dim=config['net'].get('aug_dim', 0), sampler_options=options, batch_size=args.batch,
-                          decode=decode)
-    except (ValueError, FloatingPointError) as e:
+        setup = sampling_setup(args, config, diffusion, device)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    # Classifier guidance can make an unconditional model class-conditional: the classes are the classifier's.
+    classes = config['data']['num_classes'] or setup['classifier_classes'] or 0
+    labels = resolve_label(args.label, {'data': dict(config['data'], num_classes=classes)}, args.num)
+    extra = {'y': labels} if labels is not None and not config['data']['num_classes'] else None
+
+    def make(seed):
+        return generate(net, diffusion, args.num, sample_shape(config), device, labels, config['data']['num_classes'],
+                        setup['sampler'], setup['steps'], setup['guidance'], seed=seed, progress=True,
+                        aug_dim=config['net'].get('aug_dim', 0), sampler_options=setup['sampler_options'],
+                        batch_size=args.batch, sigmas=setup['sigmas'], cond=extra, guide=setup['guide'],
+                        decode=decode)
+    try:
+        if args.reject is None:
+            images = make(args.seed)
+        else:
+            images, labels, rate = reject_samples(args, make, labels, setup['clean_log_prob'])
+    except (ValueError, FloatingPointError, RuntimeError) as e:
         raise SystemExit(f'error: {e}') from None
     write_samples(images, labels, out, args.npz)
-    print(f"wrote {out}: {args.num} samples, {sampler}, {steps} steps, guidance {guidance}"
-          + (f', class {args.label}' if args.label is not None else ''))
+    print(f"wrote {out}: {args.num} samples, {describe_sampling(args, setup)}"
+          + (f', class {args.label}' if args.label is not None else '')
+          + (f'; rejection sampling accepted {rate:.1%} of the samples drawn' if args.reject is not None else ''))
 
+
+def reject_samples(args, make, labels, clean_log_prob):
+    """Rejection sampling (guidance.sample_with_rejection): rounds of args.num samples, each round from its own
+    seeds (seed + round * num), until args.num are accepted by the classifier. Returns (images, labels, rate)."""
+    if labels is None:
+        raise ValueError('--reject keeps samples of the requested class; this model and classifier have no classes')
+    rounds = iter(range(1_000_000))
+    top = None if args.reject == -1 else args.reject
+    x, y, rate = sample_with_rejection(lambda: (make(args.seed + next(rounds) * args.num), labels), clean_log_prob,
+                                       args.num, top_fraction=top)
+    return x, y, rate
 
 if __name__ == '__main__':
     main(parse_args())

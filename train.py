@@ -50,8 +50,10 @@ from samplers import SAMPLERS
 from sample import build_diffusion, build_network, generate, load_checkpoint  # noqa: F401
 from unet import UNET_CONFIGS, UNet
 import vae
+from classifier import CLASSIFIER_CONFIGS, NoiseConditionalClassifier, accuracy_by_noise_level, classifier_loss
+from plots import plot_training_log
 
-TASKS = ('diffusion', 'autoencoder', 'superres')                       # --task: what the network learns (make_config, build_trainee)
+TASKS = ('diffusion', 'autoencoder', 'superres', 'classifier')                       # --task: what the network learns (make_config, build_trainee)
 # Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
 RESUME_FLAGS = ('split', 'seed', 'batch_size', 'grad_accum', 'lr', 'warmup', 'lr_decay', 'weight_decay',
                 'grad_clip', 'ema_decay', 'p_uncond', 'aug_p', 'overfit_batch', 'amp')
@@ -86,6 +88,7 @@ def parse_args(argv=None):
     g.add_argument('--schedule', default=None, choices=list(NOISE_SCHEDULES), help='training noise levels and c_noise; default: the natural one for --prediction')
     g.add_argument('--t-sampler', default='low_discrepancy', choices=['uniform', 'low_discrepancy', 'importance'], help='how the batch\'s noise levels are drawn')
     g.add_argument('--sigma-data', type=float, default=0.5, help='data standard deviation for EDM preconditioning')
+    g.add_argument('--T', type=int, default=1000, help='steps of the discrete schedules linear and cosine (DDPM: 1000)')
     # Optimisation: the flags RESUME_FLAGS guards, since changing them mid-run changes the result.
     g = p.add_argument_group('optimisation')
     g.add_argument('--steps', type=int, default=1000, help='optimizer steps (1000: about 10 minutes on a 2-core CPU)')
@@ -118,6 +121,13 @@ def parse_args(argv=None):
     g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE', help="the sampler's own options, e.g. S_churn=40 (repeatable)")
     g.add_argument('--guidance', type=float, default=2.0, help='CFG weight of class-conditional grids (1 = none)')
     g = p.add_argument_group('evaluation (evaluate.py)')
+    g.add_argument('--until-converged', type=int, default=0, metavar='N',
+                   help='stop when the in-training KID (or FD) has not improved by --converge-margin for N evaluations (needs --eval-every)')
+    g.add_argument('--converge-margin', type=float, default=0.02, help='relative improvement that counts for --until-converged')
+    g.add_argument('--bpd-images', type=int, default=16, help='discrete VP models (linear/cosine): bits/dim of the variational '
+                   'bound on this many held-out images at the end of the run (T network calls each; 0 = off)')
+    g.add_argument('--memorization-below', type=int, default=5000, help='datasets with fewer images get the memorisation '
+                   'report of evaluate.py at the end (nearest training images of samples; 0 = never)')
     g.add_argument('--eval-every', type=int, default=0, help='KID and Frechet distance of EMA samples every N steps (0 = off)')
     g.add_argument('--eval-samples', type=int, default=2000, help='samples per evaluation (2,000: KID is reliable, FD a trend; 50,000 for a headline FID)')
     g.add_argument('--eval-network', default='lenet', choices=['lenet', 'inception', 'i3d'],
@@ -164,7 +174,11 @@ def check_args(args):
     # Counts and intervals: 0 or negative values used to crash after the first step (step % 0) or train nothing.
     for flag in ('steps', 'batch_size', 'grad_accum', 'log_every', 'ckpt_every', 'sample_steps', 'eval_samples'):
         need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
-    for flag in ('warmup', 'val_every', 'sample_every', 'eval_every', 'save_early', 'workers'):
+    need(args.T > 20, f'--T must be more than 20 (got {args.T})')
+    need(not args.until_converged or args.eval_every, '--until-converged needs --eval-every N (it watches the evaluation scores)')
+    need(finite(args.converge_margin) and 0 <= args.converge_margin < 1, f'--converge-margin must be in [0, 1) (got {args.converge_margin})')
+    for flag in ('warmup', 'val_every', 'sample_every', 'eval_every', 'save_early', 'workers', 'until_converged',
+                 'bpd_images', 'memorization_below'):
         need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
     # Rates and probabilities: NaN compares False with everything, so each check asks for a finite value first.
     need(finite(args.lr) and args.lr > 0, f'--lr must be a finite number > 0 (got {args.lr})')
@@ -235,9 +249,12 @@ def check_superres_args(args, need, finite):
     need(not args.autoencoder, '--task superres works on pixels; it cannot be combined with --autoencoder')
     need(args.eval_every == 0, '--eval-every samples unconditionally; for an SR stage measure with benchmarks/cascade.py instead')
 
+
 # ----------------------------------------------------------------------------------------------------
 # Small pieces: learning rate and EMA.
 
+# nanoGPT's schedule: warm-up protects Adam's early, badly estimated second moments; the cosine tail lets the
+# weights settle. It depends on --steps, so extending a run changes the tail (resume keeps --steps free).
 def get_lr(step, args):
     """Linear warm-up, then constant or cosine decay to 10% (nanoGPT's get_lr)."""
     if step < args.warmup:
@@ -308,6 +325,20 @@ def network_config(args, dataset, num_classes, aug_dim):
                             aug_dim=aug_dim)).config
 
 
+def classifier_config(args, dataset):
+    """--task classifier: the noise-conditional classifier (ADM's U-Net encoder half), sized for the images."""
+    name = args.config or 'micro'
+    if name not in CLASSIFIER_CONFIGS:
+        raise ValueError(f"--config {name!r} is not a classifier configuration; choose from {', '.join(CLASSIFIER_CONFIGS)}")
+    if not dataset.num_classes or args.unconditional:
+        raise ValueError('--task classifier needs a dataset with class labels (and no --unconditional)')
+    if getattr(dataset, 'frames', 0):
+        raise ValueError('--task classifier trains on images; this dataset holds videos')
+    net = NoiseConditionalClassifier(dataset.channels, dataset.num_classes, image_size=dataset.resolution,
+                                     **CLASSIFIER_CONFIGS[name])
+    return name, net.config
+
+
 def make_config(args, dataset, latents=None):
     """Everything needed to rebuild the model and sample it as trained; stored in every checkpoint.
     latents: (LatentDataset, record) with --autoencoder: the network is sized for the latents, 'data' stays the
@@ -317,15 +348,18 @@ def make_config(args, dataset, latents=None):
         name, net = autoencoder_config(args, dataset)
     elif args.task == 'superres':                   # cascade.py: the low-res image in x_cond, its noise level in aug_cond
         name, net, superres = superres_config(args, dataset, num_classes)
+    elif args.task == 'classifier':                 # classifier.py: p(y | x, sigma) for classifier guidance
+        name, net = classifier_config(args, dataset)
     else:
         name, net = network_config(args, latents[0] if latents else dataset, num_classes, AUG_DIM if args.aug_p > 0 else 0)
     # 'task' tells sample.py what the checkpoint is; 'net' holds the constructor arguments (build_network).
-    return {'task': args.task, 'model': 'autoencoder' if args.task == 'autoencoder' else args.model,
+    return {'task': args.task, 'model': args.task if args.task in ('autoencoder', 'classifier') else args.model,
             'config_name': name, 'net': net, **({'autoencoder': latents[1]} if latents else {}),
             **({'superres': superres} if args.task == 'superres' else {}),
             'diffusion': {} if args.task == 'autoencoder' else {
                 'prediction': args.prediction, 'schedule': args.schedule or DEFAULT_SCHEDULE[args.prediction],
-                't_sampler': args.t_sampler, 'sigma_data': args.sigma_data},
+                't_sampler': args.t_sampler, 'sigma_data': args.sigma_data,
+                **({'T': args.T} if (args.schedule or DEFAULT_SCHEDULE[args.prediction]) in ('linear', 'cosine') else {})},
             'data': {'dataset': args.dataset, 'resolution': dataset.resolution, 'channels': dataset.channels,
                      'num_classes': num_classes, 'class_names': list(getattr(dataset, 'class_names', None) or []),
                      'frames': getattr(dataset, 'frames', 0)}}
@@ -349,6 +383,7 @@ class Trainee:
     gan: object = None                          # --task autoencoder: vae.AutoencoderLoss (holds the discriminator)
     gan_optimizer: torch.optim.Optimizer = None  # --task autoencoder: the discriminator's Adam
 
+    # The checkpoint is this dict plus config, args and rng: sample.py reads 'ema' and 'config' only.
     def state_dict(self):
         state = {'model': self.net.state_dict(), 'ema': self.ema.state_dict(), 'optimizer': self.optimizer.state_dict(),
                  'scaler': self.scaler.state_dict(), 'step': self.step,
@@ -395,6 +430,8 @@ def train_step(run, micro_batches, args):
     micro_batches: one dict per gradient-accumulation step with x0 (on the device), cond (the network's
     conditioning), generator (for sigma and noise) and, in --overfit-batch mode, fixed sigma and noise.
     Returns the per-sample (loss, sigma) of every micro-batch, or None when the step was skipped."""
+    # Gradients of all micro-batches add up in .grad; each loss is divided by their number, so the sum is the
+    # gradient of the mean over the whole batch, the same as one big batch would give.
     losses = []
     for i, b in enumerate(micro_batches):
         # In DDP the gradients need syncing only on the last micro-batch (nanoGPT): the others accumulate locally.
@@ -403,8 +440,7 @@ def train_step(run, micro_batches, args):
         with sync, torch.autocast(b['x0'].device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
             # sigma ~ p_train, noise ~ N(0, I), loss = ||F - target||^2 per sample (Alg. 1 lines 2-5); reweighted
             # by the importance sampler inside Diffusion.loss when --t-sampler importance.
-            loss, sigma = run.diffusion.loss(run.model, b['x0'], b.get('sigma'), b.get('noise'),
-                                             generator=b['generator'], **b['cond'])
+            loss, sigma = task_loss(run, b)
             run.scaler.scale(loss.mean() / len(micro_batches)).backward()
         losses.append((loss.detach(), sigma.detach()))
     # Every rank must take the same decision about skipping, so the loss is averaged over ranks first.
@@ -415,6 +451,7 @@ def train_step(run, micro_batches, args):
         skip_step(run)
         return None
     run.skipped = 0
+    # Clipping must see true gradients, so fp16 scaling is undone first (a no-op when the scaler is off).
     # Gradient step (Alg. 1 line 5) with clipping; the scaler undoes fp16 loss scaling first.
     run.scaler.unscale_(run.optimizer)
     run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
@@ -423,6 +460,15 @@ def train_step(run, micro_batches, args):
     run.optimizer.zero_grad(set_to_none=True)
     update_ema(run.ema, run.net, ema_decay(run.step, args.ema_decay))
     return losses
+
+
+def task_loss(run, b):
+    """Per-sample loss and sigma of one micro-batch: the diffusion loss, or for --task classifier the
+    cross-entropy of the noise-conditional classifier on noised images (classifier.py, ADM Sec. 4)."""
+    if isinstance(run.net, NoiseConditionalClassifier):
+        return classifier_loss(run.model, run.diffusion, b['x0'], b['cond']['y'], b.get('sigma'), b.get('noise'),
+                               b['generator'])
+    return run.diffusion.loss(run.model, b['x0'], b.get('sigma'), b.get('noise'), generator=b['generator'], **b['cond'])
 
 
 def skip_step(run):
@@ -441,6 +487,7 @@ def skip_step(run):
 
 def condition_batch(args, config, x0, y, g, augment_pipe, device):
     """The network's conditioning for one micro-batch: augmentation labels and class labels with dropout."""
+    # The generator g is this micro-batch's stream 1: the same draws on every resume and on every machine.
     cond = {}
     if augment_pipe is not None:
         x0, aug_cond = augment_pipe(x0, generator=g)                 # ADA-style, labels to the net (EDM App. C.4)
@@ -448,7 +495,8 @@ def condition_batch(args, config, x0, y, g, augment_pipe, device):
     if config['task'] == 'superres':                               # x_cond (+ level) made from x0 itself
         cond.update(superres_condition(config, x0, g, device))
     if config['data']['num_classes']:
-        drop = torch.rand(len(y), generator=g) < args.p_uncond      # label dropout (Ho & Salimans 2022)
+        # label dropout (Ho & Salimans 2022); a classifier learns the true labels (the draw keeps the RNG stream)
+        drop = (torch.rand(len(y), generator=g) < args.p_uncond) & (config['task'] != 'classifier')
         cond['y'] = torch.where(drop, torch.full_like(y, config['data']['num_classes']), y).to(device)
     return x0.to(device), cond
 
@@ -571,6 +619,7 @@ class LossByNoiseLevel:
         self.lo, self.hi, self.n = math.log(sigma_min), math.log(sigma_max), n_buckets
         self.reset()
 
+    # float64 sums: thousands of small losses added in float32 would lose their last digits.
     def reset(self):
         self.count = torch.zeros(self.n, dtype=torch.float64)          # samples per bucket
         self.total = torch.zeros(self.n, dtype=torch.float64)          # summed loss per bucket
@@ -593,20 +642,24 @@ class LossByNoiseLevel:
         return self.step_loss / max(self.steps, 1), by_sigma
 
 
-def held_out_batch(dataset, val_index, diffusion, config):
-    """A fixed held-out batch with fixed noise levels and noise, so its loss is comparable from one evaluation to the
-    next; unconditional and unaugmented. None when the dataset is too small to hold images out."""
+def held_out_batch(dataset, val_index, diffusion, config, quiet=False):
+    """A fixed batch with fixed noise levels and noise, so its loss is comparable from one evaluation to the next:
+    the images' own labels (no label dropout), no augmentation, noise levels spread over the training
+    distribution. Made once from held-out images and once from training images: the same network on both, so the
+    two losses differ only by what the network has seen (a rising gap is the sign of memorisation).
+    None when the dataset is too small to hold images out."""
     if len(val_index) == 0:
-        print(f'{len(dataset)} images: too few to hold any out (20 needed), so no held-out loss is logged')
+        if not quiet:
+            print(f'{len(dataset)} images: too few to hold any out (20 needed), so no held-out loss is logged')
         return None
     g = torch.Generator().manual_seed(12345)
-    x, _ = load_batch(dataset, val_index[:256])
+    x, y = load_batch(dataset, val_index[:256])
     n = len(x)
     # Evenly spread noise levels (quantiles 1%..99% of the training distribution), shuffled over the images.
     u = torch.linspace(0.01, 0.99, n, dtype=torch.float64)[torch.randperm(n, generator=g)]
     batch = {'x0': x, 'sigma': diffusion.schedule.sigma(u).float(), 'noise': torch.randn(x.shape, generator=g), 'cond': {}}
     if config['data']['num_classes']:
-        batch['cond']['y'] = torch.full((n,), config['data']['num_classes'])
+        batch['cond']['y'] = y.long()
     if config['net'].get('aug_dim'):
         batch['cond']['aug_cond'] = torch.zeros(n, config['net']['aug_dim'])
     if config['task'] == 'superres':                 # the clean conditioning image (level 0: aug_cond = 0 above)
@@ -617,10 +670,68 @@ def held_out_batch(dataset, val_index, diffusion, config):
 
 @torch.no_grad()
 def held_out_loss(run, batch, device):
-    """The EMA network's loss on the held-out batch."""
+    """The EMA network's loss on a fixed batch (held_out_batch); a classifier's is its cross-entropy."""
     to = lambda v: v.to(device)
     cond = {k: to(v) for k, v in batch['cond'].items()}
+    if isinstance(run.ema, NoiseConditionalClassifier):
+        return classifier_loss(run.ema, run.diffusion, to(batch['x0']), cond['y'], to(batch['sigma']),
+                               to(batch['noise']))[0].mean().item()
     return run.diffusion.loss(run.ema, to(batch['x0']), to(batch['sigma']), to(batch['noise']), **cond)[0].mean().item()
+
+
+@torch.no_grad()
+def classifier_accuracy(run, batch, device):
+    """--task classifier: held-out accuracy in 4 bands of log sigma (chance = 1 / classes), the check that the
+    classifier knows the class where guidance will ask it (ADM Sec. 4)."""
+    edges = torch.logspace(math.log10(run.diffusion.sigma_min), math.log10(run.diffusion.sigma_max), 5).tolist()
+    rows = accuracy_by_noise_level(run.ema, run.diffusion, batch['x0'].to(device), batch['cond']['y'].to(device),
+                                   edges, generator=torch.Generator().manual_seed(0))
+    return {f'{lo:.3g}-{hi:.3g}': round(acc, 4) for lo, hi, acc in rows}
+
+
+class Watcher:
+    """Tells the user when a run has converged or started to memorise, from what the log already records.
+
+    Memorisation: the held-out loss rises (least-squares slope over the last `window` evaluations, as
+    evaluate.loss_gap_report computes it) while the loss on a fixed batch of training images falls: the network
+    improves only on what it has seen. Convergence (--until-converged N): the in-training KID/FD has not improved
+    by a relative margin for N evaluations in a row."""
+
+    def __init__(self, patience=0, margin=0.02, window=5):
+        self.patience, self.margin, self.window = patience, margin, window
+        self.val, self.train, self.best, self.stale, self.warned = [], [], math.inf, 0, False
+
+    def losses(self, val_loss, train_loss):
+        """Record both fixed-batch losses; returns a warning string the first time memorisation shows."""
+        import evaluate
+        self.val.append(val_loss)
+        self.train.append(train_loss)
+        if self.warned or len(self.val) < self.window:
+            return None
+        gap = evaluate.loss_gap_report(self.train, self.val, self.window)
+        train_slope = evaluate.loss_gap_report(self.val, self.train, self.window)['val_slope']
+        if gap['val_rising'] and train_slope < 0:
+            self.warned = True
+            return (f"memorisation: the held-out loss rose over the last {self.window} evaluations (slope "
+                    f"{gap['val_slope']:+.2e}) while the training-batch loss fell (gap {gap['gap']:+.4f}); "
+                    'more data, augmentation (--aug-p) or an earlier checkpoint')
+        return None
+
+    def metric(self, value):
+        """Record an evaluation score (lower is better); True when the run should stop (--until-converged)."""
+        if value < self.best * (1 - self.margin):
+            self.best, self.stale = value, 0
+        else:
+            self.stale += 1
+        return bool(self.patience) and self.stale >= self.patience
+
+
+def parse_record(line):
+    """A log line as a dict; a line torn by a kill mid-write reads as {} (dropped on resume)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {}
 
 
 class RunLog:
@@ -632,7 +743,7 @@ class RunLog:
         # Keep the records up to the step we restart from; an interrupted run may have logged beyond it.
         if os.path.exists(path):
             with open(path) as f:
-                keep = [line for line in f if line.strip() and json.loads(line).get('step', 0) <= step]
+                keep = [line for line in f if line.strip() and parse_record(line).get('step', math.inf) <= step]
             write_text(path, ''.join(keep))
         self.file = open(path, 'a')
 
@@ -651,11 +762,13 @@ class RunLog:
 # ----------------------------------------------------------------------------------------------------
 # The run folder: never reuse one silently, checkpoints that are always loadable, and exact resume.
 
+# A full disk is the common failure of long runs; its message says what survived and how to continue.
 def disk_full(path, e, keep=''):
     return SystemExit(f'error: disk full while writing {path} ({e.strerror}); the partial file was removed{keep}. '
                       'Free space, then rerun with --resume auto.')
 
 
+# Used to rewrite log.jsonl on resume: a crash while rewriting must not lose the old records.
 def write_text(path, text):
     """Atomic text write (temp file + rename)."""
     tmp = path + '.tmp'
@@ -727,6 +840,7 @@ def prepare_run_folder(args):
     return ckpt_path, resume
 
 
+# Class names may be re-spelt (a renamed folder) without changing what was learnt, so they are not compared.
 def config_mismatch(a, b, prefix=''):
     """Keys where two nested configs differ, as readable strings."""
     out = []
@@ -768,6 +882,8 @@ def resume_run(run, path, config, args, world, device):
     return ckpt['step']
 
 
+# Dropout draws from the global torch RNG (not from the step generators), so its state is part of the
+# checkpoint; each rank has its own, seeded seed + rank.
 def rng_states(device, world):
     """Every rank's dropout RNG (CPU and CUDA), gathered to rank 0 for an exact resume."""
     rng = {'cpu': torch.get_rng_state()}
@@ -1160,16 +1276,91 @@ def check_replicas(run, world, log, is_main):
 # ----------------------------------------------------------------------------------------------------
 # The main function, phase by phase.
 
+def held_out_record(run, held_out, train_probe, watcher, device, bar):
+    """The log record of the fixed held-out and training batches (the same network, noise and labels), plus the
+    classifier's accuracy by noise level; warns once when the two losses start to diverge (memorisation)."""
+    record = {'step': run.step, 'val_loss': held_out_loss(run, held_out, device)}
+    if train_probe is not None:
+        record['train_loss_fixed'] = held_out_loss(run, train_probe, device)
+        warning = watcher.losses(record['val_loss'], record['train_loss_fixed'])
+        if warning:
+            bar.write(f'step {run.step}: {warning}')
+            record['memorisation_warning'] = warning
+    if isinstance(run.ema, NoiseConditionalClassifier):
+        record['val_accuracy_by_sigma'] = classifier_accuracy(run, held_out, device)
+    return record
+
+
+def primary_score(record):
+    """The score --until-converged watches: KID-type if present (reliable at 2,000 samples), else the first FD."""
+    scores = record.get('eval', {})
+    for key in sorted(scores, key=lambda k: ('K' not in k.split('_')[0], k)):
+        return scores[key]
+    return math.inf
+
+
+def redraw_log_picture(log_path):
+    """log.png next to log.jsonl (plots.py); a picture that cannot be drawn never stops a run."""
+    try:
+        plot_training_log(log_path)
+    except (OSError, ValueError) as e:
+        warnings.warn(f'could not draw {log_path} as a picture: {e}')
+
+
+@torch.no_grad()
+def final_reports(args, run, config, dataset, train_index, val_index, log, device):
+    """End of run: a classifier's accuracy by noise level; bits/dim of discrete VP models (Ho et al. 2020, Table 2's
+    NLL); for small image datasets, evaluate.py's memorisation report (nearest training image of each sample)."""
+    import evaluate
+    from diffusion import bits_per_dim
+    held = val_index if len(val_index) else train_index
+    if config['task'] == 'classifier':
+        batch = held_out_batch(dataset, held, run.diffusion, config, quiet=True)
+        acc = classifier_accuracy(run, batch, device)
+        log.write({'step': run.step, 'val_accuracy_by_sigma': acc})
+        print(f"held-out accuracy by sigma band (chance {1 / config['data']['num_classes']:.3f}): "
+              + ', '.join(f'{k}: {v:.3f}' for k, v in acc.items()))
+        return
+    if config['task'] != 'diffusion' or config.get('autoencoder'):
+        return
+    if config['diffusion'].get('T') and args.bpd_images:
+        # The full bound, T calls per image, on held-out images; unconditional (the null class) like DDPM's number.
+        x0 = load_batch(dataset, held[:args.bpd_images])[0].to(device)
+        cond = {'y': torch.full((len(x0),), config['data']['num_classes'], device=device)} if config['data']['num_classes'] else {}
+        if config['net'].get('aug_dim'):
+            cond['aug_cond'] = torch.zeros(len(x0), config['net']['aug_dim'], device=device)
+        bpd = bits_per_dim(run.diffusion.denoiser(run.ema), x0, run.diffusion.schedule,
+                           generator=torch.Generator().manual_seed(0), **cond).mean().item()
+        log.write({'step': run.step, 'bits_per_dim': bpd, 'bpd_images': len(x0)})
+        print(f'bits/dim (variational bound, {len(x0)} held-out images, T = {run.diffusion.schedule.T}): {bpd:.3f}')
+    if len(dataset) < args.memorization_below and not config['data'].get('frames'):
+        # Samples next to their nearest training images: a ratio d1/d2 < 1/3 marks a near-copy (evaluate.py).
+        n = 64
+        labels = torch.arange(n) % config['data']['num_classes'] if config['data']['num_classes'] else None
+        samples = generate(run.ema, run.diffusion, n, sample.sample_shape(config), device, labels,
+                           config['data']['num_classes'], args.sampler, args.sample_steps, args.guidance,
+                           seed=args.seed + 7, aug_dim=config['net'].get('aug_dim', 0), sampler_options=args.sampler_options)
+        train_x = load_batch(dataset, train_index[:5000])[0]
+        report = evaluate.memorization_check((samples + 1) / 2, (train_x + 1) / 2)['pixel']
+        path = os.path.join(args.out, 'nearest_pairs.png')
+        evaluate.save_nearest_pairs((samples + 1) / 2, (train_x + 1) / 2, report['nearest'], report['ratio'], path)
+        log.write({'step': run.step, 'near_copies': report['share'], 'memorisation_samples': n})
+        print(f"memorisation: {report['share']:.1%} of {n} samples are near-copies of a training image "
+              f"(nearest/second-nearest distance < 1/3; pairs, closest first, in {path})")
+
+
 def main(args):
     # Setup: every flag checked before anything slow; processes, device, the dropout RNG (saved on resume).
     check_args(args)
     rank, world, device = setup_distributed(args)
     is_main = rank == 0
     torch.manual_seed(args.seed + rank)
+    # The global batch splits evenly over processes and accumulation steps, or the effective batch would differ.
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f'error: --batch-size {args.batch_size} must be divisible by processes x --grad-accum = {world * args.grad_accum}')
     micro_batch = args.batch_size // (world * args.grad_accum)
     ckpt_path, resume = prepare_run_folder(args) if is_main else (os.path.join(args.out, 'ckpt.pt'), None)
+    # Rank 0 alone looks at the run folder (one process decides); the others learn its decision.
     if world > 1:                                    # every rank resumes from what rank 0 decided
         resume = [resume]
         dist.broadcast_object_list(resume)
@@ -1209,6 +1400,10 @@ def main(args):
         held_out = load_batch(dataset, val_index[:256] if len(val_index) else train_index[:32])[0] if is_main else None
     else:
         held_out = held_out_batch(dataset, val_index, run.diffusion, config) if is_main and args.val_every else None
+    # The same fixed batch made of training images: its loss against the held-out one shows memorisation.
+    train_probe = held_out_batch(dataset, train_index, run.diffusion, config, quiet=True) \
+        if not autoencoder and held_out is not None else None
+    watcher = Watcher(args.until_converged, args.converge_margin)
     eval_state = setup_evaluation(args, pixels, train_index, config, device) if args.eval_every and is_main else None
     probe = superres_probe(dataset, val_index, train_index) if config['task'] == 'superres' and is_main else None
     tracker = AutoencoderTracker() if autoencoder else LossByNoiseLevel(run.diffusion.sigma_min, run.diffusion.sigma_max)
@@ -1235,13 +1430,19 @@ def main(args):
                       'img_per_s': tracker.steps * args.batch_size / (time.time() - t_last), ('loss_parts' if autoencoder else 'loss_by_sigma'): by_sigma}
             bar.set_postfix(loss=f'{loss:.4f}', lr=f'{lr:.1e}', img_s=f"{record['img_per_s']:.0f}")
             log.write(record)
+            redraw_log_picture(log.path)
             tracker.reset()
             t_last = time.time()
         if held_out is not None and (run.step % args.val_every == 0 or done):
             log.write({'step': run.step, 'val_psnr': held_out_psnr(run.ema, held_out, device)} if autoencoder else
-                      {'step': run.step, 'val_loss': held_out_loss(run, held_out, device)})
+                      held_out_record(run, held_out, train_probe, watcher, device, bar))
         if eval_state is not None and (run.step % args.eval_every == 0 or done):
-            log.write(run_evaluation(args, run.ema.eval(), run.diffusion, config, eval_state, run.step, device))
+            record = run_evaluation(args, run.ema.eval(), run.diffusion, config, eval_state, run.step, device)
+            log.write(record)
+            if watcher.metric(primary_score(record)) and not done:   # --until-converged: this step is the last
+                bar.write(f'step {run.step}: converged: the evaluation score has not improved by '
+                          f'{args.converge_margin:.0%} for {args.until_converged} evaluations; stopping here')
+                args.steps, done = run.step, True
 
         # Save checkpoint: only weights known to be good replace the previous checkpoint.
         if done and autoencoder:                 # the latent scale goes into the final checkpoint's config
@@ -1252,7 +1453,7 @@ def main(args):
             last_good = checkpoint(run, config, args, ckpt_path, world, device, is_main, last_good)
 
         # Sample grid: a picture of the EMA model now (the final one is also redone at the end if missing).
-        if is_main and ((args.sample_every and run.step % args.sample_every == 0) or done):
+        if is_main and ((args.sample_every and run.step % args.sample_every == 0) or done) and config['task'] != 'classifier':
             path = os.path.join(args.out, f'samples_{run.step:07d}.png')
             if autoencoder:
                 reconstruction_grid(run.ema, held_out, path, device)
@@ -1263,12 +1464,14 @@ def main(args):
 
     # Finish: the final grid if a kill interrupted it; DDP replica check; a run that ended on non-finite steps fails.
     final_grid = os.path.join(args.out, f'samples_{run.step:07d}.png')
-    if is_main and not os.path.exists(final_grid):
+    if is_main and not os.path.exists(final_grid) and config['task'] != 'classifier':
         if autoencoder:
             reconstruction_grid(run.ema, held_out, final_grid, device)
         else:
             sample_grid(run.ema.eval(), run.diffusion, config, args, final_grid, device, probe)
         print(f'step {run.step}: wrote {final_grid}')
+    if is_main:                                      # bits/dim, memorisation, classifier accuracy
+        final_reports(args, run, config, dataset, train_index, val_index, log, device)
     if world > 1:
         check_replicas(run, world, log, is_main)
         dist.barrier()
