@@ -243,6 +243,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
 # Latent diffusion (vae.py): a checkpoint trained with train.py --autoencoder records its autoencoder (path,
 # sha256, config with the latent scale) in config['autoencoder']; samples are latents, decoded to pixels here.
 
+# The autoencoder is identified by content, not by name: a retrained file at the same path decodes to other images.
 def file_sha256(path, chunk=1 << 20):
     h = hashlib.sha256()
     with open(path, 'rb') as f:
@@ -257,6 +258,7 @@ def load_autoencoder(path, device='cpu', use_ema=True):
     if ckpt['config'].get('task') != 'autoencoder':
         raise SystemExit(f"error: {path!r} is a {ckpt['config'].get('task', 'diffusion')} checkpoint, not an "
                          'autoencoder; train one with train.py --task autoencoder')
+    # Rebuilt from its own stored config, like build_network; the EMA weights unless asked for the raw ones.
     ae = vae.Autoencoder(**ckpt['config']['net']).to(device)
     ae.load_state_dict(ckpt['ema' if use_ema else 'model'])
     return ae.eval().requires_grad_(False)
@@ -275,6 +277,7 @@ def latent_decoder(config, device='cpu'):
         raise SystemExit(f"error: {record['path']!r} is not the autoencoder this model was trained on (its sha256 "
                          "changed: retrained or replaced?); decoding through it would give wrong images")
     ae = load_autoencoder(record['path'], device)
+    # The diffusion model was trained on scaled latents (z - shift) * scale; decoding must undo the same scale.
     ae.set_latent_scale(record['config']['scale_factor'], record['config']['shift_factor'])
 
     @torch.no_grad()
@@ -358,6 +361,7 @@ def save_npz(images, labels, path):
 # thresholding, autoguidance, classifier guidance and rejection sampling. sample.py and evaluate.py share these
 # flags (add_sampling_flags) and this construction (sampling_setup), so a score names exactly what was sampled.
 
+# The sigma schedules sample.py offers by name; make_sigmas maps each to samplers.py's function.
 SCHEDULES = ('karras', 'loglinear', 'vp-leading', 'vp-trailing', 'vp-linspace', 'vp-continuous', 'flow')
 # Dedicated flags for the options the papers tune; each fills the sampler's own keyword (any other: --sampler-opt).
 OPTION_FLAGS = {'eta': ('eta',), 's_churn': ('S_churn',), 's_tmin': ('S_tmin',), 's_tmax': ('S_tmax',),
@@ -387,6 +391,7 @@ def add_sampling_flags(p):
     g.add_argument('--n-corrector', type=int, default=None, help='pc: Langevin corrector steps per noise level')
     g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE',
                    help="any other option of the sampler, e.g. order=3 for unipc_bh2 (repeatable)")
+    # Guidance methods compose as denoiser wrappers (sampling_setup), so each flag adds one wrapper.
     g = p.add_argument_group('guidance (guidance.py)')
     g.add_argument('--guidance', type=float, default=None, help="guidance weight w (1 = none): classifier-free, or "
                    "autoguidance's with --autoguidance; default: the run's")
@@ -419,6 +424,7 @@ def check_sampling_flags(args):
         value = getattr(args, flag)
         if value is not None and not math.isfinite(value):
             problems.append(f"--{flag.replace('_', '-')} must be a finite number (got {value})")
+    # Noise levels and the Karras exponent are positive by definition; 0 would give log(0) or a division by 0.
     for flag in ('sigma_max', 'sigma_min', 'rho', 'flow_shift'):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             problems.append(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
@@ -429,6 +435,7 @@ def check_sampling_flags(args):
     lo, hi = args.guidance_interval
     if not 0 <= lo < hi:
         problems.append(f'--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI (got {lo} {hi})')
+    # Flags that only make sense together are checked here, before any checkpoint is read.
     if (args.classifier_scale or args.reject is not None) and not args.classifier:
         problems.append('--classifier-scale and --reject need --classifier CKPT (train one with train.py --task classifier)')
     if args.reject is not None and args.reject != -1 and not 0 < args.reject <= 1:
@@ -442,6 +449,7 @@ def check_sampling_flags(args):
 def sampler_options_from_args(args, sampler):
     """--sampler-opt KEY=VALUE plus the dedicated flags, mapped to this sampler's own option names."""
     options = parse_sampler_options(args.sampler_opt)
+    # A dedicated flag maps to whichever spelling this sampler uses (Heun's S_noise, the others' s_noise).
     known = samplers.sampler_options(sampler) if sampler in samplers.SAMPLERS else {}
     for flag, names in OPTION_FLAGS.items():
         value = getattr(args, flag, None)
@@ -454,6 +462,7 @@ def sampler_options_from_args(args, sampler):
 
 def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None, flow_shift=1.0):
     """The descending noise levels (steps of them, then 0) of a named schedule for this model."""
+    # The model's own noise range unless overridden: sampling outside the trained range asks for what it never saw.
     lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
     if name == 'karras':
         return samplers.karras_sigmas(steps, lo, hi, rho)
@@ -476,6 +485,7 @@ def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None,
 
 def guidance_weight(args, w, sigmas):
     """The guidance weight as guidance.py takes it: a number, or a schedule over the sampler's sigmas."""
+    # w = 1 is no guidance at any step, whatever the schedule: keep it a plain number (the cheap path in CFG).
     if args.guidance_schedule == 'constant' or w == 1:
         return w
     if args.guidance_schedule == 'increasing':
@@ -500,6 +510,7 @@ def sampling_setup(args, config, diffusion, device, trained=None):
     """Everything generate() needs from the flags: a dict of sampler, steps, sigmas, sampler_options, guidance,
     guide (autoguidance, classifier guidance, thresholding, in that order around CFG) and, for --reject, the
     clean classifier. Models are loaded here, after the flag checks, so a typo costs no loading time."""
+    # Defaults come from the training run's own grid settings, so a bare `sample.py --ckpt` reproduces its grids.
     trained = trained if trained is not None else config.get('args', {})
     sampler = args.sampler or trained.get('sampler', 'heun')
     steps = args.steps or trained.get('sample_steps', 18)
@@ -522,9 +533,11 @@ def sampling_setup(args, config, diffusion, device, trained=None):
         if args.classifier_scale:
             conditional = bool(config['data']['num_classes'])   # guide the conditional model, else the unconditional
             wrappers.append(lambda d: ClassifierGuidance(d, log_prob, scale=args.classifier_scale, pass_y=conditional))
+    # Thresholding is the outermost wrapper: it clips the final x0 estimate after every guidance term is added.
     if args.threshold != 'none':
         wrappers.append(lambda d: Thresholded(d, args.threshold, args.threshold_percentile))
 
+    # generate() applies this after classifier-free guidance: the wrappers in the order they were listed.
     def guide(denoiser):
         for wrap in wrappers:
             denoiser = wrap(denoiser)
@@ -536,6 +549,7 @@ def sampling_setup(args, config, diffusion, device, trained=None):
 
 def describe_sampling(args, setup):
     """One line naming what was sampled, printed with the samples and stored with evaluate.py's scores."""
+    # The same words in the console and in evaluate.py's results: a score always names how it was sampled.
     parts = [setup['sampler'], f"{setup['steps']} steps ({args.schedule})"]
     parts += [f'{k}={v}' for k, v in setup['sampler_options'].items()]
     if args.autoguidance:
@@ -714,6 +728,7 @@ def check_pretrained_args(args):
                         f"({', '.join(pretrained.PRETRAINED)})")
     if args.pretrained is not None and args.pretrained not in pretrained.PRETRAINED:
         problems.append(f"--pretrained must be one of {', '.join(pretrained.PRETRAINED)} (got {args.pretrained!r})")
+    # Published models come without EMA/raw pairs, early checkpoints or SR stages of ours.
     checkpoint_only = [flag for flag in ('inverse', 'raw', 'cascade', 'autoguidance') if getattr(args, flag, None)]
     if args.pretrained is not None and checkpoint_only:
         problems.append('--inverse, --raw, --cascade and --autoguidance work on train.py checkpoints (--ckpt) only')
@@ -730,6 +745,7 @@ def load_pretrained_model(args, device):
                                                                          download=not args.no_download)
     except (FileNotFoundError, ValueError) as e:     # missing files (what to put where) or a different file
         raise SystemExit(f'error: {e}') from None
+    # No training flags: every sampling default falls back to sampling_setup's own.
     config['args'] = {}
     decode = None
     if autoencoder is not None:
@@ -762,17 +778,20 @@ def write_samples(images, labels, out, npz):
 # Cascades (cascade.py): the --ckpt model samples small images, then every --cascade stage (a train.py --task
 # superres checkpoint) upsamples the previous output with its own sampler, steps, guidance and augmentation level.
 
+# A stage's settings are a small JSON object; any other key is a typo and is refused by name.
 CASCADE_KEYS = ('ckpt', 'sampler', 'steps', 'guidance', 'sampler_opt', 'aug_level', 'truncated')
 
 
 def parse_cascade(spec):
     """--cascade (a .json file, or the JSON itself) -> list of stage dicts, each checked; ValueError naming the problem."""
+    # One flag for both: a file for long cascades, inline JSON for a quick try.
     text = open(spec).read() if spec.endswith('.json') and os.path.isfile(spec) else spec
     try:
         stages = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f'--cascade is neither a .json file nor JSON ({e.msg}); give a list of stages, e.g. '
                          '\'[{"ckpt": "runs/sr/ckpt.pt", "aug_level": 0.1}]\'') from None
+    # A single object is a one-stage cascade.
     stages = [stages] if isinstance(stages, dict) else stages
     if not isinstance(stages, list) or not stages or not all(isinstance(st, dict) for st in stages):
         raise ValueError('--cascade must be a non-empty JSON list of objects, one per super-resolution stage')
@@ -800,6 +819,7 @@ def parse_cascade(spec):
 def cascade_stage(net, diffusion, config, settings, n, labels, device):
     """A cascade.Stage for n samples of a loaded model: its denoiser (classifier-free guided when labels are given and
     guidance != 1), Karras sigmas of its own range, its solver options and its noise-augmentation level."""
+    # Each stage is its own model: its own denoiser, noise range, sampler options and conditioning.
     options = check_sampler_options(settings['sampler'], settings.get('sampler_opt'))
     num_classes, sr = config['data']['num_classes'], config.get('superres')
     denoiser, cond = diffusion.denoiser(net), {}
@@ -827,6 +847,7 @@ def load_cascade(args, net, diffusion, config, device):
     base = {'sampler': args.sampler or trained.get('sampler', 'heun'), 'steps': args.steps or trained.get('sample_steps', 18),
             'guidance': args.guidance if args.guidance is not None else trained.get('guidance', 1.0),
             'sampler_opt': args.sampler_options}
+    # Every stage must take the previous stage's output: same channels, its resolution as the low-res input.
     models = [(net, diffusion, config, base)]
     for k, spec in enumerate(args.cascade_stages, start=1):
         m_net, m_diffusion, m_config = load_model(spec['ckpt'], device, use_ema=not args.raw)
@@ -843,6 +864,7 @@ def load_cascade(args, net, diffusion, config, device):
         if n_classes and config['data']['num_classes'] and n_classes != config['data']['num_classes']:
             raise SystemExit(f"error: --cascade stage {k} has {n_classes} classes, the base model {config['data']['num_classes']}")
         ran = m_config['args']
+        # The stage's own training defaults, overridden by what its --cascade entry says.
         settings = {'sampler': ran.get('sampler', 'heun'), 'steps': ran.get('sample_steps', 18),
                     'guidance': ran.get('guidance', 1.0), **spec}
         models.append((m_net, m_diffusion, m_config, settings))
@@ -854,6 +876,7 @@ def run_cascade(args, net, diffusion, config, device, out):
     """Sample the whole cascade in batches (batch at index k: seed + k, as generate) and write the final images."""
     models = load_cascade(args, net, diffusion, config, device)     # an SR checkpoint alone: stops with its message
     labels = resolve_label(args.label, config, args.num)
+    # Batches seeded seed + start as in generate, so a cascade sample is reproducible from (seed, batch size, index).
     outputs = [[] for _ in models]
     try:
         for start in range(0, args.num, args.batch):
@@ -891,6 +914,7 @@ def extend_video(denoiser, clip, window, num_new, sigmas, context=None, method='
     any sampler) draws the window's other frames conditioned on them. The model's own version of the given frames
     is only the means of conditioning: the output keeps the given frames themselves."""
     import inverse
+    # Clips are (N, C, frames, H, W): G given frames, extended window by window.
     N, C, G, H, W = clip.shape
     context = context or window // 2
     if not 0 < context < window or context > G:
@@ -914,6 +938,7 @@ def read_clip(source, config):
     """--extend's clip -> (1, C, F, R, R) in [-1, 1]: a clip of the training data, a sample.py .npz (its first video),
     or a GIF / folder of frames (data.load_clip), in the model's channels and resolution."""
     d, args = config['data'], config['args']
+    # The default is a clip of the run's own training data, read as training read it.
     if source == 'data':
         ds = data.load_dataset(d['dataset'], data_dir=args.get('data_dir'), split=args.get('split', 'train'),
                                resolution=d['resolution'])
@@ -926,6 +951,7 @@ def read_clip(source, config):
             video = data.load_clip(source, args.get('context') or 1, d['resolution'])[None]
         except (ValueError, FileNotFoundError) as e:
             raise SystemExit(f'error: {e}') from None
+    # Channel count follows the model: grey averages RGB, RGB repeats grey.
     if video.shape[1] != d['channels']:                                     # RGB <-> grey to match the model
         video = video.float().mean(1, keepdim=True).round().byte() if d['channels'] == 1 else video.expand(-1, 3, -1, -1, -1)
     return data.to_float(video)
@@ -945,6 +971,7 @@ def run_extend(args, net, diffusion, config, device, out):
     given = read_clip(args.extend, dict(config, args=dict(config['args'], context=context)))
     if given.shape[2] < context:
         raise SystemExit(f'error: the clip has {given.shape[2]} frames; --context {context} needs at least that many')
+    # The same given frames for every continuation: the spread between them shows the model's uncertainty.
     given = given[:, :, :context].expand(args.continuations, -1, -1, -1, -1).to(device)
     cond, denoiser = {}, diffusion.denoiser(net)
     labels = resolve_label(args.label, config, args.continuations) if args.label is not None else None
@@ -982,6 +1009,7 @@ def main(args):
         check_output_path(out, ('.png',), '--out')
         if args.npz:
             check_output_path(args.npz, ('.npz',), '--npz')
+    # The model: a published one (pretrained.py) or a train.py checkpoint; latent models come with their decoder.
     if args.pretrained:
         net, diffusion, config, decode = load_pretrained_model(args, device)
     else:
@@ -991,6 +1019,7 @@ def main(args):
     if args.inverse and config.get('autoencoder'):
         raise SystemExit('error: --inverse needs a pixel-space model: its operators act on pixels, and this model '
                          'samples latents of an autoencoder (a solver through the decoder is not implemented)')
+    # The other modes, each one function: inverse problems, video extension, cascades. Plain generation follows.
     if args.inverse:
         return run_inverse(args, net, diffusion, config, device)
     if args.extend is not None:
@@ -1007,6 +1036,7 @@ def main(args):
     labels = resolve_label(args.label, {'data': dict(config['data'], num_classes=classes)}, args.num)
     extra = {'y': labels} if labels is not None and not config['data']['num_classes'] else None
 
+    # One closure for plain sampling and for rejection sampling's repeated rounds (each with its own seed).
     def make(seed):
         return generate(net, diffusion, args.num, sample_shape(config), device, labels, config['data']['num_classes'],
                         setup['sampler'], setup['steps'], setup['guidance'], seed=seed, progress=True,
@@ -1031,6 +1061,7 @@ def reject_samples(args, make, labels, clean_log_prob):
     seeds (seed + round * num), until args.num are accepted by the classifier. Returns (images, labels, rate)."""
     if labels is None:
         raise ValueError('--reject keeps samples of the requested class; this model and classifier have no classes')
+    # Round r uses seeds seed + r * num: rounds never repeat noise, and the whole run is reproducible.
     rounds = iter(range(1_000_000))
     top = None if args.reject == -1 else args.reject
     x, y, rate = sample_with_rejection(lambda: (make(args.seed + next(rounds) * args.num), labels), clean_log_prob,
