@@ -19,7 +19,8 @@ and the reverse SDE adds Langevin noise to it (Eq. 6). The samplers here are its
   ipndm            improved PNDM (Zhang & Chen 2023, arXiv:2204.13902): Adams-Bashforth on eps, lower-order warm-up
   deis_tab         DEIS tAB (the same paper, Eq. 14): exact exponential-integrator weights for eps, polynomial in log sigma
   unipc_bh1/_bh2   UniPC (Zhao et al. 2023, arXiv:2302.04867): UniP-p predictor and UniC-p corrector, B(h) = h / e^h - 1
-  eps_abm          ours, not a published method: DEIS's predictor plus an exact order+1 Adams-Moulton corrector
+  eps_abm          ours, not a published method: DEIS's predictor plus an exact order+1 Adams-Moulton corrector,
+                   damped on large steps
 
 In the sigma frame DDPM and DDIM need only the sigmas: alpha_bar = 1 / (1 + sigma^2). Two facts the tests prove:
 DDIM with eta = 0 is exactly Euler in sigma, and DDIM with eta = 1 is exactly DDPM's ancestral step. DPM-Solver++
