@@ -822,13 +822,12 @@ def parse_args(argv=None):
     m.add_argument('--out', default=None, help='also write the scores and their context to this .json')
     m.add_argument('--memorization', default=None, help='folder/.npz of training images: nearest-neighbour check')
     m.add_argument('--pairs-png', default='nearest_pairs.png', help='where the memorization check saves pairs')
-    s = p.add_argument_group('sampling a checkpoint (when GENERATED is a .pt file)')
-    s.add_argument('--sampler', default='heun', help='a name in samplers.SAMPLERS')
-    s.add_argument('--steps', type=int, default=18, help='noise levels of the Karras schedule')
-    s.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance weight (1 = none)')
+    s = p.add_argument_group('sampling a checkpoint (when GENERATED is a .pt file): the flags of sample.py')
     s.add_argument('--class', dest='fixed_class', type=int, default=0, help='the class of --conditions fixed')
     s.add_argument('--seed', type=int, default=0, help='seed of the first batch of samples')
     s.add_argument('--npz', default=None, help='also save the samples (uint8 NHWC and labels, as sample.py --npz)')
+    import sample  # the sampler, schedule and guidance flags are sample.py's own, so a score names what sample.py does
+    sample.add_sampling_flags(p)
     v = p.add_argument_group('videos (--video)')
     v.add_argument('--video', action='store_true', help='GENERATED and REFERENCE are videos (.npz or clip folders): '
                    'FVD/KVD with I3D, frame-wise scores with --network')
@@ -860,8 +859,11 @@ def parse_args(argv=None):
                              ('--video-resolution', args.video_resolution, 8)):
         if value is not None and value < low:
             p.error(f'{flag} must be at least {low}, got {value}')
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         p.error(f'--guidance must be a finite number, got {args.guidance}')
+    problems = sample.check_sampling_flags(args)
+    if problems:
+        p.error('; '.join(problems))
     return args
 
 
@@ -951,33 +953,41 @@ def load_checkpoint_model(path, device):
 def sample_checkpoint(args):
     """Generate --num-gen images (2,000 by default) from a train.py checkpoint: (uint8 images, labels or None).
 
-    Conditions: fixed (--class) or uniform; 'data' and 'real' need the reference labels, so sample with sample.py.
-    Batch b starts from the noise of seed args.seed + its first index (sample.generate's convention).
+    Conditions (--conditions): fixed (--class), uniform, data (i.i.d. from the reference labels' frequencies) or
+    real (the reference labels themselves); data and real need a REFERENCE .npz with labels. Sampler, schedule and
+    guidance come from sample.py's flags (default: what the training run used for its grids). Batch b starts from
+    the noise of seed args.seed + its first index (sample.generate's convention).
     """
     import sample
-    net, diffusion, s = load_checkpoint_model(args.generated, args.device)
-    n = args.num_gen or 2000
+    load_checkpoint_model(args.generated, args.device)            # the clear errors for a bad file or a video model
+    net, diffusion, config = sample.load_model(args.generated, args.device)
+    n, num_classes = args.num_gen or 2000, int(config['data']['num_classes'])
     labels = None
-    if s['num_classes']:
+    if num_classes:
         mode = args.conditions or 'uniform'
-        if mode not in ('fixed', 'uniform'):
-            raise ValueError(f"--conditions {mode} needs the reference labels: write samples with sample.py --npz")
-        if not 0 <= args.fixed_class < s['num_classes']:
-            raise ValueError(f'--class {args.fixed_class} is not a class of this model (0..{s["num_classes"] - 1})')
+        reference_labels = load_labels(args.reference) if mode in ('data', 'real') else None
+        if mode in ('data', 'real') and reference_labels is None:
+            raise ValueError(f'--conditions {mode} draws the classes from the reference labels; REFERENCE '
+                             f'{args.reference} holds none (give an .npz with a labels array)')
+        if mode == 'fixed' and not 0 <= args.fixed_class < num_classes:
+            raise ValueError(f'--class {args.fixed_class} is not a class of this model (0..{num_classes - 1})')
+        if reference_labels is not None and (reference_labels.min() < 0 or reference_labels.max() >= num_classes):
+            raise ValueError(f'the reference labels span {reference_labels.min()}..{reference_labels.max()}; '
+                             f'this model has classes 0..{num_classes - 1}')
         args.conditions = mode
-        labels = torch.from_numpy(choose_conditions(mode, n, s['num_classes'], fixed_class=args.fixed_class))
-    shape = (s['channels'], s['resolution'], s['resolution'])
-    images = [sample.generate(net, diffusion, len(idx), shape, args.device,
-                              labels=None if labels is None else labels[idx], num_classes=s['num_classes'],
-                              sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                              seed=args.seed + int(idx[0]), aug_dim=s['aug_dim']).cpu()
-              for idx in tqdm(torch.arange(n).split(args.batch_size), desc='sampling')]
-    images = torch.cat(images)
-    if not torch.isfinite(images).all():  # to_uint8 would turn NaN into pixels and the scores would be of those
-        raise ValueError(f'{args.generated} produced {int((~torch.isfinite(images)).sum())} NaN/inf pixel values: '
-                         'its weights have diverged; nothing meaningful to score')
+        labels = torch.from_numpy(choose_conditions(mode, n, num_classes, reference_labels, args.fixed_class, args.seed))
+    try:
+        setup = sample.sampling_setup(args, config, diffusion, args.device)
+        images = sample.generate(net, diffusion, n, sample.sample_shape(config), args.device, labels, num_classes,
+                                 setup['sampler'], setup['steps'], setup['guidance'], seed=args.seed, progress=False,
+                                 aug_dim=int(config['net'].get('aug_dim', 0) or 0), sampler_options=setup['sampler_options'],
+                                 batch_size=args.batch_size, sigmas=setup['sigmas'], guide=setup['guide'],
+                                 decode=sample.latent_decoder(config, args.device))
+    except FloatingPointError as e:   # to_uint8 would turn NaN into pixels and the scores would be of those
+        raise ValueError(f'{args.generated}: {e}; nothing meaningful to score') from None
     images = data.to_uint8(images)
-    print(f'sampled {n} images from {args.generated} ({args.sampler}, {args.steps} steps, guidance {args.guidance})')
+    args.sampling = sample.describe_sampling(args, setup)
+    print(f'sampled {n} images from {args.generated} ({args.sampling})')
     if args.npz:  # the samples are kept, whatever happens later (sample.py's layout: uint8 NHWC + labels)
         tmp = args.npz[:-len('.npz')] + '.tmp.npz'
         np.savez(tmp, samples=images.permute(0, 2, 3, 1).numpy(),

@@ -211,3 +211,25 @@ def test_watcher_stops_after_patience_evaluations_without_improvement():
     w = train.Watcher(patience=2, margin=0.1)
     assert [w.metric(v) for v in (10.0, 8.0, 7.5, 7.4, 7.3)] == [False, False, False, True, True]
     assert not any(train.Watcher(patience=0).metric(v) for v in (1.0, 1.0, 1.0))
+
+
+@pytest.mark.parametrize('mode', ['fixed', 'uniform', 'data', 'real'])
+def test_evaluate_samples_a_checkpoint_with_every_condition_mode_and_the_sampling_flags(runs, tmp_path, mode):
+    import evaluate
+    reference = tmp_path / 'reference.npz'
+    ref_labels = np.array([0, 0, 0, 1, 5, 5], dtype=np.int64)
+    np.savez(reference, samples=np.zeros((6, 16, 16, 3), np.uint8), labels=ref_labels)
+    args = evaluate.parse_args([runs['model'], str(reference), '--conditions', mode, '--class', '4', '--num-gen', '6',
+                                '--batch-size', '4', '--seed', '5', '--sampler', 'heun', '--steps', '5', '--guidance', '2',
+                                '--guidance-schedule', 'increasing', '--threshold', 'static', '--device', 'cpu'])
+    images, labels = evaluate.sample_checkpoint(args)
+    expected = evaluate.choose_conditions(mode, 6, 6, ref_labels, fixed_class=4, seed=5)
+    np.testing.assert_array_equal(labels.numpy(), expected)
+    if mode == 'real':
+        assert sorted(labels.tolist()) == sorted(ref_labels.tolist())            # exactly the reference's classes
+    net, diffusion, config = sample.load_model(runs['model'])
+    sigmas = samplers.karras_sigmas(5, diffusion.sigma_min, diffusion.sigma_max)
+    x = sample.generate(net, diffusion, 6, sample.sample_shape(config), 'cpu', torch.from_numpy(expected), 6, 'heun', 5,
+                        LinearSchedule(sigmas, 2.0, 1.0), seed=5, batch_size=4, sigmas=sigmas,
+                        guide=lambda d: Thresholded(d, 'static'))
+    np.testing.assert_array_equal(images.numpy(), data.to_uint8(x).numpy())
