@@ -72,6 +72,7 @@ def load_checkpoint(path, device='cpu'):
         raise SystemExit(f'error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}). '
                          'Is it a file written by train.py, and complete?') from None
     # A state_dict saved alone, or a list: readable by torch, but not something we can rebuild a model from.
+    # Messages name the file and what it holds instead, so a wrong file is recognised at once.
     if not isinstance(ckpt, dict):
         raise SystemExit(f'error: {path!r} holds a {type(ckpt).__name__}, not a train.py checkpoint '
                          f'(a dict with {", ".join(CHECKPOINT_KEYS)})')
@@ -117,6 +118,7 @@ def load_model(path, device='cpu', use_ema=True):
     ckpt = load_checkpoint(path, device)
     config = dict(ckpt['config'], args=ckpt.get('args', {}))
     net = build_network(config).to(device)
+    # strict loading: a missing or extra key means the file and its config disagree, never silently ignored.
     weights = ckpt['ema' if use_ema else 'model']
     try:
         net.load_state_dict(weights)
@@ -131,6 +133,7 @@ def load_model(path, device='cpu', use_ema=True):
     return net.eval().requires_grad_(False), build_diffusion(config), config
 
 
+# The noise shape generate() draws: the network's input shape, which for latent models is the latents'.
 def sample_shape(config):
     """(C, H, W) of an image model, (C, F, H, W) of a video model, from the checkpoint's data config."""
     if config.get('autoencoder'):                                 # latent diffusion: the shape the network sees
@@ -201,6 +204,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     """
     # Every argument is checked before the first network call: a typo must not cost a batch of sampling.
     options = check_sampler_options(sampler, sampler_options)
+    # n and the batch size must be positive: range(0, n, 0) would loop forever, n = 0 would return nothing.
     if n < 1 or (batch_size is not None and batch_size < 1):
         raise ValueError(f'need at least one sample and a batch size of at least 1, got n={n}, batch_size={batch_size}')
     if not callable(guidance) and not math.isfinite(guidance):          # a number, or a schedule of sigma
@@ -212,11 +216,13 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     out = []
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
+        # The batch's own generator: its initial noise and, for stochastic samplers, every noise draw inside it.
         g = torch.Generator(device='cpu').manual_seed(seed + start)
         # The network's conditioning for this batch: extra inputs, "no augmentation", and the class.
         batch_cond = {k: v[start:start + b].to(device) for k, v in (cond or {}).items()}
         if aug_dim:
             batch_cond['aug_cond'] = torch.zeros(b, aug_dim, device=device)         # "no augmentation" (EDM App. C.4)
+        # Classifier-free guidance needs labels: without them the samples are unconditional (the null class).
         denoiser = diffusion.denoiser(net)
         if num_classes:
             y = labels[start:start + b].to(device) if labels is not None else torch.full((b,), num_classes, device=device)
@@ -235,6 +241,7 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
                                      f'sampler settings ({sampler}, {len(sigmas) - 1} steps, guidance {guidance}) diverge')
         if decode is not None:                                        # latent models: latents -> images first
             x = decode(x)
+        # The clamp to the data range happens once, at the end (clipping inside the sampler is --threshold's job).
         out.append(x.clamp(-1, 1).cpu())
     return torch.cat(out)
 
@@ -290,6 +297,7 @@ def latent_decoder(config, device='cpu'):
 # Writing pictures and arrays. Output paths are checked before sampling (check_output_path), files are written
 # to a temporary name and renamed, so an interrupted write never leaves half a file under the final name.
 
+# Every output flag of sample.py goes through here before the first sample is drawn.
 def check_output_path(path, extensions, flag):
     """Before any long work: the path has a known extension, its folder exists (created if missing) and is writable."""
     # Called before sampling: every way the final write could fail that can be known now is reported now.
@@ -297,6 +305,7 @@ def check_output_path(path, extensions, flag):
         raise SystemExit(f'error: {flag} {path!r} is a folder; give a file name such as {os.path.join(path, "samples" + extensions[0])}')
     if not path.lower().endswith(extensions):
         raise SystemExit(f'error: {flag} {path!r} needs one of the extensions {", ".join(extensions)}')
+    # Missing folders are created: the samples must have somewhere to go.
     folder = os.path.dirname(path) or '.'
     try:
         os.makedirs(folder, exist_ok=True)
@@ -306,6 +315,7 @@ def check_output_path(path, extensions, flag):
         raise SystemExit(f'error: cannot write {flag} {path!r}: {e.strerror or e}') from None
 
 
+# One helper for PNG, GIF and npz: all three are written under a temporary name, then renamed.
 def atomic_write(path, write):
     """write(tmp_path), then rename onto path; a full disk becomes a 'disk full' error and the temp file is removed."""
     # The temp name keeps the extension, so PIL and numpy write the intended format to it.
@@ -313,6 +323,7 @@ def atomic_write(path, write):
     try:
         write(tmp)
         os.replace(tmp, path)
+    # On failure the temporary file goes, so no half-written file is mistaken for a result.
     except OSError as e:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -325,6 +336,7 @@ def atomic_write(path, write):
 def save_grid(images, path, nrow=None):
     """Save (N, C, H, W) images in [-1, 1] as one PNG grid (videos: (N, C, F, H, W) become rows of frames)."""
     from PIL import Image
+    # Videos: one row of frames per sample, frames in time order from left to right.
     if images.ndim == 5:
         nrow = images.shape[2]
         images = images.transpose(1, 2).flatten(0, 1)
@@ -343,14 +355,17 @@ def save_grid(images, path, nrow=None):
 def save_gif(videos, path):
     """(N, C, F, H, W) in [-1, 1] -> an animated GIF with the N videos side by side."""
     from PIL import Image
+    # The N videos side by side in each GIF frame, 150 ms per frame, looping.
     strip = torch.cat(list(data.to_uint8(videos.cpu())), dim=-1)               # (C, F, H, N*W)
     pics = [Image.fromarray(f.permute(1, 2, 0).squeeze(-1).numpy()) for f in strip.transpose(0, 1)]
     atomic_write(path, lambda tmp: pics[0].save(tmp, format='GIF', save_all=True, append_images=pics[1:],
                                                 duration=150, loop=0))
 
 
+# evaluate.py reads this format directly (samples + labels), so sampled metrics need no PNG round trip.
 def save_npz(images, labels, path):
     """uint8 (N, H, W, C) samples (videos (N, F, H, W, C)) and their labels (empty: unconditional), for evaluate.py."""
+    # Channels last, as image files and evaluate.py's readers expect.
     arr = data.to_uint8(images).movedim(1, -1).numpy()
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, samples=arr,
                                                        labels=labels.numpy() if labels is not None else np.zeros(0)))
@@ -495,6 +510,7 @@ def guidance_weight(args, w, sigmas):
     return IntervalSchedule(w, *args.guidance_interval)
 
 
+# A classifier is a train.py checkpoint like any other; its task field says what it is.
 def load_classifier(path, device):
     """(log p(y | x, sigma), log p(y | x) of clean samples, num_classes) from a train.py --task classifier checkpoint."""
     import classifier as clf_lib
@@ -566,6 +582,7 @@ def describe_sampling(args, setup):
 # ----------------------------------------------------------------------------------------------------
 # The command line: flags, their checks (all before loading or sampling), and the two modes.
 
+# Flags: the sampling groups are shared with evaluate.py (add_sampling_flags); the modes add their own groups.
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='Sample a trained diffusion model.', formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument('--ckpt', default=None, help='checkpoint written by train.py (or --pretrained NAME)')
@@ -610,6 +627,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+# Run first in main: every problem that can be found from the flags alone is reported together, at once.
 def check_args(args):
     """Range checks of the flags that do not need the checkpoint: a clear message before anything is loaded."""
     # All problems at once, so a user fixes them in one go; checkpoint-dependent checks come after loading.
@@ -625,6 +643,7 @@ def check_args(args):
     problems += check_sampling_flags(args)
     if args.noise_std < 0 or not math.isfinite(args.noise_std):
         problems.append(f'--noise-std must be a finite number >= 0 (got {args.noise_std})')
+    # Inverse-problem flags: a wrong operator or a missing image is known before the model is loaded.
     if args.inverse and args.operator not in ('sr', 'inpaint_box', 'inpaint_random'):
         problems.append(f"--operator must be sr, inpaint_box or inpaint_random (got {args.operator!r})")
     if args.inverse and args.image and not os.path.isfile(args.image):
@@ -650,6 +669,7 @@ def check_args(args):
 # Class names come from the checkpoint (folder names, shape names), so --class circle works without an index.
 def resolve_label(label, config, n):
     """--class as an index or a class name -> (n,) labels, or None for unconditional / cycling."""
+    # Without --class the samples cycle through the classes (0, 1, ..., C-1, 0, ...), a balanced grid.
     num_classes, names = config['data']['num_classes'], config['data'].get('class_names') or []
     if not num_classes:
         if label not in (None, 'none'):
@@ -666,6 +686,7 @@ def resolve_label(label, config, n):
     return torch.full((n,), int(label))
 
 
+# --image must look to the model like its training data did: same crop, same compositing, same range.
 def read_image(path, channels, resolution):
     """An image file -> (1, C, R, R) in [-1, 1], prepared exactly as training prepares folder images (data.load_image:
     transparency composited on white, shorter side resized, centre crop; never a stretch)."""
@@ -685,6 +706,7 @@ def run_inverse(args, net, diffusion, config, device):
     """Measure one image, reconstruct it with the chosen method, save measurement | reconstruction | original."""
     import inverse
     c, r = config['data']['channels'], config['data']['resolution']
+    # The solvers' operators act on images; videos are extended with --extend instead.
     if config['data'].get('frames'):
         raise SystemExit('error: --inverse works on image models; this checkpoint is a video model')
     if args.inverse not in inverse.INVERSE_METHODS:
@@ -700,6 +722,7 @@ def run_inverse(args, net, diffusion, config, device):
                                split=config['args'].get('split', 'train'), resolution=r)
         x0 = ds[0][0][None]
     x0 = x0.to(device)
+    # One generator for the random mask, the measurement noise and the solver: one seed fixes the whole strip.
     g = torch.Generator().manual_seed(args.seed)
     op = inverse.make_operator(args.operator, tuple(x0.shape[1:]), generator=g, noise_std=args.noise_std, factor=args.factor)
     y = op.measure(x0, generator=g)
@@ -735,6 +758,7 @@ def check_pretrained_args(args):
     return problems
 
 
+# Published weights come through pretrained.py, which finds or downloads them and checks their hashes.
 def load_pretrained_model(args, device):
     """(net, diffusion, config, decode) of a published model (pretrained.py: files found, downloaded, or asked
     for by name and folder). It has no training run: the sampling defaults are sampling_setup's (Heun, 18 steps,
@@ -765,6 +789,7 @@ def write_samples(images, labels, out, npz):
         if images.ndim == 5:
             save_gif(images[:8], os.path.splitext(out)[0] + '.gif')
     except OSError as e:
+        # The temporary folder is usually on another file system than the output: the best place left to try.
         rescue = os.path.join(tempfile.gettempdir(), f'samples_rescued_{os.getpid()}.pt')
         try:
             torch.save({'samples': images, 'labels': labels}, rescue)
@@ -879,6 +904,7 @@ def run_cascade(args, net, diffusion, config, device, out):
     # Batches seeded seed + start as in generate, so a cascade sample is reproducible from (seed, batch size, index).
     outputs = [[] for _ in models]
     try:
+            # Stages are rebuilt per batch: their conditioning tensors (labels, aug_cond) have the batch's size.
         for start in range(0, args.num, args.batch):
             n = min(args.batch, args.num - start)
             y = labels[start:start + n] if labels is not None else None
@@ -887,6 +913,7 @@ def run_cascade(args, net, diffusion, config, device, out):
                 outputs[k].append(x.cpu())
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
+    # Every stage's output is kept: --save-stages writes the intermediate resolutions too.
     images = [torch.cat(o) for o in outputs]
     if not torch.isfinite(images[-1]).all():
         raise SystemExit('error: the cascade produced non-finite values: a stage or its sampler settings diverge')
@@ -962,6 +989,7 @@ def run_extend(args, net, diffusion, config, device, out):
     d = config['data']
     if not d.get('frames'):
         raise SystemExit('error: --extend continues videos; this checkpoint is an image model')
+    # The model samples windows of its training length; each round keeps `context` frames and adds the rest.
     window = d['frames']
     context = args.context or window // 2
     num_new = args.new_frames or window - context
@@ -981,8 +1009,10 @@ def run_extend(args, net, diffusion, config, device, out):
             denoiser = ClassifierFreeGuidance(denoiser, w=args.guidance, null_class=d['num_classes'])
     if config['net'].get('aug_dim'):
         cond['aug_cond'] = torch.zeros(args.continuations, config['net']['aug_dim'], device=device)
+    # Reconstruction guidance needs a sampler that re-noises (Ho et al. 2022 use ancestral sampling): the default.
     sampler = args.sampler or 'euler_ancestral'
     sigmas = samplers.karras_sigmas(args.steps or 50, diffusion.sigma_min, diffusion.sigma_max).to(device)
+    # The inverse method runs an ordinary sampler inside; its options pass through unchanged.
     options = dict(w_r=args.w_r, sampler=sampler, sampler_options=getattr(args, 'sampler_options', None) or {})
     g = torch.Generator().manual_seed(args.seed)
     try:
@@ -997,6 +1027,7 @@ def run_extend(args, net, diffusion, config, device, out):
     return video
 
 
+# main reads as the steps of a sampling session: check, locate outputs, load, pick a mode, sample, write.
 def main(args):
     check_args(args)
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -1050,6 +1081,7 @@ def main(args):
             images, labels, rate = reject_samples(args, make, labels, setup['clean_log_prob'])
     except (ValueError, FloatingPointError, RuntimeError) as e:
         raise SystemExit(f'error: {e}') from None
+    # Written only now, once every sample exists; the paths were checked at the start.
     write_samples(images, labels, out, args.npz)
     print(f"wrote {out}: {args.num} samples, {describe_sampling(args, setup)}"
           + (f', class {args.label}' if args.label is not None else '')

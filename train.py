@@ -771,6 +771,7 @@ def disk_full(path, e, keep=''):
 # Used to rewrite log.jsonl on resume: a crash while rewriting must not lose the old records.
 def write_text(path, text):
     """Atomic text write (temp file + rename)."""
+    # Written next to the target so the rename stays within one file system.
     tmp = path + '.tmp'
     try:
         with open(tmp, 'w') as f:
@@ -813,6 +814,7 @@ def weights_problem(run):
 def prepare_run_folder(args):
     """Create --out, refusing a folder that holds another run unless told what to do with it; returns
     (checkpoint path, checkpoint to resume from or None)."""
+    # Checked before any data is read: a wrong --out must fail in a second, not after the dataset loads.
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise SystemExit(f'error: --out {args.out!r} is a file; give a folder for the run')
     try:
@@ -863,6 +865,7 @@ def resume_run(run, path, config, args, world, device):
                          '\nUse the same flags as that run, or a new --out.')
     # The config (network, diffusion, data) must match exactly; the optimisation flags may change only knowingly.
     old = ckpt.get('args', {})
+    # Flags missing from an old checkpoint's args are not compared (older runs stored fewer).
     changed = [f"--{k.replace('_', '-')}: run had {old[k]!r}, now {getattr(args, k)!r}" for k in RESUME_FLAGS
                if k in old and old[k] != getattr(args, k)]
     if len(ckpt.get('rng', [])) not in (0, world):
@@ -873,6 +876,7 @@ def resume_run(run, path, config, args, world, device):
                          'to an uninterrupted run).')
     if changed:
         print('resuming with changed settings (the result is no longer that of an uninterrupted run):\n  ' + '\n  '.join(changed))
+    # A checkpoint stripped to weights (for sharing) samples fine but cannot continue a run exactly.
     missing = [k for k in ('optimizer', 'scaler', 'step', 'rng') if k not in ckpt]
     if missing:
         raise SystemExit(f'error: {path} cannot be resumed: it lacks {", ".join(missing)} (a sampling-only checkpoint?)')
@@ -1014,6 +1018,7 @@ def superres_config(args, dataset, num_classes):
         raise SystemExit('error: --task superres works on images; this dataset holds videos')
     if args.low_res >= dataset.resolution:
         raise SystemExit(f'error: --low-res {args.low_res} must be smaller than the training resolution {dataset.resolution}')
+    # Without noise augmentation the network gets no level input at all (aug_dim 0), as the papers' plain SR stage.
     aug_dim = args.noise_aug_dim if args.noise_aug_max > 0 else 0
     name, net = network_config(args, dataset, num_classes, aug_dim)
     net = dict(net, cond_channels=dataset.channels)             # x_cond: the upsampled low-res image
@@ -1023,6 +1028,8 @@ def superres_config(args, dataset, num_classes):
 
 def superres_condition(config, x0, generator, device):
     """x_cond (and aug_cond at a random level) for one training micro-batch of high-resolution images x0."""
+    # The low-res image is made from the batch itself, so any dataset trains an SR stage; the generator makes the
+    # random augmentation levels part of the exact-resume stream.
     sr = config['superres']
     cond = cascade.training_condition(x0, sr['low_res'], sr['noise_aug_max'], sr['aug_dim'], generator=generator,
                                       mode=sr['upsample'])
@@ -1037,6 +1044,7 @@ def superres_probe(dataset, val_index, train_index):
 @torch.no_grad()
 def superres_grid(ema, diffusion, config, args, probe, path, device):
     """Three rows: the low-res inputs (nearest-upsampled), the EMA stage's SR of them (level 0), the real images."""
+    # Level 0 at sampling: the grid shows the stage on clean low-res inputs (cascades choose their own level).
     sr, (x, y) = config['superres'], probe
     z = cascade.downsample(x, sr['low_res'])
     num_classes = config['data']['num_classes']
@@ -1078,12 +1086,14 @@ def encode_dataset(args, dataset, device, chunk=256):
         raise SystemExit(f"error: --autoencoder {args.autoencoder} takes {ae.config['in_channels']}-channel images "
                          f'with sides divisible by {ae.downsample_factor}; {args.dataset} has {dataset.channels} '
                          f'channels at {dataset.resolution}x{dataset.resolution}')
+    # Chunks bound the memory of the encoder's activations; the latents themselves are small (f^2 fewer pixels).
     latents, labels = [], []
     for start in range(0, len(dataset), chunk):
         x, y = load_batch(dataset, torch.arange(start, min(start + chunk, len(dataset))))
         latents.append(ae.encode(x.to(device)).cpu())
         labels.append(torch.as_tensor(y))
     latents = torch.cat(latents)
+    # Recorded in the config so sample.py finds the decoder, and checks it is the very file trained on.
     record = {'path': os.path.abspath(args.autoencoder), 'sha256': sample.file_sha256(args.autoencoder),
               'config': ae.config, 'latent_shape': list(latents.shape[1:])}
     print(f'--autoencoder: {len(latents)} images encoded once to latents {tuple(latents.shape[1:])} '
@@ -1112,6 +1122,7 @@ def build_autoencoder_loss(args, config, device):
             if args.lpips != 'auto':
                 raise SystemExit(f'error: {e}') from None
             print('LPIPS weights not found: training with L1 + GAN (see vae.find_lpips_weights to add them)')
+    # KL models weigh their KL term, VQ models their codebook loss: one weight flag each.
     kind = config['net']['kind']
     # PatchGAN depth: 3 strided layers (70x70 patches) from 32x32 up; fewer on smaller images, which they would
     # shrink below the 4x4 kernels
@@ -1139,6 +1150,7 @@ def train_step_autoencoder(run, micro_batches, args):
                 run.scaler.scale(d_loss / len(micro_batches)).backward()
         logs.update(d_logs, **{k: float(v) for k, v in info.items() if k in ('perplexity', 'usage')})
         out.append((loss.detach().reshape(1), logs))
+    # As in train_step: every rank decides to skip (or not) on the same averaged loss.
     step_loss = torch.stack([l for l, _ in out]).mean()
     if dist.is_initialized():
         dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
@@ -1152,6 +1164,7 @@ def train_step_autoencoder(run, micro_batches, args):
     run.skipped = 0
     run.scaler.unscale_(run.optimizer)
     run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
+    # The discriminator steps only once the GAN loss is on (--gan-start): before that its gradients are zero.
     run.scaler.step(run.optimizer)
     if run.gan.gan_active(run.step):
         run.scaler.step(run.gan_optimizer)
@@ -1187,6 +1200,7 @@ class AutoencoderTracker:
 def held_out_psnr(ema, images, device):
     """PSNR (dB) of the EMA autoencoder's reconstructions of held-out images in [-1, 1]: 10 log10(2^2 / MSE)."""
     x = images.to(device)
+    # Raw (unscaled) latents: the reconstruction does not depend on the latent scale.
     x_hat = ema.decode_raw(ema.encode_raw(x)).clamp(-1, 1)
     return (10 * torch.log10(4.0 / ((x - x_hat) ** 2).flatten(1).mean(1))).mean().item()
 
@@ -1204,6 +1218,7 @@ def reconstruction_grid(ema, images, path, device):
 def measure_latent_scale(run, config, dataset, train_index, device):
     """After training: the latent scale (1 / std of the EMA model's latents on up to 1024 training images, LDM
     Sec. 4.3.2) goes into the EMA and raw models and into config['net'], so the final checkpoint carries it."""
+    # 1024 images estimate a standard deviation to about 2%, plenty for a scale factor.
     index = train_index[:1024]
     batches = (load_batch(dataset, index[i:i + 256])[0].to(device) for i in range(0, len(index), 256))
     scale = vae.compute_latent_scale(run.ema, batches)
@@ -1219,6 +1234,7 @@ def build_autoencoder_trainee(args, config, device, world):
     net = vae.Autoencoder(**config['net']).to(device)
     ema = vae.Autoencoder(**config['net']).to(device).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
+    # beta1 = 0.5: the GAN literature's choice, since momentum fights the discriminator's moving target.
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=(0.5, 0.9), weight_decay=args.weight_decay)
     gan = build_autoencoder_loss(args, config, device)
     gan_optimizer = torch.optim.Adam(gan.discriminator.parameters(), lr=args.lr, betas=(0.5, 0.9))
@@ -1233,6 +1249,7 @@ def build_autoencoder_trainee(args, config, device, world):
 
 def setup_distributed(args):
     """One process, or one per GPU/CPU slot under torchrun (which sets RANK, LOCAL_RANK and WORLD_SIZE)."""
+    # Without torchrun: one process on the requested (or best available) device.
     if 'RANK' not in os.environ:
         device = args.device_obj or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         if device.type == 'cuda' and not torch.cuda.is_available():
@@ -1255,6 +1272,7 @@ def amp_settings(args, device):
     # CPU autocast (bf16) is slower than fp32 on most CPUs, so CPU always trains in fp32.
     if device.type != 'cuda' or args.amp == 'none':
         return None, False
+    # bf16 has fp32's exponent range, so it needs no loss scaling; fp16 does (GradScaler).
     if args.amp == 'bf16' or (args.amp == 'auto' and torch.cuda.is_bf16_supported()):
         return torch.bfloat16, False
     return torch.float16, True
@@ -1279,6 +1297,7 @@ def check_replicas(run, world, log, is_main):
 def held_out_record(run, held_out, train_probe, watcher, device, bar):
     """The log record of the fixed held-out and training batches (the same network, noise and labels), plus the
     classifier's accuracy by noise level; warns once when the two losses start to diverge (memorisation)."""
+    # Same noise, same network, same labels on both batches: their gap is memorisation, not noise.
     record = {'step': run.step, 'val_loss': held_out_loss(run, held_out, device)}
     if train_probe is not None:
         record['train_loss_fixed'] = held_out_loss(run, train_probe, device)
@@ -1293,6 +1312,7 @@ def held_out_record(run, held_out, train_probe, watcher, device, bar):
 
 def primary_score(record):
     """The score --until-converged watches: KID-type if present (reliable at 2,000 samples), else the first FD."""
+    # KID's estimate is unbiased at any sample count, FD's is not: KID is the better stopping signal.
     scores = record.get('eval', {})
     for key in sorted(scores, key=lambda k: ('K' not in k.split('_')[0], k)):
         return scores[key]
@@ -1313,6 +1333,7 @@ def final_reports(args, run, config, dataset, train_index, val_index, log, devic
     NLL); for small image datasets, evaluate.py's memorisation report (nearest training image of each sample)."""
     import evaluate
     from diffusion import bits_per_dim
+    # Held-out images when there are any; tiny datasets fall back to training images (and say so in the log).
     held = val_index if len(val_index) else train_index
     if config['task'] == 'classifier':
         batch = held_out_batch(dataset, held, run.diffusion, config, quiet=True)
