@@ -720,6 +720,16 @@ def compute_metrics(fake_feats, ref_stats, fake_logits=None, metrics=METRICS, ne
     return results
 
 
+def samples_to_uint8(x, source):
+    """Generated samples in [-1, 1] -> uint8 (data.to_uint8), refusing NaN/inf: to_uint8 would turn them into
+    some pixel value, and the scores would be of those."""
+    x = x.detach().cpu()
+    if not torch.isfinite(x).all():
+        raise ValueError(f'{source} returned {int((~torch.isfinite(x)).sum())} NaN/inf pixel values: the model has '
+                         'diverged, so there is nothing meaningful to score')
+    return data.to_uint8(x)
+
+
 @torch.no_grad()
 def evaluate_generator(generate, ref_stats, model, num_samples=2000, batch_size=50, device='cpu',
                        metrics=('fid', 'kid'), progress=False, kid_subset_size=1000):
@@ -732,11 +742,7 @@ def evaluate_generator(generate, ref_stats, model, num_samples=2000, batch_size=
     feats, logits = [], []
     want_logits = 'is' in metrics and model.name.split('/')[0] == 'inception'
     for start in range(0, num_samples, batch_size):
-        x = generate(min(batch_size, num_samples - start)).cpu()
-        if not torch.isfinite(x).all():  # to_uint8 would turn NaN into some pixel value and score it
-            raise ValueError(f'the generator returned {int((~torch.isfinite(x)).sum())} NaN/inf pixel values: '
-                             'the model has diverged, so there is nothing meaningful to score')
-        x = data.to_uint8(x)  # 8-bit levels, as in a saved PNG
+        x = samples_to_uint8(generate(min(batch_size, num_samples - start)), 'the generator')  # as in a PNG
         out = extract_features(x, model, batch_size, device, return_logits=want_logits, progress=progress)
         feats.append(out[0] if want_logits else out)
         if want_logits:
@@ -888,7 +894,8 @@ def check_output_path(path, extensions, flag):
 def check_paths(args):
     """Inputs exist and outputs can be written, before the network is loaded or any feature computed."""
     for flag, path in (('GENERATED', args.generated), ('REFERENCE', args.reference),
-                       ('--memorization', args.memorization)):
+                       ('--memorization', args.memorization),
+                       ('--lenet-weights', args.lenet_weights if args.network == 'lenet' else None)):
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f'{flag} {path} does not exist')
     for flag, path, extensions in (('--save-stats', args.save_stats, ('.npz',)), ('--out', args.out, ('.json',)),
@@ -914,7 +921,10 @@ def build_feature_network(args):
     try:
         state = torch.load(args.lenet_weights, map_location='cpu', weights_only=True)
     except (OSError, RuntimeError, pickle.UnpicklingError, EOFError) as e:  # missing, truncated, not a torch file
-        raise ValueError(f'cannot read --lenet-weights {args.lenet_weights}: {e}') from None
+        reason = ('not tensors written by torch.save' if isinstance(e, pickle.UnpicklingError)  # torch's own text
+                  else f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')  # suggests weights_only=False
+        raise ValueError(f'cannot read --lenet-weights {args.lenet_weights} as a PyTorch state dict ({reason}); it '
+                         'is truncated or another kind of file. Save one with --train-lenet.') from None
     return lenet_from_state_dict(state, f'--lenet-weights {args.lenet_weights}').to(args.device)
 
 
@@ -985,7 +995,7 @@ def sample_checkpoint(args):
                                  decode=sample.latent_decoder(config, args.device))
     except FloatingPointError as e:   # to_uint8 would turn NaN into pixels and the scores would be of those
         raise ValueError(f'{args.generated}: {e}; nothing meaningful to score') from None
-    images = data.to_uint8(images)
+    images = samples_to_uint8(images, args.generated)   # sample.generate checks too; this file does not rely on it
     args.sampling = sample.describe_sampling(args, setup)
     print(f'sampled {n} images from {args.generated} ({args.sampling})')
     if args.npz:  # the samples are kept, whatever happens later (sample.py's layout: uint8 NHWC + labels)

@@ -25,6 +25,7 @@ Usage:  model = load_inception()                           # or load_inception('
 """
 import hashlib
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -355,8 +356,10 @@ def load_inception(path=None, device='cpu', resize='legacy', download=True, chan
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:  # a truncated download, an HTML error page saved as .pth, a pickle of code
-        raise ValueError(f'could not read {path} as a PyTorch weight file ({e}).\n'
-                         f'Download it again from {FID_WEIGHTS_URL}') from e
+        reason = ('not tensors written by torch.save' if isinstance(e, pickle.UnpicklingError)  # torch's own text
+                  else f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')  # suggests weights_only=False
+        raise ValueError(f'could not read {path} as a PyTorch weight file ({reason}); it is truncated or another '
+                         f'kind of file.\nDownload it again from {FID_WEIGHTS_URL}') from None
     with torch.device('meta'):  # shapes only: skip a 24M-parameter random init that would be overwritten
         model = FIDInceptionV3(resize=resize, channels_last=channels_last)
     check_state_dict(state, model, path)

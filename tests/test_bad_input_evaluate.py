@@ -211,13 +211,14 @@ def test_a_folder_of_fewer_than_20_images_holds_out_nothing(tmp_path):
     assert torch.isfinite(x).all() and len(x) == 10
 
 
-def test_a_checkpoint_whose_samples_are_nan_is_an_error_not_a_score(lenet_run, monkeypatch):
-    # Before: NaN samples were cast to uint8 (some pixel value) and scored like images.
-    import sample
-    args, root = lenet_run
-    (root / 'ckpt.pt').write_bytes(b'')
-    settings = dict(channels=1, resolution=16, num_classes=0, aug_dim=0, frames=None)
-    monkeypatch.setattr(evaluate, 'load_checkpoint_model', lambda path, device: (None, None, settings))
-    monkeypatch.setattr(sample, 'generate', lambda net, diffusion, n, shape, *a, **k: torch.full((n, *shape), np.nan))
-    with pytest.raises(ValueError, match='NaN/inf pixel values.*diverged'):
-        evaluate.main(args('ckpt.pt', 'ref.npz', '--num-gen', '4'))
+def test_nan_samples_are_an_error_not_a_score():
+    # Before: NaN samples (of a diverged checkpoint, or during training) were cast to uint8 and scored like images.
+    x = torch.zeros(4, 3, 8, 8)
+    x[1, 2, 3, 4] = float('nan')
+    with pytest.raises(ValueError, match='ckpt.pt returned 1 NaN/inf pixel values.*diverged'):
+        evaluate.samples_to_uint8(x, 'ckpt.pt')                       # the checkpoint path of the command line
+    model = evaluate.LeNetFeatures(3, 10, 8).eval()
+    stats = evaluate.compute_statistics(np.random.RandomState(0).randn(20, 128))
+    with pytest.raises(ValueError, match='NaN'):                      # the in-training path (train.py)
+        evaluate.evaluate_generator(lambda n: x[:n], stats, model, num_samples=4, batch_size=4)
+    assert torch.equal(evaluate.samples_to_uint8(torch.nan_to_num(x), 'ok'), data.to_uint8(torch.nan_to_num(x)))
