@@ -944,7 +944,7 @@ def train_lenet_command(args):
 
 
 def load_checkpoint_model(path, device):
-    """(net, diffusion, image settings) of a train.py checkpoint via sample.load_model, or a clear error."""
+    """(net, diffusion, config) of a train.py image checkpoint via sample.load_model, or a clear error."""
     import sample  # only the command line samples; the metrics above need no model code (DESIGN.md: evaluate -> sample)
     try:
         net, diffusion, config = sample.load_model(path, device)
@@ -957,7 +957,7 @@ def load_checkpoint_model(path, device):
                          'written by train.py, or images/.npz of samples (sample.py --npz).') from None
     if settings['frames']:
         raise ValueError(f'{path} is a video model; these image metrics score images (sample it with sample.py)')
-    return net, diffusion, settings
+    return net, diffusion, config
 
 
 def sample_checkpoint(args):
@@ -969,8 +969,7 @@ def sample_checkpoint(args):
     the noise of seed args.seed + its first index (sample.generate's convention).
     """
     import sample
-    load_checkpoint_model(args.generated, args.device)            # the clear errors for a bad file or a video model
-    net, diffusion, config = sample.load_model(args.generated, args.device)
+    net, diffusion, config = load_checkpoint_model(args.generated, args.device)   # clear errors: bad file, video model
     n, num_classes = args.num_gen or 2000, int(config['data']['num_classes'])
     labels = None
     if num_classes:

@@ -1000,7 +1000,7 @@ def run_evaluation(args, ema, diffusion, config, eval_state, step, device):
                         args.sample_steps, args.guidance, seed=args.seed + 1 + start,
                         aug_dim=config['net'].get('aug_dim', 0), sampler_options=args.sampler_options, decode=decode)
     results = evaluate.evaluate_generator(make, ref, model, args.eval_samples, batch_size=250, device=device)
-    print(evaluate.format_results(results, args.eval_samples, int(ref['num_images']), 'clean', 'training images',
+    print(evaluate.format_results(results, args.eval_samples, int(ref['num_images']), getattr(model, 'resize', 'legacy'), 'training images',
                                   'labels drawn from the data' if labels is not None else None))
     return {'step': step, 'eval': {k: float(v) for k, v in results.items()}, 'eval_samples': args.eval_samples,
             'eval_network': model.name, 'guidance': args.guidance}
@@ -1370,6 +1370,55 @@ def final_reports(args, run, config, dataset, train_index, val_index, log, devic
               f"(nearest/second-nearest distance < 1/3; pairs, closest first, in {path})")
 
 
+def describe_run(args, config, run, dataset, train_index, val_index, device, world):
+    """One line at the start: model, size, data, diffusion settings, device, processes, precision."""
+    print(f"{config['model']} '{config['config_name']}' {sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M "
+          f"parameters; {args.dataset}: {len(train_index)} training + {len(val_index)} held-out images "
+          f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}, {config['data']['num_classes']} classes; "
+          f"{config['diffusion']}; device {device}, {world} process(es), AMP {run.amp_dtype or 'off'}")
+
+
+def evaluate_and_watch(args, run, config, eval_state, watcher, log, bar, device):
+    """KID/FD of the EMA model into the log; True when --until-converged sees no more progress (this step is the
+    last: args.steps is set to it, so the final checkpoint and grid follow)."""
+    record = run_evaluation(args, run.ema.eval(), run.diffusion, config, eval_state, run.step, device)
+    log.write(record)
+    if watcher.metric(primary_score(record)) and run.step < args.steps:
+        bar.write(f'step {run.step}: converged: the evaluation score has not improved by '
+                  f'{args.converge_margin:.0%} for {args.until_converged} evaluations; stopping here')
+        args.steps = run.step
+        return True
+    return False
+
+
+def held_out_batches(args, config, dataset, train_index, val_index, run):
+    """(held-out batch, training probe): an autoencoder's held-out images (PSNR, reconstruction grids); for diffusion
+    the fixed held-out batch and the same kind of batch made of training images, whose losses side by side show
+    memorisation. (None, None) when --val-every 0."""
+    if config['task'] == 'autoencoder':
+        return load_batch(dataset, val_index[:256] if len(val_index) else train_index[:32])[0], None
+    held_out = held_out_batch(dataset, val_index, run.diffusion, config) if args.val_every else None
+    if held_out is None:
+        return None, None
+    return held_out, held_out_batch(dataset, train_index, run.diffusion, config, quiet=True)
+
+
+def report_latent_scale(run, config, dataset, train_index, device, bar):
+    """--task autoencoder, last step: measure the latent scale (into the final checkpoint) and say it."""
+    scale = measure_latent_scale(run, config, dataset, train_index, device)
+    if bar is not None:
+        bar.write(f'step {run.step}: latent scale factor {scale:.5g} (1 / std of the latents)')
+
+
+def write_grid(run, config, args, held_out, probe, path, device):
+    """The picture of the EMA model at this step: an autoencoder's reconstructions, else samples (an SR stage's
+    upsampling of the probe images when it is one)."""
+    if config['task'] == 'autoencoder':
+        reconstruction_grid(run.ema, held_out, path, device)
+    else:
+        sample_grid(run.ema.eval(), run.diffusion, config, args, path, device, probe)
+
+
 def main(args):
     # Setup: every flag checked before anything slow; processes, device, the dropout RNG (saved on resume).
     check_args(args)
@@ -1405,10 +1454,7 @@ def main(args):
     last_good = run.step
     log = RunLog(os.path.join(args.out, 'log.jsonl'), run.step) if is_main else None
     if is_main:
-        print(f"{config['model']} '{config['config_name']}' {sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M "
-              f"parameters; {args.dataset}: {len(train_index)} training + {len(val_index)} held-out images "
-              f"{dataset.channels}x{dataset.resolution}x{dataset.resolution}, {config['data']['num_classes']} classes; "
-              f"{config['diffusion']}; device {device}, {world} process(es), AMP {run.amp_dtype or 'off'}")
+        describe_run(args, config, run, dataset, train_index, val_index, device, world)
 
     # Setup batches: the step's images from the (seed, step, rank) generators, streamed by the loader.
     if args.overfit_batch:
@@ -1416,14 +1462,8 @@ def main(args):
     else:
         batches = iter(training_batches(args, dataset, train_index, rank, micro_batch, run.step))
     augment_pipe = AugmentPipe(p=args.aug_p) if args.aug_p > 0 else None
-    autoencoder = config['task'] == 'autoencoder'   # its held-out images give PSNR and the reconstruction grids
-    if autoencoder:
-        held_out = load_batch(dataset, val_index[:256] if len(val_index) else train_index[:32])[0] if is_main else None
-    else:
-        held_out = held_out_batch(dataset, val_index, run.diffusion, config) if is_main and args.val_every else None
-    # The same fixed batch made of training images: its loss against the held-out one shows memorisation.
-    train_probe = held_out_batch(dataset, train_index, run.diffusion, config, quiet=True) \
-        if not autoencoder and held_out is not None else None
+    autoencoder = config['task'] == 'autoencoder'
+    held_out, train_probe = held_out_batches(args, config, dataset, train_index, val_index, run) if is_main else (None, None)
     watcher = Watcher(args.until_converged, args.converge_margin)
     eval_state = setup_evaluation(args, pixels, train_index, config, device) if args.eval_every and is_main else None
     probe = superres_probe(dataset, val_index, train_index) if config['task'] == 'superres' and is_main else None
@@ -1458,38 +1498,25 @@ def main(args):
             log.write({'step': run.step, 'val_psnr': held_out_psnr(run.ema, held_out, device)} if autoencoder else
                       held_out_record(run, held_out, train_probe, watcher, device, bar))
         if eval_state is not None and (run.step % args.eval_every == 0 or done):
-            record = run_evaluation(args, run.ema.eval(), run.diffusion, config, eval_state, run.step, device)
-            log.write(record)
-            if watcher.metric(primary_score(record)) and not done:   # --until-converged: this step is the last
-                bar.write(f'step {run.step}: converged: the evaluation score has not improved by '
-                          f'{args.converge_margin:.0%} for {args.until_converged} evaluations; stopping here')
-                args.steps, done = run.step, True
+            done = evaluate_and_watch(args, run, config, eval_state, watcher, log, bar, device) or done
 
         # Save checkpoint: only weights known to be good replace the previous checkpoint.
         if done and autoencoder:                 # the latent scale goes into the final checkpoint's config
-            scale = measure_latent_scale(run, config, dataset, train_index, device)
-            if is_main:
-                bar.write(f'step {run.step}: latent scale factor {scale:.5g} (1 / std of the latents)')
+            report_latent_scale(run, config, dataset, train_index, device, bar if is_main else None)
         if run.step % args.ckpt_every == 0 or done or run.step == args.save_early:
             last_good = checkpoint(run, config, args, ckpt_path, world, device, is_main, last_good)
 
         # Sample grid: a picture of the EMA model now (the final one is also redone at the end if missing).
         if is_main and ((args.sample_every and run.step % args.sample_every == 0) or done) and config['task'] != 'classifier':
             path = os.path.join(args.out, f'samples_{run.step:07d}.png')
-            if autoencoder:
-                reconstruction_grid(run.ema, held_out, path, device)
-            else:
-                sample_grid(run.ema.eval(), run.diffusion, config, args, path, device, probe)
+            write_grid(run, config, args, held_out, probe, path, device)
             bar.write(f'step {run.step}: wrote {path}')
     bar.close()
 
     # Finish: the final grid if a kill interrupted it; DDP replica check; a run that ended on non-finite steps fails.
     final_grid = os.path.join(args.out, f'samples_{run.step:07d}.png')
     if is_main and not os.path.exists(final_grid) and config['task'] != 'classifier':
-        if autoencoder:
-            reconstruction_grid(run.ema, held_out, final_grid, device)
-        else:
-            sample_grid(run.ema.eval(), run.diffusion, config, args, final_grid, device, probe)
+        write_grid(run, config, args, held_out, probe, final_grid, device)
         print(f'step {run.step}: wrote {final_grid}')
     if is_main:                                      # bits/dim, memorisation, classifier accuracy
         final_reports(args, run, config, dataset, train_index, val_index, log, device)
