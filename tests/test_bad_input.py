@@ -19,7 +19,7 @@ import train
 
 # A micro model on 16x16 shapes (seconds on a 2-core CPU); data_dir default.
 FAST = ['--resolution', '16', '--model-channels', '8', '--batch-size', '8', '--log-every', '1', '--val-every', '0',
-        '--sample-every', '0', '--sample-steps', '2', '--warmup', '2', '--no-progress']
+        '--sample-every', '0', '--sample-steps', '2', '--warmup', '2', '--no-progress', '--bpd-images', '0']
 
 
 def run(out, *extra):

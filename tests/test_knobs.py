@@ -233,3 +233,20 @@ def test_evaluate_samples_a_checkpoint_with_every_condition_mode_and_the_samplin
                         LinearSchedule(sigmas, 2.0, 1.0), seed=5, batch_size=4, sigmas=sigmas,
                         guide=lambda d: Thresholded(d, 'static'))
     np.testing.assert_array_equal(images.numpy(), data.to_uint8(x).numpy())
+
+
+def test_small_datasets_end_with_the_memorisation_report(tmp_path):
+    """Under --memorization-below images, the run ends with evaluate.py's nearest-neighbour report and its PNG."""
+    from PIL import Image
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    g = np.random.RandomState(0)
+    for i in range(24):
+        Image.fromarray(g.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f'{i}.png')
+    out = tmp_path / 'run'
+    train.main(train.parse_args(['--dataset', f'folder:{folder}', '--steps', '2', '--batch-size', '8', '--sample-steps', '2',
+                                 '--model-channels', '8', '--no-progress', '--workers', '0', '--out', str(out)]))
+    records = [json.loads(line) for line in open(out / 'log.jsonl')]
+    report = [r for r in records if 'near_copies' in r]
+    assert len(report) == 1 and 0 <= report[0]['near_copies'] <= 1 and report[0]['memorisation_samples'] == 64
+    assert Image.open(out / 'nearest_pairs.png').size[0] > 0

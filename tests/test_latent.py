@@ -13,7 +13,7 @@ import vae
 
 # Tiny autoencoder (f = 2, 2 latent channels) and a micro U-Net on 16x16 shapes: seconds on a CPU.
 FAST = ['--resolution', '16', '--batch-size', '8', '--log-every', '2', '--sample-every', '0', '--warmup', '2',
-        '--no-progress']
+        '--no-progress', '--bpd-images', '0']
 AE = ['--task', 'autoencoder', '--vae-config', 'tiny-kl', '--lr', '1e-3', '--gan-start', '1', '--val-every', '2']
 
 

@@ -18,7 +18,7 @@ import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # A micro model on 16x16 shapes: a few steps take seconds on a 2-core CPU.
 FAST = ['--resolution', '16', '--model-channels', '8', '--batch-size', '8', '--log-every', '2', '--val-every', '4',
-        '--sample-every', '0', '--sample-steps', '3', '--warmup', '2', '--no-progress']
+        '--sample-every', '0', '--sample-steps', '3', '--warmup', '2', '--no-progress', '--bpd-images', '0']
 
 
 def run(tmp_path, *extra, name='run'):
