@@ -603,6 +603,10 @@ def parse_args(argv=None):
     g.add_argument('--factor', type=int, default=4, help='super-resolution factor')
     g.add_argument('--noise-std', type=float, default=0.0, help='measurement noise')
     g.add_argument('--image', default=None, help='image file to measure and reconstruct; default: a held-out dataset image')
+    g.add_argument('--inverse-opt', action='append', default=[], metavar='KEY=VALUE',
+                   help="the method's own options (repeatable): its step size zeta=4 (dps, mcg), w_r=2 "
+                        "(reconstruction guidance), step=1 (pocs), sigma_stop=0.5 (ilvr), eta=0.5 (all); the "
+                        "schedule flags apply too (--sigma-max 2 starts CCDF's solve at sigma 2)")
     g = p.add_argument_group('public pretrained models (pretrained.py)')
     g.add_argument('--pretrained', default=None, metavar='NAME',
                    help=f"sample a published model instead of --ckpt: {', '.join(pretrained.PRETRAINED)}")
@@ -702,6 +706,24 @@ def read_image(path, channels, resolution):
 
 # One image in, one strip out: the measurement y = A x0 (+ noise), the solver's reconstruction and the
 # original, with the PSNR and the measurement residual |A x - y| that shows consistency.
+def inverse_options(method, items):
+    """--inverse-opt KEY=VALUE -> the method's keyword options, checked against its signature (an unknown one is
+    an error naming the method's options, never silently dropped)."""
+    import inspect
+    import inverse
+    try:
+        options = parse_sampler_options(items)
+    except ValueError as e:
+        raise SystemExit(f"error: {str(e).replace('--sampler-opt', '--inverse-opt')}") from None
+    params = inspect.signature(inverse.INVERSE_METHODS[method]).parameters
+    known = [k for k, v in params.items() if v.kind is inspect.Parameter.KEYWORD_ONLY and k not in ('generator', 'cond', 'callback')]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise SystemExit(f"error: --inverse {method} has no option {', '.join(map(repr, unknown))}; its options: "
+                         + ', '.join(f'{k}={params[k].default!r}' for k in known))
+    return options
+
+
 def run_inverse(args, net, diffusion, config, device):
     """Measure one image, reconstruct it with the chosen method, save measurement | reconstruction | original."""
     import inverse
@@ -726,7 +748,10 @@ def run_inverse(args, net, diffusion, config, device):
     g = torch.Generator().manual_seed(args.seed)
     op = inverse.make_operator(args.operator, tuple(x0.shape[1:]), generator=g, noise_std=args.noise_std, factor=args.factor)
     y = op.measure(x0, generator=g)
-    sigmas = samplers.karras_sigmas(args.steps or 50, diffusion.sigma_min, diffusion.sigma_max).to(device)
+    # The schedule flags (--schedule, --sigma-max, ...) give the solver's noise levels, 50 by default.
+    sigmas = make_sigmas(args.schedule, args.steps or 50, diffusion, args.rho, args.sigma_min, args.sigma_max,
+                         args.flow_shift).to(device)
+    options = inverse_options(args.inverse, args.inverse_opt)
     # The model's conditioning: unconditional class, no augmentation; passed as the solver's cond dict.
     cond = {}
     if config['data']['num_classes']:
@@ -735,7 +760,7 @@ def run_inverse(args, net, diffusion, config, device):
         cond['aug_cond'] = torch.zeros(1, config['net']['aug_dim'], device=device)
     x = sigmas[0] * torch.randn(x0.shape, generator=g).to(device)
     recon = inverse.INVERSE_METHODS[args.inverse](diffusion.denoiser(net), x, sigmas, op, y, generator=g,
-                                                  cond=cond).clamp(-1, 1)
+                                                  cond=cond, **options).clamp(-1, 1)
     shown = op.pinv(y).clamp(-1, 1)
     save_grid(torch.cat([shown, recon, x0]).detach(), out, nrow=3)
     psnr = 10 * torch.log10(4 / ((recon - x0) ** 2).mean()).item()

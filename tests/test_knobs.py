@@ -250,3 +250,29 @@ def test_small_datasets_end_with_the_memorisation_report(tmp_path):
     report = [r for r in records if 'near_copies' in r]
     assert len(report) == 1 and 0 <= report[0]['near_copies'] <= 1 and report[0]['memorisation_samples'] == 64
     assert Image.open(out / 'nearest_pairs.png').size[0] > 0
+
+
+def test_inverse_step_size_and_start_level_flags_match_the_library(runs, tmp_path):
+    """--inverse-opt sets the method's own options (DPS's step size zeta) and the schedule flags its noise levels
+    (--sigma-max: the start of a CCDF-style shortened solve); an unknown option names the method's options."""
+    import inverse
+    from PIL import Image
+    cli_png = tmp_path / 'cli.png'
+    sample.main(sample.parse_args(['--ckpt', runs['model'], '--inverse', 'dps', '--operator', 'sr', '--factor', '2',
+                                   '--inverse-opt', 'zeta=2', '--sigma-max', '5', '--steps', '6', '--seed', '1',
+                                   '--out', str(cli_png)]))
+    net, diffusion, config = sample.load_model(runs['model'])
+    ds = data.load_dataset('shapes', split=config['args'].get('split', 'train'), resolution=16)
+    x0 = ds[0][0][None]
+    g = torch.Generator().manual_seed(1)
+    op = inverse.make_operator('sr', tuple(x0.shape[1:]), generator=g, noise_std=0.0, factor=2)
+    y = op.measure(x0, generator=g)
+    sigmas = samplers.karras_sigmas(6, diffusion.sigma_min, 5.0)
+    x = sigmas[0] * torch.randn(x0.shape, generator=g)
+    recon = inverse.sample_dps(diffusion.denoiser(net), x, sigmas, op, y, zeta=2.0, generator=g,
+                               cond={'y': torch.full((1,), config['data']['num_classes'])}).clamp(-1, 1)
+    sample.save_grid(torch.cat([op.pinv(y).clamp(-1, 1), recon, x0]).detach(), str(tmp_path / 'lib.png'), nrow=3)
+    np.testing.assert_array_equal(np.asarray(Image.open(cli_png)), np.asarray(Image.open(tmp_path / 'lib.png')))
+    with pytest.raises(SystemExit, match="options: zeta=0.5"):
+        sample.main(sample.parse_args(['--ckpt', runs['model'], '--inverse', 'dps', '--inverse-opt', 'w_r=1',
+                                       '--out', str(cli_png)]))
