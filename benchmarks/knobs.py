@@ -85,6 +85,12 @@ def main(args):
         print(f'| {name} | {acc:.3f} | {fd:.1f} | {kd:.4f} | {time.time() - t:.0f} |', flush=True)
 
     print(f'\n{len(labels)} samples per row ({args.n_per_class} per class), seed {args.seed}; chance {1 / d["num_classes"]:.3f}')
+    if args.nfe_sweep:                     # issue 14: the multistep solvers at equal NFE (1 evaluation per step)
+        print('\n| solver, NFE (no guidance) | class accuracy | FD_lenet | KD_lenet | seconds |\n| --- | --- | --- | --- | --- |')
+        for sampler in ('dpmpp_2m', 'dpmpp_3m', 'ipndm', 'deis_tab', 'unipc_bh2', 'eps_abm'):
+            for nfe in args.nfe_sweep:
+                run(f'{sampler}, {nfe}', ['--guidance', '1'], sampler, nfe)
+        return
     print('\n| sampler, steps (no guidance) | class accuracy | FD_lenet | KD_lenet | seconds |\n| --- | --- | --- | --- | --- |')
     for sampler, steps in SOLVERS:
         run(f'{sampler}, {steps} steps', ['--guidance', '1'], sampler, steps)
@@ -106,4 +112,6 @@ if __name__ == '__main__':
     p.add_argument('--batch', type=int, default=100)
     p.add_argument('--lenet-steps', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--nfe-sweep', type=int, nargs='*', default=None, metavar='NFE',
+                   help='only race the multistep solvers (one evaluation per step) at these NFE, e.g. 5 10 20')
     main(p.parse_args())
