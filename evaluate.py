@@ -949,13 +949,13 @@ def load_checkpoint_model(path, device):
     try:
         net, diffusion, config = sample.load_model(path, device)
         d = config['data']
-        settings = dict(channels=int(d['channels']), resolution=int(d['resolution']),
-                        num_classes=int(d['num_classes']), aug_dim=int(config['net'].get('aug_dim', 0) or 0),
-                        frames=d.get('frames'))
+        # The fields sampling reads must be present and numbers: a damaged config is the message below, not a KeyError.
+        [int(v) for v in (d['channels'], d['resolution'], d['num_classes'], config['net'].get('aug_dim', 0) or 0)]
+        frames = d.get('frames')
     except (KeyError, IndexError, AttributeError, TypeError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
         raise ValueError(f'{path} is not a usable train.py checkpoint ({type(e).__name__}: {e}). Pass a ckpt.pt '
                          'written by train.py, or images/.npz of samples (sample.py --npz).') from None
-    if settings['frames']:
+    if frames:
         raise ValueError(f'{path} is a video model; these image metrics score images (sample it with sample.py)')
     return net, diffusion, config
 

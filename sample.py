@@ -31,7 +31,6 @@ and optionally an .npz of uint8 samples. With --inverse METHOD it instead solves
 import argparse
 import ast
 import errno
-import hashlib
 import json
 import math
 import os
@@ -250,15 +249,6 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
 # Latent diffusion (vae.py): a checkpoint trained with train.py --autoencoder records its autoencoder (path,
 # sha256, config with the latent scale) in config['autoencoder']; samples are latents, decoded to pixels here.
 
-# The autoencoder is identified by content, not by name: a retrained file at the same path decodes to other images.
-def file_sha256(path, chunk=1 << 20):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(chunk), b''):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_autoencoder(path, device='cpu', use_ema=True):
     """The (EMA) autoencoder of a train.py --task autoencoder checkpoint, frozen, in eval mode."""
     ckpt = load_checkpoint(path, device)
@@ -280,7 +270,8 @@ def latent_decoder(config, device='cpu'):
     if not os.path.isfile(record['path']):
         raise SystemExit(f"error: this latent diffusion model decodes through the autoencoder {record['path']!r}, "
                          'which is missing; put that checkpoint back at that path')
-    if file_sha256(record['path']) != record['sha256']:
+    # Identified by content, not by name: a retrained file at the same path decodes to other images.
+    if pretrained.sha256_of(record['path']) != record['sha256']:
         raise SystemExit(f"error: {record['path']!r} is not the autoencoder this model was trained on (its sha256 "
                          "changed: retrained or replaced?); decoding through it would give wrong images")
     ae = load_autoencoder(record['path'], device)

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import cascade
 import data
+import pretrained
 import sample
 from augment import AUG_DIM, AugmentPipe
 from diffusion import NOISE_SCHEDULES
@@ -450,16 +451,23 @@ def train_step(run, micro_batches, args):
     if not torch.isfinite(step_loss):
         skip_step(run)
         return None
+    apply_update(run, args)
+    return losses
+
+
+def apply_update(run, args, extra_optimizer=None):
+    """The gradient step every task shares (Alg. 1 line 5): undo fp16 loss scaling so that clipping sees the true
+    gradients (a no-op when the scaler is off), clip, step, clear the gradients, update the EMA. extra_optimizer is
+    stepped with the same scaler (the autoencoder's discriminator once its GAN loss is on)."""
     run.skipped = 0
-    # Clipping must see true gradients, so fp16 scaling is undone first (a no-op when the scaler is off).
-    # Gradient step (Alg. 1 line 5) with clipping; the scaler undoes fp16 loss scaling first.
     run.scaler.unscale_(run.optimizer)
     run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
     run.scaler.step(run.optimizer)
+    if extra_optimizer is not None:
+        run.scaler.step(extra_optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     update_ema(run.ema, run.net, ema_decay(run.step, args.ema_decay))
-    return losses
 
 
 def task_loss(run, b):
@@ -1094,7 +1102,7 @@ def encode_dataset(args, dataset, device, chunk=256):
         labels.append(torch.as_tensor(y))
     latents = torch.cat(latents)
     # Recorded in the config so sample.py finds the decoder, and checks it is the very file trained on.
-    record = {'path': os.path.abspath(args.autoencoder), 'sha256': sample.file_sha256(args.autoencoder),
+    record = {'path': os.path.abspath(args.autoencoder), 'sha256': pretrained.sha256_of(args.autoencoder),
               'config': ae.config, 'latent_shape': list(latents.shape[1:])}
     print(f'--autoencoder: {len(latents)} images encoded once to latents {tuple(latents.shape[1:])} '
           f'(mean {latents.mean():.3f}, std {latents.std():.3f} after the recorded scale)')
@@ -1161,17 +1169,9 @@ def train_step_autoencoder(run, micro_batches, args):
         run.gan_optimizer.zero_grad(set_to_none=True)
         skip_step(run)
         return None
-    run.skipped = 0
-    run.scaler.unscale_(run.optimizer)
-    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
     # The discriminator steps only once the GAN loss is on (--gan-start): before that its gradients are zero.
-    run.scaler.step(run.optimizer)
-    if run.gan.gan_active(run.step):
-        run.scaler.step(run.gan_optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
+    apply_update(run, args, run.gan_optimizer if run.gan.gan_active(run.step) else None)
     run.gan_optimizer.zero_grad(set_to_none=True)
-    update_ema(run.ema, run.net, ema_decay(run.step, args.ema_decay))
     return out
 
 
