@@ -10,10 +10,16 @@ Part 'speed' times one training step (diffusion.Diffusion.loss + backward + Adam
 on 64x64x3 pixels and on the 16x16x3 latents of an f=4 autoencoder, with the latents cached (what train.py
 --autoencoder does) and encoded on the fly (the encoder's forward added), and prints images/s.
 
+Part 'score' scores autoencoders trained by train.py --task autoencoder (their EMA weights) on the same held-out
+emoji train.py held out (data.holdout_split, seed 0): PSNR, codebook usage and perplexity, and, with --lenet-weights
+(a LeNet trained by evaluate.py --train-lenet on labelled emoji), the Frechet distance of its features between the
+reconstructions and the originals (a reconstruction FD_lenet, the analogue of latent diffusion's rFID).
+
 Short CPU runs (defaults: 150 steps of batch 8 per autoencoder): the numbers rank the variants, they do not
 reach the quality of a real training run. Example:
     OMP_NUM_THREADS=2 python benchmarks/latent.py --part recon --steps 150
     OMP_NUM_THREADS=2 python benchmarks/latent.py --part speed
+    python benchmarks/latent.py --part score --ckpts runs/ae-kl/ckpt.pt runs/ae-vq/ckpt.pt --lenet-weights lenet.pt
 """
 import argparse
 import math
@@ -104,9 +110,38 @@ def part_recon(args):
                 fd = evaluate.frechet_distance(*evaluate.feature_statistics(
                     evaluate.extract_features(x_hat * 0.5 + 0.5, fd_net, progress=False)), *real)
             name = kind + ('+gan' if gan else '')
-            fmt = lambda v, f: format(v, f) if v is not None else '-'  # noqa: E731
+            fmt = lambda v, f: format(v, f) if v is not None else format('-', '>' + f.split('.')[0])  # noqa: E731
             print(f"{name:10s} {sum(p.numel() for p in ae.parameters()):8d} {seconds:8.0f} {psnr(held_out, x_hat):8.2f} "
                   f"{fmt(usage, '6.2f')} {fmt(perplexity, '10.1f')} {fmt(fd, '9.2f')}", flush=True)
+
+
+def part_score(args):
+    import evaluate
+    import sample
+    dataset = data.load_dataset('emoji', data_dir=args.data_dir, resolution=64)
+    _, val_index = data.holdout_split(len(dataset))                     # train.py's split (seed 0)
+    held_out, _ = dataset.batch(val_index)
+    fd_net, real = None, None
+    if args.lenet_weights:
+        state = torch.load(args.lenet_weights, map_location='cpu', weights_only=True)
+        fd_net = evaluate.lenet_from_state_dict(state, args.lenet_weights)
+        real = evaluate.feature_statistics(evaluate.extract_features(held_out * 0.5 + 0.5, fd_net, progress=False))
+    print(f'{len(held_out)} held-out emoji 64x64 (data.holdout_split, seed 0)')
+    print(f"{'checkpoint':40s} {'kind':4s} {'GAN':>4s} {'steps':>6s} {'PSNR dB':>8s} {'usage':>6s} {'perplexity':>10s} "
+          f"{'FD_lenet':>9s}")
+    for path in args.ckpts:
+        ckpt = sample.load_checkpoint(path)
+        ae = sample.load_autoencoder(path)
+        x_hat, indices = reconstruct(ae, held_out)
+        usage, perplexity = codebook_stats(indices, ae.config['codebook_size']) if indices is not None else (None, None)
+        fd = None
+        if fd_net is not None:
+            fd = evaluate.frechet_distance(*evaluate.feature_statistics(
+                evaluate.extract_features(x_hat * 0.5 + 0.5, fd_net, progress=False)), *real)
+        gan = 'yes' if ckpt['args'].get('disc_weight', 0) > 0 else 'no'
+        fmt = lambda v, f: format(v, f) if v is not None else format('-', '>' + f.split('.')[0])  # noqa: E731
+        print(f"{path:40s} {ae.config['kind']:4s} {gan:>4s} {ckpt['step']:6d} {psnr(held_out, x_hat):8.2f} "
+              f"{fmt(usage, '6.2f')} {fmt(perplexity, '10.1f')} {fmt(fd, '9.2f')}", flush=True)
 
 
 def time_steps(net, diffusion, make_batch, steps, batch):
@@ -147,7 +182,7 @@ def part_speed(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--part', choices=('recon', 'speed', 'all'), default='all', help='which experiment')
+    parser.add_argument('--part', choices=('recon', 'speed', 'score', 'all'), default='all', help='which experiment')
     parser.add_argument('--data-dir', default=DATA_DIR, help='folder holding emoji/noto_emoji_64.npz')
     parser.add_argument('--steps', type=int, default=150, help='training steps per autoencoder')
     parser.add_argument('--batch', type=int, default=8, help='batch size')
@@ -155,7 +190,12 @@ def main():
     parser.add_argument('--held-out', type=int, default=100, help='held-out images scored')
     parser.add_argument('--fd', action='store_true', help="also FD_lenet (trains evaluate.py's LeNet on categories)")
     parser.add_argument('--speed-steps', type=int, default=5, help='timed diffusion training steps per setting')
+    parser.add_argument('--ckpts', nargs='+', default=[], help="--part score: train.py autoencoder checkpoints")
+    parser.add_argument('--lenet-weights', default=None, help='--part score: LeNet of evaluate.py --train-lenet')
     args = parser.parse_args()
+    if args.part == 'score':
+        part_score(args)
+        return
     if args.part in ('recon', 'all'):
         part_recon(args)
     if args.part in ('speed', 'all'):
