@@ -928,17 +928,25 @@ def build_feature_network(args):
     return lenet_from_state_dict(state, f'--lenet-weights {args.lenet_weights}').to(args.device)
 
 
+def lenet_split(num_images, seed=0):
+    """(train, held-out) indices for --train-lenet: a random 90/10 split, fixed by the seed. Not the first 90%:
+    files sorted by class (the shared emoji are) would never show the classifier the last classes."""
+    perm = np.random.default_rng(seed).permutation(num_images)
+    n_train = int(0.9 * num_images)
+    return perm[:n_train], perm[n_train:]
+
+
 def train_lenet_command(args):
-    """Train the small classifier on 90% of the labelled images, report accuracy on the rest, save it."""
+    """Train the small classifier on a random 90% of the labelled images, report accuracy on the rest, save it."""
     check_output_path(args.lenet_weights, ('.pth', '.pt'), '--lenet-weights')
     images, labels = load_images(args.train_lenet), load_labels(args.train_lenet)
     if labels is None:
         raise ValueError(f'{args.train_lenet} has no labels array (key "labels" or "y")')
-    n_train = int(0.9 * len(images))
-    model = train_classifier(images[:n_train], labels[:n_train], int(labels.max()) + 1, steps=args.lenet_steps)
+    train, held_out = lenet_split(len(images))
+    model = train_classifier(images[train], labels[train], int(labels.max()) + 1, steps=args.lenet_steps)
     with torch.no_grad():
-        predictions = model(to_unit_float(images[n_train:]), return_logits=True)[1].argmax(1).numpy()
-    print(f'held-out accuracy {np.mean(predictions == labels[n_train:]):.4f} on {len(images) - n_train} images')
+        predictions = model(to_unit_float(images[held_out]), return_logits=True)[1].argmax(1).numpy()
+    print(f'held-out accuracy {np.mean(predictions == labels[held_out]):.4f} on {len(held_out)} images')
     torch.save(model.state_dict(), args.lenet_weights)
     print(f'saved to {args.lenet_weights}')
 

@@ -340,6 +340,13 @@ def test_train_lenet_command(shared_data, tmp_path, capsys):
     assert (model.in_channels, model.image_size, model.feature_dim) == (1, 28, 128)
 
 
+def test_train_lenet_split_sees_every_class_of_a_sorted_file():
+    labels = np.repeat(np.arange(10), 50)                         # sorted by class, as the shared emoji file is
+    train, held_out = evaluate.lenet_split(len(labels))
+    assert sorted(np.concatenate([train, held_out])) == list(range(500)) and len(held_out) == 50
+    assert set(labels[train]) == set(range(10)) and len(set(labels[held_out])) >= 8
+
+
 def test_load_images_folder_and_npz(tmp_path):
     rng = np.random.RandomState(12)
     images = rng.randint(0, 256, (3, 10, 12, 3), dtype=np.uint8)
