@@ -15,11 +15,18 @@ emoji train.py held out (data.holdout_split, seed 0): PSNR, codebook usage and p
 (a LeNet trained by evaluate.py --train-lenet on labelled emoji), the Frechet distance of its features between the
 reconstructions and the originals (a reconstruction FD_lenet, the analogue of latent diffusion's rFID).
 
+Part 'compare' draws the same classes from the same noise seed with a pixel and a latent diffusion checkpoint of
+train.py (the latent one decoded through its autoencoder) and writes them side by side (--png): pixel samples left,
+latent samples right. Their scores come from evaluate.py itself (see the README's commands).
+
 Short CPU runs (defaults: 150 steps of batch 8 per autoencoder): the numbers rank the variants, they do not
 reach the quality of a real training run. Example:
     OMP_NUM_THREADS=2 python benchmarks/latent.py --part recon --steps 150
     OMP_NUM_THREADS=2 python benchmarks/latent.py --part speed
-    python benchmarks/latent.py --part score --ckpts runs/ae-kl/ckpt.pt runs/ae-vq/ckpt.pt --lenet-weights lenet.pt
+    python benchmarks/latent.py --part score --ckpts runs/ae-kl/ckpt.pt runs/ae-vq/ckpt.pt --lenet-weights lenet.pt \
+        --png docs/autoencoders.png
+    python benchmarks/latent.py --part compare --ckpts runs/pixel/ckpt.pt runs/latent/ckpt.pt --num 20 \
+        --png docs/latent_vs_pixel.png
 """
 import argparse
 import math
@@ -127,12 +134,14 @@ def part_score(args):
         fd_net = evaluate.lenet_from_state_dict(state, args.lenet_weights)
         real = evaluate.feature_statistics(evaluate.extract_features(held_out * 0.5 + 0.5, fd_net, progress=False))
     print(f'{len(held_out)} held-out emoji 64x64 (data.holdout_split, seed 0)')
+    rows = [held_out[:12]]                                              # the figure: originals, then each model's
     print(f"{'checkpoint':40s} {'kind':4s} {'GAN':>4s} {'steps':>6s} {'PSNR dB':>8s} {'usage':>6s} {'perplexity':>10s} "
           f"{'FD_lenet':>9s}")
     for path in args.ckpts:
         ckpt = sample.load_checkpoint(path)
         ae = sample.load_autoencoder(path)
         x_hat, indices = reconstruct(ae, held_out)
+        rows.append(x_hat[:12])
         usage, perplexity = codebook_stats(indices, ae.config['codebook_size']) if indices is not None else (None, None)
         fd = None
         if fd_net is not None:
@@ -142,6 +151,28 @@ def part_score(args):
         fmt = lambda v, f: format(v, f) if v is not None else format('-', '>' + f.split('.')[0])  # noqa: E731
         print(f"{path:40s} {ae.config['kind']:4s} {gan:>4s} {ckpt['step']:6d} {psnr(held_out, x_hat):8.2f} "
               f"{fmt(usage, '6.2f')} {fmt(perplexity, '10.1f')} {fmt(fd, '9.2f')}", flush=True)
+    if args.png:
+        sample.save_grid(torch.cat(rows), args.png, nrow=12)
+        print(f'wrote {args.png}: held-out originals (top row), then the reconstructions of each checkpoint in order')
+
+
+def part_compare(args):
+    import sample
+    if len(args.ckpts) != 2 or not args.png:
+        raise SystemExit('--part compare needs --ckpts PIXEL_CKPT LATENT_CKPT and --png')
+    halves = []
+    for path in args.ckpts:
+        net, diffusion, config = sample.load_model(path)
+        labels = torch.arange(args.num) % config['data']['num_classes']              # every class in turn
+        images = sample.generate(net, diffusion, args.num, sample.sample_shape(config), 'cpu', labels=labels,
+                                 num_classes=config['data']['num_classes'], sampler='dpmpp_2m', steps=args.sample_steps,
+                                 guidance=args.guidance, seed=0, decode=sample.latent_decoder(config))
+        halves.append(images)
+    rows = [torch.cat([a, torch.ones(1, *a.shape[1:]), b])                           # a white square between
+            for a, b in zip(halves[0].split(10), halves[1].split(10))]
+    sample.save_grid(torch.cat(rows), args.png, nrow=21)                             # 10 pixel | gap | 10 latent
+    print(f'wrote {args.png}: {args.ckpts[0]} (left) and {args.ckpts[1]} (right), the same classes (one per column) '
+          f'and seed, DPM-Solver++(2M) {args.sample_steps} steps, guidance {args.guidance}')
 
 
 def time_steps(net, diffusion, make_batch, steps, batch):
@@ -182,7 +213,7 @@ def part_speed(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--part', choices=('recon', 'speed', 'score', 'all'), default='all', help='which experiment')
+    parser.add_argument('--part', choices=('recon', 'speed', 'score', 'compare', 'all'), default='all', help='which experiment')
     parser.add_argument('--data-dir', default=DATA_DIR, help='folder holding emoji/noto_emoji_64.npz')
     parser.add_argument('--steps', type=int, default=150, help='training steps per autoencoder')
     parser.add_argument('--batch', type=int, default=8, help='batch size')
@@ -192,9 +223,13 @@ def main():
     parser.add_argument('--speed-steps', type=int, default=5, help='timed diffusion training steps per setting')
     parser.add_argument('--ckpts', nargs='+', default=[], help="--part score: train.py autoencoder checkpoints")
     parser.add_argument('--lenet-weights', default=None, help='--part score: LeNet of evaluate.py --train-lenet')
+    parser.add_argument('--png', default=None, help='--part score/compare: where the figure goes')
+    parser.add_argument('--num', type=int, default=40, help='--part compare: samples per model (a multiple of 10)')
+    parser.add_argument('--sample-steps', type=int, default=20, help='--part compare: DPM-Solver++(2M) steps')
+    parser.add_argument('--guidance', type=float, default=2.0, help='--part compare: CFG weight')
     args = parser.parse_args()
-    if args.part == 'score':
-        part_score(args)
+    if args.part in ('score', 'compare'):
+        (part_score if args.part == 'score' else part_compare)(args)
         return
     if args.part in ('recon', 'all'):
         part_recon(args)
