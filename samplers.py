@@ -673,8 +673,8 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, h_damp=1.2, final_correction
     corrector with as many points as the predictor (UniC's count); the correction damped per sample by its size
     relative to sigma, 1/(1 + (rms(x_corr - x_pred) / (0.04 sigma))^2), aimed at the real cause of the 2-D loss (the
     next step uses D evaluated at x_pred, not at the corrected point): at most 1.02x the best published on the two
-    race mixtures, but 1.2-3.5x worse on other 2-D mixtures, a fit to the race. None beats every published solver
-    on both mixtures at 5-35 NFE. Over eleven mixtures x 5/10/20/35 NFE (benchmarks/samplers.py --robustness), the
+    race mixtures, but up to 3.1x the best published on 2-D mixtures it was not tuned on (eps_abm: within 1.5x
+    there), a fit to the race. None beats every published solver on both mixtures at 5-35 NFE. Over eleven mixtures x 5/10/20/35 NFE (benchmarks/samplers.py --robustness), the
     error relative to the best published solver of each cell: geometric mean 1.030 and worst 1.51 (order 3), 0.953
     and 4.14 (order 4); DEIS tAB3, the best published single solver there, 1.067 and 1.70."""
     cond = check_inputs(x, sigmas, cond)
