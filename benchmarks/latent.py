@@ -92,17 +92,37 @@ def codebook_stats(indices, size):
     return (counts > 0).double().mean().item(), math.exp(-(p[p > 0] * p[p > 0].log()).sum().item())
 
 
+def lenet_statistics(images, fd_net):
+    """Mean and covariance of evaluate.py's LeNet features of images in [-1, 1]."""
+    import evaluate
+    return evaluate.feature_statistics(evaluate.extract_features(images * 0.5 + 0.5, fd_net, progress=False))
+
+
+def score(ae, held_out, fd_net=None, real=None):
+    """(reconstructions, PSNR, codebook usage, perplexity, FD_lenet against `real`); None where it does not apply."""
+    import evaluate
+    x_hat, indices = reconstruct(ae, held_out)
+    usage, perplexity = codebook_stats(indices, ae.config['codebook_size']) if indices is not None else (None, None)
+    fd = evaluate.frechet_distance(*lenet_statistics(x_hat, fd_net), *real) if fd_net is not None else None
+    return x_hat, psnr(held_out, x_hat), usage, perplexity, fd
+
+
+def cell(value, spec):
+    """A table cell: the value formatted, or '-' right-aligned to the same width when it does not apply."""
+    return format(value, spec) if value is not None else format('-', '>' + spec.split('.')[0])
+
+
 def part_recon(args):
     dataset = data.load_dataset('emoji', data_dir=args.data_dir, resolution=64)
     train_index, val_index = data.holdout_split(len(dataset))
     train = data.InMemoryDataset(dataset.images[train_index], dataset.labels[train_index], dataset.class_names)
     held_out, _ = dataset.batch(val_index[:args.held_out])
-    fd_net = None
+    fd_net, real = None, None
     if args.fd:
         import evaluate
         x_all, y_all = train.batch(torch.arange(len(train)))
         fd_net = evaluate.train_classifier(x_all * 0.5 + 0.5, y_all, num_classes=dataset.num_classes, steps=300)
-        real = evaluate.feature_statistics(evaluate.extract_features(held_out * 0.5 + 0.5, fd_net, progress=False))
+        real = lenet_statistics(held_out, fd_net)
     print(f'emoji 64x64: {len(train)} training images, {len(held_out)} held out; {args.steps} steps of batch '
           f'{args.batch}, lr {args.lr}; GAN from step {args.steps // 2}')
     print(f"{'model':10s} {'params':>8s} {'train s':>8s} {'PSNR dB':>8s} {'usage':>6s} {'perplexity':>10s} "
@@ -110,16 +130,10 @@ def part_recon(args):
     for kind in ('kl', 'vq'):
         for gan in (False, True):
             ae, seconds = train_autoencoder(kind, gan, train, args.steps, args.batch, args.lr)
-            x_hat, indices = reconstruct(ae, held_out)
-            usage, perplexity = codebook_stats(indices, ae.config['codebook_size']) if indices is not None else (None, None)
-            fd = None
-            if fd_net is not None:
-                fd = evaluate.frechet_distance(*evaluate.feature_statistics(
-                    evaluate.extract_features(x_hat * 0.5 + 0.5, fd_net, progress=False)), *real)
+            _, psnr_db, usage, perplexity, fd = score(ae, held_out, fd_net, real)
             name = kind + ('+gan' if gan else '')
-            fmt = lambda v, f: format(v, f) if v is not None else format('-', '>' + f.split('.')[0])  # noqa: E731
-            print(f"{name:10s} {sum(p.numel() for p in ae.parameters()):8d} {seconds:8.0f} {psnr(held_out, x_hat):8.2f} "
-                  f"{fmt(usage, '6.2f')} {fmt(perplexity, '10.1f')} {fmt(fd, '9.2f')}", flush=True)
+            print(f"{name:10s} {sum(p.numel() for p in ae.parameters()):8d} {seconds:8.0f} {psnr_db:8.2f} "
+                  f"{cell(usage, '6.2f')} {cell(perplexity, '10.1f')} {cell(fd, '9.2f')}", flush=True)
 
 
 def part_score(args):
@@ -132,25 +146,19 @@ def part_score(args):
     if args.lenet_weights:
         state = torch.load(args.lenet_weights, map_location='cpu', weights_only=True)
         fd_net = evaluate.lenet_from_state_dict(state, args.lenet_weights)
-        real = evaluate.feature_statistics(evaluate.extract_features(held_out * 0.5 + 0.5, fd_net, progress=False))
+        real = lenet_statistics(held_out, fd_net)
     print(f'{len(held_out)} held-out emoji 64x64 (data.holdout_split, seed 0)')
     rows = [held_out[:12]]                                              # the figure: originals, then each model's
     print(f"{'checkpoint':40s} {'kind':4s} {'GAN':>4s} {'steps':>6s} {'PSNR dB':>8s} {'usage':>6s} {'perplexity':>10s} "
           f"{'FD_lenet':>9s}")
     for path in args.ckpts:
-        ckpt = sample.load_checkpoint(path)
-        ae = sample.load_autoencoder(path)
-        x_hat, indices = reconstruct(ae, held_out)
+        ckpt = sample.load_checkpoint(path)                             # the run's flags and step
+        ae = sample.load_autoencoder(path)                              # its EMA autoencoder, checked
+        x_hat, psnr_db, usage, perplexity, fd = score(ae, held_out, fd_net, real)
         rows.append(x_hat[:12])
-        usage, perplexity = codebook_stats(indices, ae.config['codebook_size']) if indices is not None else (None, None)
-        fd = None
-        if fd_net is not None:
-            fd = evaluate.frechet_distance(*evaluate.feature_statistics(
-                evaluate.extract_features(x_hat * 0.5 + 0.5, fd_net, progress=False)), *real)
         gan = 'yes' if ckpt['args'].get('disc_weight', 0) > 0 else 'no'
-        fmt = lambda v, f: format(v, f) if v is not None else format('-', '>' + f.split('.')[0])  # noqa: E731
-        print(f"{path:40s} {ae.config['kind']:4s} {gan:>4s} {ckpt['step']:6d} {psnr(held_out, x_hat):8.2f} "
-              f"{fmt(usage, '6.2f')} {fmt(perplexity, '10.1f')} {fmt(fd, '9.2f')}", flush=True)
+        print(f"{path:40s} {ae.config['kind']:4s} {gan:>4s} {ckpt['step']:6d} {psnr_db:8.2f} "
+              f"{cell(usage, '6.2f')} {cell(perplexity, '10.1f')} {cell(fd, '9.2f')}", flush=True)
     if args.png:
         sample.save_grid(torch.cat(rows), args.png, nrow=12)
         print(f'wrote {args.png}: held-out originals (top row), then the reconstructions of each checkpoint in order')
