@@ -1,4 +1,5 @@
-"""Shared test fixtures: the project root on sys.path, a fixed seed, and the shared real data."""
+"""Shared test fixtures: the project root on sys.path, a fixed seed, one torch thread, and the shared real data."""
+import contextlib
 import os
 import sys
 
@@ -15,6 +16,32 @@ def _seed_and_threads():
     """Every test starts from the same global RNG state (tests also pass explicit generators)."""
     torch.manual_seed(0)
     yield
+
+
+@contextlib.contextmanager
+def _torch_threads(n):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Tiny models and tensors: on a busy 2-core machine a second thread's synchronisation makes each op many times
+# slower. Modules opt in with pytestmark = pytest.mark.usefixtures('one_thread'); the thread count is restored after.
+@pytest.fixture
+def one_thread():
+    """One torch thread for each test of the module (its module-scoped fixtures keep the default)."""
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope='module')
+def one_thread_per_module():
+    """One torch thread for the whole module, its module-scoped fixtures (trained models, features) included."""
+    with _torch_threads(1):
+        yield
 
 
 @pytest.fixture

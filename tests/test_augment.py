@@ -6,14 +6,7 @@ import torch
 import augment
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: these small tensor ops are too small to split, and on a busy 2-core machine thread
-    synchronisation made the augmentation tests about 30x slower. The previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 # ----------------------------------------------------------------------------------------------------

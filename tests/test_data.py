@@ -16,14 +16,7 @@ import data
 MNIST_T10K_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]   # shared/data/README.md
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One thread: these small tensor ops are too small to split, and on a busy 2-core machine thread
-    synchronisation made the augmentation tests about 30x slower. The previous setting is restored."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def coverage(images_uint8, fg, bg):

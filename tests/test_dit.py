@@ -11,14 +11,7 @@ from dit import create_dit, sincos_pos_embed_2d
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run these tiny models on one thread: their ops are too small to split, and on a busy 2-core machine
-    thread synchronisation made this file about 3x slower. The previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 def small_dit(**overrides):
     """Two blocks of width 64 on 16x16x3 inputs: milliseconds per step on CPU."""

@@ -9,14 +9,7 @@ from PIL import Image
 
 import evaluate
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: these tensors are small, and on a busy 2-core machine OpenMP's spin-waiting
-    made the LeNet training 7x slower with 2 threads than with 1. Restored after this module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread_per_module')
 
 
 def random_spd(d, rng, low=0.1, high=2.0):

@@ -15,13 +15,7 @@ from samplers import SAMPLERS, karras_sigmas
 SIGMAS = [0.05, 0.3, 1.0, 4.0]
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """The mixture's tensors are tiny: on a busy 2-core machine a second thread makes each op ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread_per_module')
 
 
 @pytest.fixture

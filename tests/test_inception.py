@@ -17,13 +17,7 @@ FID_FILE_NUM_KEYS = 566
 FID_FILE_LAYOUT_SHA256 = '760681d791cb624e1bf7a2e802a68933dd17aa5e3109fcf498d9dfa521bc10d7'
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """One intra-op thread: on a busy 2-core machine OpenMP's spin-waiting slows small ops down."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread_per_module')
 
 
 # ----------------------------------------------------------------------------------------------------

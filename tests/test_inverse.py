@@ -36,13 +36,7 @@ CCDF_SIGMA_START = 1.0       # CCDF starts its shorter trajectory here (its own 
 CCDF_STEPS = 16
 
 
-@pytest.fixture(autouse=True, scope='module')
-def _one_thread():
-    """Tensors of 16 numbers: on a busy 2-core machine a second thread only adds overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread_per_module')
 
 
 def gaussian_prior():

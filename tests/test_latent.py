@@ -17,12 +17,7 @@ FAST = ['--resolution', '16', '--batch-size', '8', '--log-every', '2', '--sample
 AE = ['--task', 'autoencoder', '--vae-config', 'tiny-kl', '--lr', '1e-3', '--gan-start', '1', '--val-every', '2']
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def run(tmp_path, name, *extra):

@@ -13,14 +13,7 @@ from unet import apply_rope, create_unet, grid_positions, rope_angles
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Run these tiny models on one thread: their ops are too small to split, and on a busy 2-core machine
-    thread synchronisation made this file about 3x slower. The previous setting is restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 def small_unet(**overrides):
     """A 16x16 U-Net small enough that a forward/backward takes milliseconds on CPU."""

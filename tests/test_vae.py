@@ -11,13 +11,7 @@ from vae import (AutoencoderLoss, DiagonalGaussian, VectorQuantizer, adaptive_we
                  create_autoencoder, hinge_d_loss)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one thread avoids synchronisation costs on the shared 2-core machine; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def images(n=4, size=16, seed=0):
