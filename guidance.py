@@ -327,7 +327,9 @@ def rejection_sample(x, y, log_prob_fn, top_fraction=None):
         keep = torch.zeros_like(y, dtype=torch.bool)
         for c in y.unique():                                  # rank within each class to keep the classes balanced
             idx = (y == c).nonzero().squeeze(1)
-            k = math.ceil(top_fraction * len(idx))
+            # ceil, so a class is never left with fewer than the fraction asked for (and a small class keeps one);
+            # rounded first, since 0.07 * 100 is 7.000000000000001 in floating point and must keep 7, not 8
+            k = math.ceil(round(top_fraction * len(idx), 9))
             keep[idx[score[idx].topk(k).indices]] = True
     return x[keep], y[keep], keep, keep.float().mean().item()
 

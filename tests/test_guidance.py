@@ -44,10 +44,13 @@ def exact_log_classifier(gm):
 def test_cfg_weight_one_is_conditional_and_zero_unconditional(gm, sigma):
     x, s, y = noisy_points(gm, sigma)
     null = gm.num_classes
-    assert torch.equal(ClassifierFreeGuidance(gm, 1.0, null)(x, s, y=y), gm(x, s, y=y))          # bit for bit
+    assert torch.equal(ClassifierFreeGuidance(gm, 1.0, null)(x, s, y=y), gm(x, s, y=y))          # the same call: bit for bit
     # force the batched path (w = 1 skips the unconditional half) with a schedule that is 1 only for sample 0
     w_one_first = lambda sig: torch.cat([sig.new_ones(1), sig.new_full((len(sig) - 1,), 3.0)])
-    assert torch.equal(ClassifierFreeGuidance(gm, w_one_first, null)(x, s, y=y)[0], gm(x, s, y=y)[0])
+    # a row of a 128-row batched call against the same row of a 64-row call: the same math, not the same call, so
+    # the rounding may differ (by 4e-17 on AVX512 CPUs); compare to float64 rounding
+    torch.testing.assert_close(ClassifierFreeGuidance(gm, w_one_first, null)(x, s, y=y)[0], gm(x, s, y=y)[0],
+                               rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ClassifierFreeGuidance(gm, 0.0, null)(x, s, y=y), gm(x, s), rtol=0, atol=1e-12)
 
 
@@ -270,6 +273,22 @@ def test_rejection_top_fraction_keeps_the_most_confident_per_class():
     assert torch.equal(keep[:100].nonzero().squeeze(1).sort().values, x[:100, 0].argsort()[:25].sort().values)
     x_out, y_out, rate = sample_with_rejection(lambda: (x, y), clean, 50, top_fraction=0.25)
     assert x_out.shape == (50, 1) and rate == 0.25
+
+
+@pytest.mark.parametrize('n, top_fraction, kept', [(101, 0.25, 26), (61, 0.3, 19), (3, 0.1, 1), (100, 0.07, 7),
+                                                    (7, 1 / 7, 1)])
+def test_rejection_top_fraction_rounds_up(n, top_fraction, kept):
+    """ceil(top_fraction * n) per class: 101 * 0.25 = 25.25 keeps 26 (rounding down would keep 25), a class of 3
+    at 0.1 keeps one sample, not none; a product that is a whole number up to floating-point error (0.07 * 100 =
+    7.000000000000001) keeps exactly that number."""
+    gm = GaussianMixture([[-1.0], [1.0]], [1.0, 1.0])
+    x, _ = gm.sample(n, generator=torch.Generator().manual_seed(2))
+    y = torch.zeros(n, dtype=torch.long)
+    clean = lambda x: gm.class_posterior(x, 0.0).log()
+    _, y_kept, keep, rate = rejection_sample(x, y, clean, top_fraction=top_fraction)
+    assert len(y_kept) == kept and keep.sum() == kept and rate == pytest.approx(kept / n)
+    # the kept ones are the most confident: class 0's p(0|x) decreases with x
+    assert x[keep, 0].max() < x[~keep, 0].min()
 
 
 # ----------------------------------------------------------------------------------------------------
