@@ -1,37 +1,22 @@
-"""Evaluating generative models: FID, KID, IS, precision/recall and memorization, from scratch.
+"""The evaluation command line: FID, KID, IS, precision/recall and memorisation of images, FVD/KVD of videos.
 
-Papers (equations quoted below):
-  FID              Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule", arXiv:1706.08500
-  KID              Binkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401
-  IS               Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498
-  Precision/recall Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric", arXiv:1904.06991
-  Memorization     Gu et al. 2023, "On Memorization in Diffusion Models", arXiv:2310.02664
-                   (a sample is a copy when d(x, NN1) < d(x, NN2) / 3)
-  Clean resizing   Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN
-                   Evaluation" (clean-fid), arXiv:2104.11222
-  FVD              Unterthiner et al. 2019, "FVD: A new Metric for Video Generation", arXiv:1812.01717
-                   (the Frechet distance of I3D logits, i3d.py; KVD is the KID over the same features)
+The metrics themselves are pure functions of features in metrics.py (Heusel et al. 2017 FID, Binkowski et al.
+2018 KID, Salimans et al. 2016 IS, Kynkaanniemi et al. 2019 precision/recall, Gu et al. 2023 memorisation; read
+it first), and the FID feature network is inception.py: FID = inception.py + metrics.py, both copyable alone.
+This file adds what a command needs around them: reading images, videos and statistics files; the feature
+networks (Inception, I3D for FVD (Unterthiner et al. 2019, arXiv:1812.01717), and a small LeNet trained on the
+data for offline machines); sampling a train.py checkpoint through sample.py; and checking every input and output
+path before any long computation. The metrics are re-exported here (evaluate.frechet_distance, evaluate.kid, ...).
 
-Key equations, for features f of real (r) and generated (g) images:
-  FID   = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})               (Heusel Eq. 6)
-  KID   = unbiased MMD^2 (Gretton et al. 2012) with k(x, y) = (x.y / d + 1)^3  (Binkowski, KID section)
-  IS    = exp( E_x KL(p(y|x) || p(y)) )                                       (Salimans Sec. 4)
-  prec. = share of generated f inside the k-NN ball of some real feature     (Kynkaanniemi Eq. 1-2)
-
-The features come from a feature network: the FID Inception network (inception.py) or a small LeNet trained on
-the data (FD_lenet, for offline machines and MNIST-like data). A score's name says how it was made:
-  FID, KID, IS      Inception with the pytorch-fid/TF resize ('legacy', the default): comparable with papers
-  clean-FID, ...    Inception with antialiased bicubic resizing (--resize clean, Parmar et al. 2022)
+A score's name says how it was made (metrics.metric_name):
+  FID, KID, IS        Inception with the pytorch-fid/TF resize ('legacy', the default): comparable with papers
+  clean-FID, ...      Inception with antialiased bicubic resizing (--resize clean, Parmar et al. 2022,
+                      "On Aliased Resizing and Surprising Subtleties in GAN Evaluation", arXiv:2104.11222)
   FD_lenet, KD_lenet  Frechet/kernel distance in LeNet features: a different scale, never called FID
-  FVD, KVD          videos (N, C, F, H, W): Frechet/kernel distance of the 400 time-averaged I3D logits
-  frame-FID, ...    videos scored frame by frame with an image network (every frame one image): appearance
-                    only, blind to motion, which is what FVD adds
+  FVD, KVD            videos (N, C, F, H, W): Frechet/kernel distance of the 400 time-averaged I3D logits
+  frame-FID, ...      videos scored frame by frame with an image network: appearance only, blind to motion
 Reference statistics remember the network's name, resize and a hash of its weights, and are refused when any
-differs from the run's.
-
-Reading order: the metrics (pure functions of features), memorization and conditions, the feature networks and
-images -> features, statistics, and last the command line (which checks every input and output path before any
-long computation, and samples train.py checkpoints through sample.py).
+differs from the run's. Outputs never replace an existing file (nor an input) unless --overwrite is given.
 
 Conventions: images are float tensors in [0, 1] (or uint8 in [0, 255]), shape (N, C, H, W), C = 1 or 3, any
 size; features are (N, D) arrays; statistics are float64 numpy.
@@ -41,7 +26,7 @@ Usage:  python sample.py --ckpt runs/x/ckpt.pt -n 2000 --npz samples.npz   # sam
         python evaluate.py runs/x/ckpt.pt ref_stats.npz --num-gen 2000    # sample and score a checkpoint
         python evaluate.py samples.npz ref_stats.npz      # cached statistics (--save-stats makes them)
         python evaluate.py --video fake.npz real_clips/ --metrics fvd,kvd,fid   # videos: FVD + frame-wise
-        python evaluate.py --demo          # closed-form checks that need no weights
+        python evaluate.py --demo          # closed-form checks that need no weights (python metrics.py)
 """
 import argparse
 import hashlib
@@ -50,11 +35,9 @@ import math
 import os
 import pickle
 import tempfile
-import warnings
 import zipfile
 
 import numpy as np
-import scipy.linalg
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -65,210 +48,17 @@ import data
 from i3d import I3D_WEIGHTS_ENV, I3D_WEIGHTS_NAME, load_i3d
 from inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3,  # noqa: F401 (re-exported)
                        find_inception_weights, load_inception, resize_images)
+from metrics import (METRICS, check_statistics_match, clip_rounding_noise, compute_metrics,  # noqa: F401 (re-exported)
+                     compute_statistics, demo, feature_statistics, format_results, frechet_distance, inception_score,
+                     kid, knn_radii, loss_gap_report, manifold_coverage, memorization_check, metric_name,
+                     mmd2_unbiased, nearest_neighbours, pairwise_distances, per_class_fd, polynomial_kernel,
+                     precision_recall, to_unit_float, trace_sqrt_product)
 
-METRICS = ('fid', 'kid', 'is', 'pr')
 VIDEO_METRICS = ('fvd', 'kvd') + METRICS   # with --video: fid, kid, is, pr are frame-wise
 
 
 # ----------------------------------------------------------------------------------------------------
-# Fréchet distance (Heusel et al. 2017, Eq. 6)
-
-def feature_statistics(features):
-    """mu (D,) and the unbiased covariance S (D, D) of features (N, D), in float64."""
-    features = np.asarray(features, dtype=np.float64)
-    if features.ndim != 2 or len(features) < 2:  # np.cov of one row is NaN ("array must not contain infs")
-        raise ValueError(f'a covariance needs at least 2 feature vectors (N, D), got shape {features.shape}: '
-                         'score at least 2 images (thousands for a meaningful FID)')
-    if not np.isfinite(features).all():
-        raise ValueError(f'{int((~np.isfinite(features)).sum())} feature values are NaN or infinite')
-    return features.mean(0), np.cov(features, rowvar=False)
-
-
-def clip_rounding_noise(eigvals):
-    """Zero the eigenvalues below the rounding floor D * eps * max|w|: they are 0 up to float error.
-
-    Without this, the ~1e-16 eigenvalues of a singular covariance become ~1e-8 after the square root
-    and, summed over hundreds of null directions, bias FD(x, x) away from 0.
-    """
-    floor = len(eigvals) * np.finfo(np.float64).eps * np.abs(eigvals).max(initial=0.0)
-    return np.where(eigvals > floor, eigvals, 0.0)
-
-
-def trace_sqrt_product(sigma1, sigma2, method='eigh', eps=1e-6):
-    """Tr((S1 S2)^{1/2}) for symmetric PSD S1, S2.
-
-    'eigh' (default): S1 S2 is similar to the symmetric PSD matrix M = S1^{1/2} S2 S1^{1/2}
-    (M = S1^{1/2} (S1 S2) S1^{-1/2}), so the trace is sum(sqrt(eig(M))), computed with symmetric
-    eigensolvers only. Tiny negative eigenvalues from rounding are clipped to 0, which makes the
-    result real and stable even for singular covariances (fewer samples than dimensions).
-    'sqrtm': scipy's general matrix square root of S1 S2, as pytorch-fid and the TF code do; when
-    the result is not finite, eps is added to both diagonals; imaginary parts from rounding are
-    discarded after checking that they are small.
-    """
-    if method == 'eigh':
-        w, V = scipy.linalg.eigh(sigma1)
-        sqrt_sigma1 = (V * np.sqrt(clip_rounding_noise(w))) @ V.T  # S1^{1/2}, symmetric
-        M = sqrt_sigma1 @ sigma2 @ sqrt_sigma1
-        eigvals = scipy.linalg.eigvalsh((M + M.T) / 2)  # symmetrize away rounding asymmetry
-        return np.sqrt(clip_rounding_noise(eigvals)).sum()
-    if method == 'sqrtm':
-        covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
-        if not np.isfinite(covmean).all():  # singular product: regularize (pytorch-fid's fallback)
-            offset = np.eye(len(sigma1)) * eps
-            covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
-        if np.iscomplexobj(covmean):
-            imag = np.abs(np.diagonal(covmean).imag).max()
-            if imag > 1e-3:  # a large imaginary part means the inputs are not covariances
-                raise ValueError(f'matrix square root has imaginary component {imag:.3g}; '
-                                 'are sigma1 and sigma2 symmetric positive semi-definite?')
-            covmean = covmean.real
-        return np.trace(covmean)
-    raise ValueError(f"method must be 'eigh' or 'sqrtm', got {method!r}")
-
-
-def frechet_distance(mu1, sigma1, mu2, sigma2, method='eigh'):
-    """d^2((mu1, S1), (mu2, S2)) = ||mu1 - mu2||^2 + Tr(S1) + Tr(S2) - 2 Tr((S1 S2)^{1/2})  (Eq. 6).
-
-    The Fréchet (2-Wasserstein) distance between two Gaussians; FID when the statistics are of
-    Inception pool features.
-    """
-    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
-    sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
-    if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
-        raise ValueError(f'shapes do not match: mu1 {mu1.shape}, sigma1 {sigma1.shape}, '
-                         f'mu2 {mu2.shape}, sigma2 {sigma2.shape}; expected (D,) and (D, D)')
-    diff = mu1 - mu2
-    tr_covmean = trace_sqrt_product(sigma1, sigma2, method)
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Kernel Inception Distance (Binkowski et al. 2018)
-
-def polynomial_kernel(X, Y, degree=3, coef0=1.0):
-    """k(x, y) = (x.y / d + coef0)^degree, the kernel of the KID paper (d = feature dimension)."""
-    return (X @ Y.T / X.shape[1] + coef0) ** degree
-
-
-def mmd2_unbiased(X, Y, degree=3, coef0=1.0):
-    """Unbiased MMD^2_u (Gretton et al. 2012, "A Kernel Two-Sample Test"): diagonals k(x_i, x_i) left out.
-
-    MMD^2_u = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(n(n-1)) - 2 sum_{i,j} k(x_i,y_j)/(mn)
-    X, Y: (m, d) and (n, d) arrays or tensors; computed in float64 with torch (whose matmul respects
-    torch.set_num_threads, so it behaves on a busy machine).
-    """
-    X, Y = torch.as_tensor(np.asarray(X), dtype=torch.float64), torch.as_tensor(np.asarray(Y), dtype=torch.float64)
-    m, n = len(X), len(Y)
-    K_xx, K_yy, K_xy = (polynomial_kernel(A, B, degree, coef0) for A, B in ((X, X), (Y, Y), (X, Y)))
-    mmd2 = ((K_xx.sum() - K_xx.diagonal().sum()) / (m * (m - 1))
-            + (K_yy.sum() - K_yy.diagonal().sum()) / (n * (n - 1)) - 2 * K_xy.mean())
-    return mmd2.item()
-
-
-def kid(feats_a, feats_b, num_subsets=100, subset_size=1000, degree=3, coef0=1.0, seed=0):
-    """KID: mean and standard deviation of MMD^2_u over random subsets (drawn without replacement).
-
-    Unbiased, so its expectation is 0 for identical distributions whatever the sample size: this is
-    why KID, unlike FID, can be compared across sample counts and is reliable at 1-2k samples.
-    A subset size of at least the smaller set's size is reduced to half of it, with a warning.
-    """
-    feats_a = torch.as_tensor(np.asarray(feats_a), dtype=torch.float64)
-    feats_b = torch.as_tensor(np.asarray(feats_b), dtype=torch.float64)
-    n = min(len(feats_a), len(feats_b))
-    if n < 4:
-        raise ValueError(f'KID needs at least 4 samples per set (two subsets of 2), got {len(feats_a)} and {len(feats_b)}')
-    m = subset_size
-    if m >= n:  # every subset would be the whole smaller set: the std would be ~1e-13, not an error bar
-        m = n // 2
-        warnings.warn(f'KID subset size {subset_size} >= the {n} samples of the smaller set: reduced to {m}, so '
-                      'that subsets differ and the std means something (set it with --kid-subset-size)')
-    g = torch.Generator().manual_seed(seed)
-    values = [mmd2_unbiased(feats_a[torch.randperm(len(feats_a), generator=g)[:m]],
-                            feats_b[torch.randperm(len(feats_b), generator=g)[:m]], degree, coef0)
-              for _ in range(num_subsets)]
-    return float(np.mean(values)), float(np.std(values))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Inception Score (Salimans et al. 2016)
-
-def inception_score(logits, splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction within each split; mean and std.
-
-    Feed it the 1008 logits of FIDInceptionV3 (return_logits=True). Bounds: 1 (every prediction is the
-    same) to the number of classes (confident and evenly spread predictions).
-    """
-    logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    scores = []
-    for part in torch.chunk(logits, splits):
-        log_p_yx = F.log_softmax(part, dim=1)  # log p(y|x), (n, K)
-        log_p_y = torch.logsumexp(log_p_yx, dim=0) - math.log(len(part))  # log of the marginal p(y), (K,)
-        kl = (log_p_yx.exp() * (log_p_yx - log_p_y)).sum(1)  # KL(p(y|x) || p(y)) per image
-        scores.append(kl.mean().exp().item())
-    return float(np.mean(scores)), float(np.std(scores))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Precision and recall (Kynkaanniemi et al. 2019)
-
-def pairwise_distances(A, B, chunk=1024):
-    """Euclidean distances (len(A), len(B)) in chunks, float64 for exact ties in the tests."""
-    A, B = torch.as_tensor(np.asarray(A), dtype=torch.float64), torch.as_tensor(np.asarray(B), dtype=torch.float64)
-    return torch.cat([torch.cdist(A[i:i + chunk], B) for i in range(0, len(A), chunk)])
-
-
-def knn_radii(features, k=3):
-    """Distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
-    d = pairwise_distances(features, features)
-    return d.kthvalue(k + 1, dim=1).values  # the 1st smallest is the point itself at distance 0
-
-
-def manifold_coverage(queries, support, k=3):
-    """Share of queries inside the union of balls B(s, r_k(s)) around support points (Eq. 1-2)."""
-    radii = knn_radii(support, k)  # (S,)
-    inside = pairwise_distances(queries, support) <= radii[None, :]  # (Q, S)
-    return inside.any(1).double().mean().item()
-
-
-def precision_recall(real_features, fake_features, k=3):
-    """Precision: generated samples on the real manifold; recall: real samples on the generated one."""
-    return {'precision': manifold_coverage(fake_features, real_features, k),
-            'recall': manifold_coverage(real_features, fake_features, k)}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Memorization (small datasets overfit): nearest training neighbours of each sample
-
-def nearest_neighbours(queries, reference, k=2):
-    """Distances and indices of the k nearest reference rows for each query row (flattened)."""
-    q = torch.as_tensor(np.asarray(queries)).flatten(1)
-    r = torch.as_tensor(np.asarray(reference)).flatten(1)
-    d = pairwise_distances(q, r)
-    dist, idx = d.topk(k, dim=1, largest=False)
-    return dist.numpy(), idx.numpy()
-
-
-def memorization_check(samples, train, ratio=1 / 3, sample_features=None, train_features=None):
-    """Flag samples whose nearest training neighbour is `ratio` times closer than the second (Gu et al.).
-
-    Checked in pixel space and, if features are given, in feature space. Returns per space the share
-    flagged, the flags, the distance ratios and the nearest index of each sample.
-    """
-    samples, train = to_unit_float(torch.as_tensor(samples)), to_unit_float(torch.as_tensor(train))
-    if samples.shape[1:] != train.shape[1:]:
-        raise ValueError(f'samples {tuple(samples.shape[1:])} and training images {tuple(train.shape[1:])} '
-                         'must have the same (C, H, W) to be compared in pixel space; resize one of them first')
-    spaces = {'pixel': (samples, train)}
-    if sample_features is not None:
-        spaces['feature'] = (sample_features, train_features)
-    report = {}
-    for space, (q, r) in spaces.items():
-        dist, idx = nearest_neighbours(q, r, k=2)
-        nn_ratio = dist[:, 0] / np.maximum(dist[:, 1], 1e-12)  # d(x, NN1) / d(x, NN2)
-        flags = nn_ratio < ratio
-        report[space] = {'share': float(flags.mean()), 'flags': flags, 'ratio': nn_ratio, 'nearest': idx[:, 0]}
-    return report
-
+# Memorisation report as a picture (metrics.memorization_check finds the pairs)
 
 def save_nearest_pairs(samples, train, nearest, ratio, path, num_pairs=16):
     """PNG grid of the closest (sample | nearest training image) pairs, closest first."""
@@ -278,17 +68,6 @@ def save_nearest_pairs(samples, train, nearest, ratio, path, num_pairs=16):
     grid = torch.cat([F.pad(p, (2, 2, 2, 2), value=1.0) for p in pairs], dim=1)  # stacked vertically
     grid = grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid
     Image.fromarray(data.to_uint8(grid.permute(1, 2, 0) * 2 - 1).numpy()).save(path)  # [0, 1] -> [-1, 1] -> uint8
-
-
-def loss_gap_report(train_losses, val_losses, window=5):
-    """Training vs validation loss: a rising validation loss is a necessary sign of memorization.
-
-    Returns the last gap (val - train) and the least-squares slope of the last `window` validation
-    losses; 'val_rising' is True when that slope is positive.
-    """
-    val = np.asarray(val_losses[-window:], np.float64)
-    slope = float(np.polyfit(np.arange(len(val)), val, 1)[0]) if len(val) > 1 else 0.0
-    return {'gap': float(val_losses[-1] - train_losses[-1]), 'val_slope': slope, 'val_rising': slope > 0}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,16 +97,6 @@ def choose_conditions(mode, n, num_classes=None, labels=None, fixed_class=0, see
         freq = np.bincount(labels, minlength=num_classes or 0) / len(labels)
         return rng.choice(len(freq), size=n, p=freq).astype(np.int64)
     return np.resize(rng.permutation(labels), n)  # 'real'
-
-
-def per_class_fd(fake_feats, fake_labels, real_feats, real_labels):
-    """Fréchet distance within each class present in both sets (noisy at few samples per class)."""
-    scores = {}
-    for c in np.intersect1d(np.unique(fake_labels), np.unique(real_labels)):
-        f, r = fake_feats[fake_labels == c], real_feats[real_labels == c]
-        if len(f) > 1 and len(r) > 1:
-            scores[int(c)] = frechet_distance(*feature_statistics(f), *feature_statistics(r))
-    return scores
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -395,24 +164,7 @@ def lenet_from_state_dict(state, source='the state dict'):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Naming a score after how it was made, and remembering which network made the features
-
-def metric_name(metric, network='inception', resize='legacy'):
-    """The printed and logged name of a score: it names the feature network and, for Inception, the resize.
-
-    FID/KID/IS/precision/recall are reserved for Inception features with the pytorch-fid resize ('legacy'), the
-    protocol of published numbers; clean resizing gives 'clean-FID' etc.; another network gives FD_<name>,
-    KD_<name>, precision_<name>, ... so that a LeNet distance is never read as an FID.
-    """
-    base = {'fid': 'FID', 'kid': 'KID', 'is': 'IS', 'precision': 'precision', 'recall': 'recall'}[metric]
-    if network.endswith('/frames'):   # an image network on every frame of videos (FrameFeatures)
-        return 'frame-' + metric_name(metric, network[:-len('/frames')], resize)
-    if network == 'i3d':              # video features: Unterthiner et al.'s FVD, and the KID of them (KVD)
-        return {'fid': 'FVD', 'kid': 'KVD'}.get(metric, f'{base}_i3d')
-    if network != 'inception':
-        return {'fid': f'FD_{network}', 'kid': f'KD_{network}'}.get(metric, f'{base}_{network}')
-    return base if resize == 'legacy' else f'{resize}-{base}'
-
+# Remembering which network made the features
 
 def network_id(model):
     """First 16 hex digits of the sha256 of a feature network's weights (names, shapes and values).
@@ -429,11 +181,6 @@ def network_id(model):
 
 # ----------------------------------------------------------------------------------------------------
 # Images in, features out
-
-def to_unit_float(x):
-    """uint8 [0, 255] -> float [0, 1]; floats are taken to be in [0, 1] already."""
-    return x.float() / 255 if x.dtype == torch.uint8 else x.float()
-
 
 def open_npz(path):
     """np.load of an .npz with the file named in every error (a damaged file, a pickle, not a zip)."""
@@ -633,38 +380,6 @@ def statistics_cache_path(cache_dir, dataset, resolution, num_images, network='i
     return os.path.join(cache_dir, f'{dataset}_{resolution}px_n{num_images}_{network}{weights}_{resize}.npz')
 
 
-def compute_statistics(features, kid_features=10000, seed=0, network='inception', resize='legacy', network_id=None):
-    """mu, sigma and a random subset of the features (float32) for KID and precision/recall.
-
-    How the features were made is stored too (network name, resize mode, hash of the weights): statistics are
-    only comparable with features made the same way, and check_statistics_match refuses a mismatch.
-    """
-    mu, sigma = feature_statistics(features)
-    keep = np.random.RandomState(seed).permutation(len(features))[:kid_features]
-    stats = {'mu': mu, 'sigma': sigma, 'features': np.asarray(features, np.float32)[np.sort(keep)],
-             'num_images': np.int64(len(features)), 'network': np.array(network), 'resize': np.array(resize)}
-    if network_id is not None:
-        stats['network_id'] = np.array(network_id)
-    return stats
-
-
-def check_statistics_match(stats, network, resize, source, network_id=None):
-    """Refuse statistics made by another network, resize mode or set of weights than this run's features."""
-    for key, wanted in (('network', network), ('resize', resize)):
-        if key in stats and str(stats[key]) != wanted:
-            raise ValueError(f'{source} was computed with {key}={stats[key]}, but this run uses {key}={wanted}; '
-                             f'scores across the two are not comparable. Use --{key} {stats[key]} or recompute.')
-    if network_id is None:
-        return
-    if 'network_id' not in stats:
-        warnings.warn(f'{source} does not record which {network} weights made it (an older file); it is '
-                      'trusted to match. Recompute it to have this checked.')
-    elif str(stats['network_id']) != network_id:
-        raise ValueError(f'{source} was computed with other {network} weights (sha256 {stats["network_id"]}) than '
-                         f'this run\'s (sha256 {network_id}): distances between two feature spaces are meaningless. '
-                         'Pass the weights the statistics were made with, or recompute them.')
-
-
 def save_statistics(path, stats):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path[:-len('.npz')] + '.tmp.npz'  # np.savez appends .npz to any other name
@@ -695,30 +410,7 @@ def cached_statistics(path, compute_features, **meta):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Putting the metrics together, each named after its protocol, with the context printed next to it
-
-def compute_metrics(fake_feats, ref_stats, fake_logits=None, metrics=METRICS, network='inception',
-                    kid_subset_size=1000, resize='legacy'):
-    """The requested metrics of generated features against reference statistics (compute_statistics).
-
-    Names come from metric_name: FID/KID/IS for Inception features with the legacy resize, clean-FID etc.
-    with clean resizing, FD_<name>/KD_<name> for any other feature network. IS needs the logits.
-    """
-    name = lambda metric: metric_name(metric, network, resize)  # noqa: E731
-    results = {}
-    if 'fid' in metrics:
-        results[name('fid')] = frechet_distance(*feature_statistics(fake_feats), ref_stats['mu'], ref_stats['sigma'])
-    ref_feats = ref_stats.get('features')
-    if 'kid' in metrics and ref_feats is not None:
-        results[name('kid')], results[name('kid') + '_std'] = kid(fake_feats, ref_feats, subset_size=kid_subset_size)
-    if 'is' in metrics and fake_logits is not None and network.split('/')[0] == 'inception':
-        results[name('is')], results[name('is') + '_std'] = inception_score(fake_logits)
-    if 'pr' in metrics and ref_feats is not None:
-        n = min(len(fake_feats), len(ref_feats), 10000)  # O(n^2) distances: cap the sample count
-        pr = precision_recall(ref_feats[:n], fake_feats[:n])
-        results.update({name(k): v for k, v in pr.items()})
-    return results
-
+# Scoring a generator during training (train.py)
 
 def samples_to_uint8(x, source):
     """Generated samples in [-1, 1] -> uint8 (data.to_uint8), refusing NaN/inf: to_uint8 would turn them into
@@ -752,46 +444,8 @@ def evaluate_generator(generate, ref_stats, model, num_samples=2000, batch_size=
                            getattr(model, 'resize', 'legacy'))
 
 
-def format_results(results, num_generated, num_reference, resize, reference_split, conditions=None,
-                   headline_count=50000):
-    """One line per metric with its context; a Frechet distance on fewer than 50k samples is labelled a trend."""
-    context = (f'[{f"resize={resize}, " if resize else ""}generated={num_generated}, reference={num_reference} '
-               f'({reference_split})' + (f', conditions={conditions}' if conditions else '') + ']')
-    lines = []
-    for name, value in results.items():
-        if name.endswith('_std') or not isinstance(value, (int, float)):
-            continue
-        text = f'{name:>10s} {value:.6g}'
-        if name + '_std' in results:
-            text += f' +- {results[name + "_std"]:.3g}'
-        if ('FID' in name or name.startswith('FD_')) and num_generated < headline_count:
-            text += f'  (trend only: FD is biased upward at n={num_generated} < {headline_count})'
-        lines.append(f'{text}  {context}')
-    return '\n'.join(lines)
-
-
 # ----------------------------------------------------------------------------------------------------
 # Command line
-
-def demo():
-    """Closed-form checks that need no weights: prints computed vs exact values."""
-    rng = np.random.RandomState(0)
-    d = 8
-    s1, s2 = rng.rand(d) + 0.5, rng.rand(d) + 0.5
-    mu1, mu2 = rng.randn(d), rng.randn(d)
-    exact = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(s1) - np.sqrt(s2)) ** 2).sum()  # diagonal covariances
-    print(f'FD of diagonal Gaussians: {frechet_distance(mu1, np.diag(s1), mu2, np.diag(s2)):.10f} '
-          f'exact {exact:.10f}')
-    a, b = rng.randn(2000, 16), rng.randn(2000, 16)
-    print('KID of two samples of one Gaussian (expect ~0): %.2e +- %.1e' % kid(a, b, 20, 500))
-    print('KID after shifting one by 1 in every dim (linear kernel, expect 1.0): %.3f'
-          % kid(a, b + 1, 20, 500, degree=1)[0])
-    print('IS of uniform logits (expect 1): %.4f; of one-hot logits over 10 classes (expect 10): %.4f'
-          % (inception_score(np.zeros((100, 10)), 1)[0], inception_score(100 * np.eye(10)[np.arange(100) % 10], 1)[0]))
-    print('score names: ' + ', '.join(f'{net}/{resize} -> {metric_name("fid", net, resize)}'
-                                      for net, resize in (('inception', 'legacy'), ('inception', 'clean'),
-                                                          ('lenet', 'clean'))))
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description='FID / KID / IS / precision-recall of generated images.')
@@ -814,8 +468,8 @@ def parse_args(argv=None):
     m.add_argument('--metrics', default=None, help='comma-separated subset of fid,kid,is,pr (default: all); with '
                    '--video of fvd,kvd,fid,kid,is,pr (default: fvd,kvd,fid; fid/kid/is/pr are frame-wise)')
     m.add_argument('--kid-subset-size', type=int, default=1000,
-                   help='samples per KID subset (Binkowski et al. use 1000); reduced, with a warning, when larger '
-                        'than half the smaller set')
+                   help='samples per KID subset (Binkowski et al. use 1000); the smaller set when larger than it, '
+                        'with a warning (when both sets are used whole, the std is 0)')
     m.add_argument('--num-gen', type=int, default=None, help='use at most this many generated images')
     m.add_argument('--num-ref', type=int, default=None, help='use at most this many reference images')
     m.add_argument('--reference-split', default=None, help='name of the reference split, printed with scores')

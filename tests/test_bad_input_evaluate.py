@@ -113,13 +113,14 @@ def test_statistics_of_another_feature_network_are_refused(lenet_run, count_feat
     evaluate.main(args('gen.npz', 'stats.npz'))                       # the right network is accepted
 
 
-def test_kid_with_fewer_images_than_the_subset_size_warns_and_reduces_it():
-    # Before: every subset was the whole set, so the std was ~1e-13 and looked like a precise result.
+def test_kid_with_fewer_images_than_the_subset_size_warns_that_the_std_is_0():
+    # Issue 22: the subset was silently shrunk to n/2 (another number than the published protocol's); now subsets are
+    # the whole sets (clean-fid's min(n_a, n_b, subset_size)) and the warning says the std is then 0, not a precision.
     rng = np.random.RandomState(2)
     a, b = rng.randn(300, 8), rng.randn(300, 8) + 0.1
-    with pytest.warns(UserWarning, match='subset size 1000 >= the 300 samples.*reduced to 150'):
+    with pytest.warns(UserWarning, match='std is 0'):
         mean, std = evaluate.kid(a, b, num_subsets=20, subset_size=1000)
-    assert std > 1e-3 * abs(mean)                                     # subsets differ: a real spread
+    assert std == 0.0 and mean == pytest.approx(evaluate.mmd2_unbiased(a, b), rel=1e-12)
     assert evaluate.parse_args(['a', 'b', '--kid-subset-size', '50']).kid_subset_size == 50
     with pytest.raises(SystemExit):
         evaluate.parse_args(['a', 'b', '--kid-subset-size', '1'])
