@@ -1,13 +1,12 @@
 """
 Sample a trained model: `python sample.py --ckpt runs/default/ckpt.pt`.
 
-This file is the one place that turns a checkpoint into pictures. train.py (grids, in-training evaluation),
-evaluate.py and the benchmarks import it; it imports only concept files, never train.py (as nanoGPT's and DiT's
-sample.py rebuild the model from the checkpoint's config and import only the model file).
+This file is the one place that turns a model into pictures. The training programs (grids, through
+reports.py), evaluate.py and the benchmarks import it; it never imports a training program. The model is rebuilt
+from the checkpoint's config by checkpoints.py (as nanoGPT's and DiT's sample.py rebuild it and import only the
+model file), files are written by runs.atomic_write, and a video is extended by video.extend_video.
 
-    load_checkpoint(path, device)          -> the checkpoint dict, checked (weights_only=True: it cannot run code)
-    build_network(config), build_diffusion(config)
-    load_model(path, device, use_ema=True) -> (network in eval mode, Diffusion, config)
+    load_model(path, device, use_ema=True) -> (network in eval mode, Diffusion, config)     (checkpoints.py)
     generate(net, diffusion, n, shape, device, labels, num_classes, sampler, steps, guidance, seed, ...)
         -> (n, *shape) images in [-1, 1] on the CPU: THE seeded, batched, labelled sampling routine
     save_grid(images, path), save_gif(videos, path)
@@ -30,7 +29,6 @@ and optionally an .npz of uint8 samples. With --inverse METHOD it instead solves
 """
 import argparse
 import ast
-import errno
 import json
 import math
 import os
@@ -41,105 +39,15 @@ import torch
 
 import cascade
 import data
+import pretrained
 import samplers
-from classifier import NoiseConditionalClassifier
-from diffusion import NOISE_SCHEDULES, Diffusion
-from dit import DiT
+from checkpoints import latent_decoder, load_model, sample_shape
+# Re-exported for code written against the old sample.py; the checkpoint format is checkpoints.py's.
+from checkpoints import build_diffusion, build_network, load_autoencoder, load_checkpoint  # noqa: F401
 from guidance import (Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, IntervalSchedule, LinearSchedule,
                       OscillatingSchedule, Thresholded, sample_with_rejection)
-from unet import UNet
-import pretrained
-import vae
-
-NETWORKS = {'unet': UNet, 'dit': DiT, 'classifier': NoiseConditionalClassifier}   # config['model'] -> class; config['net'] its kwargs
-CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every train.py checkpoint holds, at least
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading a checkpoint. Every failure is a message that says what the file is and what to do, never a KeyError
-# from deep inside: a checkpoint is user input.
-
-# weights_only=True refuses pickled code: a downloaded checkpoint can hold tensors, numbers, strings, lists
-# and dicts, nothing that runs when loaded. map_location lets a GPU checkpoint load on a CPU-only machine.
-def load_checkpoint(path, device='cpu'):
-    """Load with weights_only=True (a checkpoint cannot run code) and check that it is a train.py checkpoint."""
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: checkpoint {path!r} does not exist')
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:                                       # truncated, not a checkpoint, or unsafe content
-        raise SystemExit(f'error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}). '
-                         'Is it a file written by train.py, and complete?') from None
-    # A state_dict saved alone, or a list: readable by torch, but not something we can rebuild a model from.
-    # Messages name the file and what it holds instead, so a wrong file is recognised at once.
-    if not isinstance(ckpt, dict):
-        raise SystemExit(f'error: {path!r} holds a {type(ckpt).__name__}, not a train.py checkpoint '
-                         f'(a dict with {", ".join(CHECKPOINT_KEYS)})')
-    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
-    config = ckpt.get('config')
-    if not missing and isinstance(config, dict):
-        missing = [f'config.{k}' for k in ('model', 'net', 'diffusion', 'data') if not isinstance(config.get(k), (dict, str))]
-    elif not missing:
-        missing = ['config (a dict)']
-    if missing:
-        raise SystemExit(f'error: {path!r} is not a complete train.py checkpoint: missing {", ".join(missing)}'
-                         + (' (it looks like a bare state_dict: save the dict train.py writes)' if 'config' in
-                            ', '.join(missing) and all(torch.is_tensor(v) for v in ckpt.values()) else ''))
-    return ckpt
-
-
-# config['net'] is exactly the constructor's keyword arguments (UNet.config / DiT.config), so a checkpoint
-# rebuilds the same architecture without any flag.
-def build_network(config):
-    """Rebuild a network from the config stored in a checkpoint (its class and constructor arguments)."""
-    # The class comes from a fixed table, never from a name in the file: a checkpoint cannot pick code to run.
-    if config['model'] not in NETWORKS:
-        raise SystemExit(f"error: unknown network {config['model']!r} in the checkpoint; known: {', '.join(NETWORKS)}")
-    return NETWORKS[config['model']](**config['net'])
-
-
-def build_diffusion(config):
-    """The Diffusion (parameterisation, training schedule, noise-level sampler) the model was trained with."""
-    # t_sampler matters only for training; older checkpoints without it default to uniform.
-    d = config['diffusion']
-    # Discrete schedules record their number of steps T (train.py --T); older checkpoints used T = 1000.
-    schedule = NOISE_SCHEDULES[d['schedule']](d['T']) if d.get('T') else d['schedule']
-    return Diffusion(schedule, d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
-
-
-# The EMA weights are what one samples (Karras et al. 2022 and DDPM sample the EMA); --raw reads the
-# optimised weights, e.g. to see how much the average helps.
-def load_model(path, device='cpu', use_ema=True):
-    """(network in eval mode, Diffusion, config) from a train.py checkpoint; config['args'] holds the run's flags.
-
-    Weights that are not finite are refused here: sampling them gives NaN images that would be written as
-    black PNGs."""
-    ckpt = load_checkpoint(path, device)
-    config = dict(ckpt['config'], args=ckpt.get('args', {}))
-    net = build_network(config).to(device)
-    # strict loading: a missing or extra key means the file and its config disagree, never silently ignored.
-    weights = ckpt['ema' if use_ema else 'model']
-    try:
-        net.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as e:      # missing/extra keys, wrong shapes, not a dict
-        raise SystemExit(f'error: the weights in {path!r} do not fit the network its config describes: '
-                         f'{str(e).splitlines()[0][:300]}') from None
-    # Checked on the tensors actually loaded (EMA or raw), buffers included.
-    bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise SystemExit(f"error: {path!r} has non-finite {'EMA' if use_ema else 'raw'} weights ({len(bad)} tensors, "
-                         f'e.g. {bad[0]}): the run blew up. Use an earlier checkpoint.')
-    return net.eval().requires_grad_(False), build_diffusion(config), config
-
-
-# The noise shape generate() draws: the network's input shape, which for latent models is the latents'.
-def sample_shape(config):
-    """(C, H, W) of an image model, (C, F, H, W) of a video model, from the checkpoint's data config."""
-    if config.get('autoencoder'):                                 # latent diffusion: the shape the network sees
-        return tuple(config['autoencoder']['latent_shape'])
-    d = config['data']
-    return (d['channels'],) + ((d['frames'],) if d.get('frames') else ()) + (d['resolution'], d['resolution'])
-
+from runs import atomic_write, check_output_path
+from video import extend_video
 
 # ----------------------------------------------------------------------------------------------------
 # Sampler options. A solver's options are its own keyword arguments (samplers.py); the network's conditioning
@@ -246,81 +154,19 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
 
 
 # ----------------------------------------------------------------------------------------------------
-# Latent diffusion (vae.py): a checkpoint trained with train.py --autoencoder records its autoencoder (path,
-# sha256, config with the latent scale) in config['autoencoder']; samples are latents, decoded to pixels here.
-
-def load_autoencoder(path, device='cpu', use_ema=True):
-    """The (EMA) autoencoder of a train.py --task autoencoder checkpoint, frozen, in eval mode."""
-    ckpt = load_checkpoint(path, device)
-    if ckpt['config'].get('task') != 'autoencoder':
-        raise SystemExit(f"error: {path!r} is a {ckpt['config'].get('task', 'diffusion')} checkpoint, not an "
-                         'autoencoder; train one with train.py --task autoencoder')
-    # Rebuilt from its own stored config, like build_network; the EMA weights unless asked for the raw ones.
-    ae = vae.Autoencoder(**ckpt['config']['net']).to(device)
-    ae.load_state_dict(ckpt['ema' if use_ema else 'model'])
-    return ae.eval().requires_grad_(False)
-
-
-def latent_decoder(config, device='cpu'):
-    """latents -> images for a latent diffusion checkpoint (None for a pixel model), through the autoencoder its
-    config records, with the latent scale it was trained with. The file must be the one trained on (sha256)."""
-    record = config.get('autoencoder')
-    if not record:
-        return None
-    if not os.path.isfile(record['path']):
-        raise SystemExit(f"error: this latent diffusion model decodes through the autoencoder {record['path']!r}, "
-                         'which is missing; put that checkpoint back at that path')
-    # Identified by content, not by name: a retrained file at the same path decodes to other images.
-    if pretrained.sha256_of(record['path']) != record['sha256']:
-        raise SystemExit(f"error: {record['path']!r} is not the autoencoder this model was trained on (its sha256 "
-                         "changed: retrained or replaced?); decoding through it would give wrong images")
-    ae = load_autoencoder(record['path'], device)
-    # The diffusion model was trained on scaled latents (z - shift) * scale; decoding must undo the same scale.
-    ae.set_latent_scale(record['config']['scale_factor'], record['config']['shift_factor'])
-
-    @torch.no_grad()
-    def decode(z):
-        return ae.decode(z.to(device))
-    return decode
-
-
-# ----------------------------------------------------------------------------------------------------
-# Writing pictures and arrays. Output paths are checked before sampling (check_output_path), files are written
-# to a temporary name and renamed, so an interrupted write never leaves half a file under the final name.
+# Writing pictures and arrays. Output paths are checked before sampling (check_outputs), files are written
+# to a temporary name and renamed (runs.atomic_write), so an interrupted write never leaves half a file under the
+# final name.
 
 # Every output flag of sample.py goes through here before the first sample is drawn.
-def check_output_path(path, extensions, flag):
-    """Before any long work: the path has a known extension, its folder exists (created if missing) and is writable."""
-    # Called before sampling: every way the final write could fail that can be known now is reported now.
-    if os.path.isdir(path):
-        raise SystemExit(f'error: {flag} {path!r} is a folder; give a file name such as {os.path.join(path, "samples" + extensions[0])}')
-    if not path.lower().endswith(extensions):
-        raise SystemExit(f'error: {flag} {path!r} needs one of the extensions {", ".join(extensions)}')
-    # Missing folders are created: the samples must have somewhere to go.
-    folder = os.path.dirname(path) or '.'
+def check_outputs(*paths):
+    """runs.check_output_path for each (path, extensions, flag); a problem is the command line's error message.
+    Existing files are replaced, as sample.py always has (a second run without --out rewrites samples.png)."""
     try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.write_test_'):
-            pass                                                 # a real write: os.access lies on some mounts
-    except OSError as e:
-        raise SystemExit(f'error: cannot write {flag} {path!r}: {e.strerror or e}') from None
-
-
-# One helper for PNG, GIF and npz: all three are written under a temporary name, then renamed.
-def atomic_write(path, write):
-    """write(tmp_path), then rename onto path; a full disk becomes a 'disk full' error and the temp file is removed."""
-    # The temp name keeps the extension, so PIL and numpy write the intended format to it.
-    tmp = os.path.join(os.path.dirname(path) or '.', f'.{os.path.basename(path)}.tmp{os.path.splitext(path)[1]}')
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    # On failure the temporary file goes, so no half-written file is mistaken for a result.
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f'disk full while writing {path}; free space and rerun') from None
-        raise
+        for path, extensions, flag in paths:
+            check_output_path(path, extensions, flag, overwrite=True)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
 
 
 # Grids are for looking at; numbers for metrics go through save_npz (uint8, exactly what a PNG would hold).
@@ -727,7 +573,7 @@ def run_inverse(args, net, diffusion, config, device):
     if args.operator == 'sr' and (args.factor < 2 or r % args.factor):
         raise SystemExit(f'error: --factor must be at least 2 and divide the model resolution {r} (got {args.factor})')
     out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', f'inverse_{args.inverse}_{args.operator}.png')
-    check_output_path(out, ('.png',), '--out')
+    check_outputs((out, ('.png',), '--out'))
     if args.image:
         x0 = read_image(args.image, c, r)
     else:
@@ -754,7 +600,7 @@ def run_inverse(args, net, diffusion, config, device):
                                                   cond=cond, **options).clamp(-1, 1)
     shown = op.pinv(y).clamp(-1, 1)
     save_grid(torch.cat([shown, recon, x0]).detach(), out, nrow=3)
-    psnr = 10 * torch.log10(4 / ((recon - x0) ** 2).mean()).item()
+    psnr = cascade.psnr(recon, x0).mean().item()                  # the project's one PSNR (range 2 of [-1, 1])
     print(f'wrote {out} (measurement | reconstruction | original); PSNR {psnr:.2f} dB, '
           f'|A x - y| = {(op.forward(recon) - y).abs().max().item():.3g}')
 
@@ -944,38 +790,7 @@ def run_cascade(args, net, diffusion, config, device, out):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Extending a video (Ho et al. 2022, Sec. 3.1): sample a window whose first frames are given, as an inverse problem
-# in time solved by reconstruction guidance (inverse.py), append its new frames, slide the window, repeat.
-
-def extend_video(denoiser, clip, window, num_new, sigmas, context=None, method='reconstruction_guidance',
-                 method_options=None, generator=None, cond=None):
-    """Continue clips (N, C, G, H, W) by num_new frames -> (N, C, G + num_new, H, W), the given frames first, as given.
-
-    Each round samples one window of `window` frames (the model's length) whose first `context` frames are the last
-    frames so far: A keeps those frames (inverse.Inpaint with a mask over time), y holds them, and the inverse method
-    (default: reconstruction guidance, x0_tilde = x0_hat - (w_r / 2) grad ||y - A x0_hat||^2, Ho et al. Eq. 7, with
-    any sampler) draws the window's other frames conditioned on them. The model's own version of the given frames
-    is only the means of conditioning: the output keeps the given frames themselves."""
-    import inverse
-    # Clips are (N, C, frames, H, W): G given frames, extended window by window.
-    N, C, G, H, W = clip.shape
-    context = context or window // 2
-    if not 0 < context < window or context > G:
-        raise ValueError(f'context must be in [1, {window - 1}] (the window has {window} frames) and at most the '
-                         f'{G} given frames, got {context}')
-    out = clip
-    while out.shape[2] < G + num_new:
-        mask = torch.zeros(1, 1, window, 1, 1, dtype=clip.dtype, device=clip.device)
-        mask[:, :, :context] = 1                                             # A keeps the first `context` frames
-        y = torch.zeros(N, C, window, H, W, dtype=clip.dtype, device=clip.device)
-        y[:, :, :context] = out[:, :, -context:]                             # ... which are the last frames so far
-        x = sigmas[0] * torch.randn(y.shape, generator=generator, dtype=clip.dtype).to(clip.device)
-        sampled = inverse.INVERSE_METHODS[method](denoiser, x, sigmas, inverse.Inpaint(mask), y, generator=generator,
-                                                  cond=cond, **(method_options or {}))
-        need = min(window - context, G + num_new - out.shape[2])
-        out = torch.cat([out, sampled[:, :, context:context + need].detach()], dim=2)
-    return out
-
+# Extending a video (Ho et al. 2022, Sec. 3.1): video.extend_video, the paper's algorithm, on a clip read here.
 
 def read_clip(source, config):
     """--extend's clip -> (1, C, F, R, R) in [-1, 1]: a clip of the training data, a sample.py .npz (its first video),
@@ -1053,9 +868,7 @@ def main(args):
     out = args.out or (f'samples_{args.pretrained}.png' if args.pretrained else
                        os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png'))
     if not args.inverse:
-        check_output_path(out, ('.png',), '--out')
-        if args.npz:
-            check_output_path(args.npz, ('.npz',), '--npz')
+        check_outputs((out, ('.png',), '--out'), *([(args.npz, ('.npz',), '--npz')] if args.npz else []))
     # The model: a published one (pretrained.py) or a train.py checkpoint; latent models come with their decoder.
     if args.pretrained:
         net, diffusion, config, decode = load_pretrained_model(args, device)
