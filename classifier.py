@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import Downsample, ResBlock, SpatialSelfAttention, timestep_embedding
+from unet import Downsample, ResBlock, SpatialSelfAttention, feature_dtype, timestep_embedding
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -112,7 +112,9 @@ class NoiseConditionalClassifier(nn.Module):
     def forward(self, x, noise_level):
         """x: (N, C, H, W) network input (c_in x); noise_level: (N,) c_noise. Returns logits (N, num_classes)."""
         noise_level = torch.as_tensor(noise_level, device=x.device).expand(x.shape[0])
-        emb = F.silu(self.time_mlp(timestep_embedding(noise_level, self.time_mlp[0].in_features)))
+        dtype = self.time_mlp[0].weight.dtype                                # the network's own dtype
+        features = timestep_embedding(noise_level, self.time_mlp[0].in_features, dtype=feature_dtype(dtype))
+        emb = F.silu(self.time_mlp(features.to(dtype)))
         cond = dict(emb=emb)
         h = self.input_conv(x)
         for layer in self.layers:

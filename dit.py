@@ -42,11 +42,12 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------
 # Embeddings
 
-def timestep_embedding(noise_level, dim, max_period=10000.0):
-    """Sinusoidal features of a scalar per sample: (N,) -> (N, dim) (same helper as unet.py, kept copyable)."""
+def timestep_embedding(noise_level, dim, max_period=10000.0, dtype=torch.float32):
+    """Sinusoidal features of a scalar per sample: (N,) -> (N, dim) in `dtype` (same helper as unet.py, kept
+    copyable). A float64 network computes them in float64; every other dtype in float32, as DiT was trained."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device) / half)
-    angles = noise_level.float()[:, None] * freqs[None]                     # (N, half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device, dtype=dtype) / half)
+    angles = noise_level.to(dtype)[:, None] * freqs[None]                   # (N, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
@@ -248,12 +249,14 @@ class DiT(nn.Module):
         pos_embed = self.pos_embed
         if pos_embed.shape[1] != grid_h * grid_w:        # another resolution than configured: rebuild the table
             pos_embed = torch.from_numpy(sincos_pos_embed_2d(pos_embed.shape[-1], grid_h, grid_w))[None]
-        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + pos_embed.to(x.device)   # (N, T, d)
+        tokens = self.x_embedder(x).flatten(2).transpose(1, 2) + pos_embed.to(x.device, x.dtype)   # (N, T, d)
 
         noise_level = torch.as_tensor(noise_level, device=x.device).expand(N)
-        features = timestep_embedding(noise_level, self.freq_dim)
+        dtype = self.x_embedder.weight.dtype                                   # the network's own dtype
+        features = timestep_embedding(noise_level, self.freq_dim,
+                                      dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(dtype)
         if self.aug_embedder is not None and aug_cond is not None:
-            features = features + self.aug_embedder(aug_cond.float())
+            features = features + self.aug_embedder(aug_cond.to(dtype))
         c = self.t_embedder(features)                                          # (N, d)
         if self.y_embedder is not None:
             if y is None:

@@ -45,19 +45,26 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------
 # Small helpers
 
-def timestep_embedding(noise_level, dim, max_period=10000.0):
-    """Sinusoidal features of a scalar per sample (Transformer / DDPM style): (N,) -> (N, dim).
+def feature_dtype(dtype):
+    """The dtype the fixed sinusoidal features are computed in for a network of `dtype`: float32 (what published
+    weights were trained on, also for float16/bfloat16 networks), or float64 for a float64 network, so that a
+    float64 network is float64 throughout (how a solver or a parity is checked on a real network)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def timestep_embedding(noise_level, dim, max_period=10000.0, dtype=torch.float32):
+    """Sinusoidal features of a scalar per sample (Transformer / DDPM style): (N,) -> (N, dim), computed in `dtype`.
 
     The frequencies run from 1 down to 1/max_period, so both the integer steps 0..999 of DDPM and EDM's
     c_noise = ln(sigma)/4 in about [-1.6, 1.1] get distinct, smooth codes; the MLP that follows adapts to either.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device) / half)
-    angles = noise_level.float()[:, None] * freqs[None]                     # (N, half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device, dtype=dtype) / half)
+    angles = noise_level.to(dtype)[:, None] * freqs[None]                   # (N, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)
 
 
-def ddpm_timestep_embedding(noise_level, dim):
+def ddpm_timestep_embedding(noise_level, dim, dtype=torch.float32):
     """DDPM's own sinusoidal features (Ho et al. 2020, diffusion_tf/nn.py get_timestep_embedding): (N,) -> (N, dim).
 
     Two details differ from timestep_embedding above: sin comes before cos, and the frequencies are
@@ -65,8 +72,8 @@ def ddpm_timestep_embedding(noise_level, dim):
     weights were trained on these features, so the 'ddpm-cifar10' configuration must compute them.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=noise_level.device) / (half - 1))
-    angles = noise_level.float()[:, None] * freqs[None]                     # (N, half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=noise_level.device, dtype=dtype) / (half - 1))
+    angles = noise_level.to(dtype)[:, None] * freqs[None]                   # (N, half)
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
 
 
@@ -77,17 +84,17 @@ def zero_module(module):
     return module
 
 
-def rope_angles(positions, head_dim, base=10000.0):
+def rope_angles(positions, head_dim, base=10000.0, dtype=torch.float32):
     """Rotation angles for rotary embeddings: positions (L, n_axes) -> (L, head_dim // 2).
 
     Each axis (row, column, or frame) gets an equal share n of the head_dim // 2 rotation planes, with geometric
     frequencies base^(-i/n) as in RoFormer Sec. 3.2. Leftover planes (if head_dim // 2 is not a multiple of
-    n_axes) get angle 0, i.e. they are not rotated.
+    n_axes) get angle 0, i.e. they are not rotated. Computed in `dtype` (feature_dtype of the network).
     """
     n_axes = positions.shape[1]
     per_axis = head_dim // 2 // n_axes
-    freqs = base ** (-torch.arange(per_axis, device=positions.device, dtype=torch.float32) / max(per_axis, 1))
-    angles = (positions.float()[:, :, None] * freqs).flatten(1)             # (L, n_axes * per_axis)
+    freqs = base ** (-torch.arange(per_axis, device=positions.device, dtype=dtype) / max(per_axis, 1))
+    angles = (positions.to(dtype)[:, :, None] * freqs).flatten(1)           # (L, n_axes * per_axis)
     return F.pad(angles, (0, head_dim // 2 - angles.shape[1]))
 
 
@@ -236,7 +243,7 @@ class SpatialSelfAttention(nn.Module):
         tokens = self.norm(x).flatten(2).transpose(1, 2)                     # (B, H*W, C)
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(tokens).chunk(3, dim=-1))  # (B, heads, HW, d)
         if self.rope:
-            angles = rope_angles(grid_positions(H, W, x.device), q.shape[-1])
+            angles = rope_angles(grid_positions(H, W, x.device), q.shape[-1], dtype=feature_dtype(q.dtype))
             q, k = apply_rope(q, angles), apply_rope(k, angles)
         h = F.scaled_dot_product_attention(q, k, v)                          # (B, heads, HW, d)
         h = self.proj(h.transpose(1, 2).flatten(2))                          # (B, HW, C)
@@ -304,7 +311,8 @@ class TemporalAttention(nn.Module):
         tokens = x.reshape(N, frames, C, H * W).permute(0, 3, 1, 2).reshape(N * H * W, frames, C)  # (N*HW, F, C)
         q, k, v = (split_heads(t, self.heads) for t in self.qkv(self.norm(tokens)).chunk(3, dim=-1))
         if self.rope:
-            angles = rope_angles(torch.arange(frames, device=x.device)[:, None], q.shape[-1])
+            positions = torch.arange(frames, device=x.device)[:, None]          # (F, 1): one axis, the frame
+            angles = rope_angles(positions, q.shape[-1], dtype=feature_dtype(q.dtype))
             q, k = apply_rope(q, angles), apply_rope(k, angles)
         if mask is not None:
             mask = mask.repeat_interleave(H * W, dim=0)[:, None]             # (N*HW, 1, F, F)
@@ -423,9 +431,10 @@ class UNet(nn.Module):
     def embed(self, noise_level, y, aug_cond):
         """emb = MLP(sinusoid(noise_level) + W_aug aug_cond) + E[y]: (N, 4 * model_channels)."""
         sinusoid = ddpm_timestep_embedding if self.timestep_features == 'ddpm' else timestep_embedding
-        features = sinusoid(noise_level, self.time_mlp[0].in_features)
+        dtype = self.time_mlp[0].weight.dtype                                # the network's own dtype
+        features = sinusoid(noise_level, self.time_mlp[0].in_features, dtype=feature_dtype(dtype)).to(dtype)
         if self.aug_embed is not None and aug_cond is not None:
-            features = features + self.aug_embed(aug_cond.float())
+            features = features + self.aug_embed(aug_cond.to(dtype))
         emb = self.time_mlp(features)
         if self.class_embed is not None:
             if y is None:                    # no labels: every sample gets the learned "no class" embedding

@@ -13,7 +13,7 @@ import torch
 from classifier import (NoiseConditionalClassifier, accuracy_by_noise_level, classifier_log_prob, classifier_loss,
                         clean_log_prob)
 from diffusion import Diffusion, GaussianMixture
-from guidance import ClassifierGuidance, rejection_sample
+from guidance import ClassifierGuidance, classifier_gradient, rejection_sample
 from samplers import SAMPLERS, karras_sigmas
 
 BUCKETS = [0.02, 0.3, 1.0, 3.0, 8.0]
@@ -91,3 +91,47 @@ def test_rejection_with_the_clean_classifier_keeps_the_requested_class(trained):
     assert abs(rate - (y == 0).double().mean().item()) < 0.02
     assert (y[keep] == 0).all()
 
+
+
+@pytest.mark.parametrize('schedule, prediction', [('edm', 'edm'), ('linear', 'eps'), ('flow', 'flow')])
+def test_guidance_log_prob_is_minus_the_training_cross_entropy(schedule, prediction):
+    """What guidance differentiates must be what training fitted: at the same noisy x = x0 + sigma noise,
+    log p_phi(y | x, sigma) from classifier_log_prob equals minus classifier_loss's cross-entropy, and so does its
+    gradient in x (x0 enters the loss only through x, so d loss / d x0 = d loss / d x). Guidance that fed the
+    classifier x instead of c_in(sigma) x would give another number and a gradient off by up to 1 / c_in."""
+    torch.manual_seed(0)
+    diffusion = Diffusion(schedule, prediction, sigma_data=0.5)
+    clf = NoiseConditionalClassifier(1, 3, model_channels=16, channel_mult=(1, 2), attention_resolutions=(),
+                                     image_size=4, head_channels=16, norm_groups=4).double()
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64).requires_grad_(True)
+    noise = torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    sigma = torch.tensor([0.01, 0.1, 0.5, 1.0, 3.0, 10.0], dtype=torch.float64).clamp(max=float(diffusion.sigma_max))
+    loss, _ = classifier_loss(clf, diffusion, x0, y, sigma=sigma, noise=noise)
+    grad_loss = torch.autograd.grad(loss.sum(), x0)[0]
+    x = (x0 + sigma[:, None, None, None] * noise).detach()
+    log_p = classifier_log_prob(clf, diffusion)
+    torch.testing.assert_close(log_p(x, sigma).gather(1, y[:, None]).squeeze(1), -loss.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(classifier_gradient(log_p, x, sigma, y), -grad_loss, rtol=1e-5, atol=1e-8)
+
+
+def test_trained_classifier_gradient_has_the_exact_classifiers_magnitude(trained):
+    """Guidance moves a sample by s sigma^2 grad log p(y | x, sigma): the size of the gradient, not only its
+    direction, sets the strength. Where the trained classifier is accurate (sigma 1 to 4, away from the
+    saturated low-noise posterior whose exact gradient vanishes) its mean gradient norm is within a factor 1.5 of
+    the exact classifier's (measured 1.12, 0.94, 1.25; with the classifier fed x instead of c_in x at guidance
+    time only: 1.12, 1.29, 3.00), and the directions agree (mean cosine 0.89 to 0.95)."""
+    clf, diffusion, gm = trained
+    log_p = classifier_log_prob(clf, diffusion)
+    trained_log_p = lambda x, sigma: log_p(x.float().reshape(-1, 1, 4, 4), sigma.float()).double()
+    exact_log_p = lambda x, sigma: gm.class_posterior(x, sigma).log()
+    g = torch.Generator().manual_seed(5)
+    for sigma in [1.0, 2.0, 4.0]:
+        x0, y = gm.sample(500, generator=g)
+        s = torch.full((500,), sigma, dtype=torch.float64)
+        x = x0 + sigma * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+        ours, exact = classifier_gradient(trained_log_p, x, s, y), classifier_gradient(exact_log_p, x, s, y)
+        ratio = (ours.norm(dim=1).mean() / exact.norm(dim=1).mean()).item()
+        cosine = torch.nn.functional.cosine_similarity(ours, exact, dim=1).mean().item()
+        assert 1 / 1.5 < ratio < 1.5 and cosine > 0.8, f'sigma {sigma}: norm ratio {ratio:.3f}, cosine {cosine:.3f}'

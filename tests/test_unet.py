@@ -1,5 +1,6 @@
 """Tests for unet.py: zero init, gradient flow, every conditioning path, RoPE, joint video-image masking, AMP,
 DDPM's timestep features and downsampling in the ddpm-cifar10 configuration, the diffusers-layout loader."""
+import copy
 import functools
 import inspect
 import math
@@ -233,6 +234,38 @@ def test_autocast_bf16_cpu_close_to_fp32():
             out = net(**data)
     assert torch.isfinite(out).all()
     assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+
+@pytest.mark.parametrize('name, video', [('micro', False), ('full', False), ('full', True), ('ddpm-cifar10', False)])
+def test_float64_network_runs_and_agrees_with_float32(name, video):
+    """net.double() runs (the sinusoidal features, RoPE angles and aug_cond follow the network's dtype instead of
+    being made in float32), agrees with the float32 network to float32 round-off, and is float64 throughout: the
+    time MLP sees the features in float64 precision, not float32 ones cast up."""
+    if name == 'full':
+        net = perturb(full_unet())
+    else:
+        net = perturb(create_unet(name, image_size=16, model_channels=16, head_channels=16, norm_groups=4))
+    data = inputs(video) if name == 'full' else dict(x=inputs()['x'], noise_level=torch.tensor([10.0, 700.0]))
+    net64 = copy.deepcopy(net).double()
+    data64 = {k: v.double() if v.is_floating_point() else v for k, v in data.items()}
+    seen = []
+    net64.time_mlp.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        out32, out64 = net(**data), net64(**data64)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out32, rtol=0, atol=1e-5 * out32.abs().max().item())
+    t = data64['noise_level']
+    half = net64.time_mlp[0].in_features // 2
+    if name == 'ddpm-cifar10':                           # DDPM's sin-first features with frequencies to 1/10000
+        angles = t[:, None] * torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / (half - 1))
+        features = torch.cat([angles.sin(), angles.cos()], dim=1)
+    else:
+        angles = t[:, None] * torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+        features = torch.cat([angles.cos(), angles.sin()], dim=1)
+    if name == 'full':                                   # plus the projected augmentation labels
+        features = features + net64.aug_embed(data64['aug_cond'])
+    # angles up to 700 computed in float32 would be off by ~3e-5; in float64 they agree to ~1e-13
+    torch.testing.assert_close(seen[0], features, rtol=0, atol=1e-12)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
