@@ -34,7 +34,6 @@ import json
 import math
 import os
 import pickle
-import tempfile
 import zipfile
 
 import numpy as np
@@ -53,6 +52,7 @@ from metrics import (METRICS, check_statistics_match, clip_rounding_noise, compu
                      kid, knn_radii, loss_gap_report, manifold_coverage, memorization_check, metric_name,
                      mmd2_unbiased, nearest_neighbours, pairwise_distances, per_class_fd, polynomial_kernel,
                      precision_recall, to_unit_float, trace_sqrt_product)
+from runs import atomic_write, check_output_path  # the command layer's one atomic write and one output-path check
 
 VIDEO_METRICS = ('fvd', 'kvd') + METRICS   # with --video: fid, kid, is, pr are frame-wise
 
@@ -67,7 +67,8 @@ def save_nearest_pairs(samples, train, nearest, ratio, path, num_pairs=16):
     pairs = [torch.cat([samples[i], train[nearest[i]]], dim=2) for i in order]  # side by side, (C, H, 2W)
     grid = torch.cat([F.pad(p, (2, 2, 2, 2), value=1.0) for p in pairs], dim=1)  # stacked vertically
     grid = grid.expand(3, -1, -1) if grid.shape[0] == 1 else grid
-    Image.fromarray(data.to_uint8(grid.permute(1, 2, 0) * 2 - 1).numpy()).save(path)  # [0, 1] -> [-1, 1] -> uint8
+    image = Image.fromarray(data.to_uint8(grid.permute(1, 2, 0) * 2 - 1).numpy())  # [0, 1] -> [-1, 1] -> uint8
+    atomic_write(path, lambda tmp: image.save(tmp, format='PNG'))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -373,18 +374,29 @@ def load_videos(path, limit=None, frames=None, resolution=None):
 # ----------------------------------------------------------------------------------------------------
 # Reference statistics, computed once and cached, refused when made another way
 
+def images_id(images):
+    """First 16 hex digits of the sha256 of images as read (shape, dtype and every pixel): the content of a reference.
+
+    The statistics cache is keyed by it, not by the file name: a different ref.npz under the same name reused the
+    other file's statistics (FID 26.98 instead of 16.31).
+    """
+    images = torch.as_tensor(images).contiguous()
+    digest = hashlib.sha256(f'{tuple(images.shape)} {images.dtype}'.encode())
+    digest.update(images.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def statistics_cache_path(cache_dir, dataset, resolution, num_images, network='inception', resize='legacy',
-                          network_id=None):
-    """One file per (dataset, resolution, sample count, network, resize mode[, weights hash])."""
+                          network_id=None, content_id=None):
+    """One file per (reference content, network, resize mode[, weights hash]); the name and sizes are for reading."""
     weights = f'_{network_id[:8]}' if network_id else ''
-    return os.path.join(cache_dir, f'{dataset}_{resolution}px_n{num_images}_{network}{weights}_{resize}.npz')
+    content = f'_{content_id}' if content_id else ''
+    return os.path.join(cache_dir, f'{dataset}{content}_{resolution}px_n{num_images}_{network}{weights}_{resize}.npz')
 
 
 def save_statistics(path, stats):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path[:-len('.npz')] + '.tmp.npz'  # np.savez appends .npz to any other name
-    np.savez(tmp, **stats)
-    os.replace(tmp, path)  # never leave a half-written statistics file
+    atomic_write(path, lambda tmp: np.savez(tmp, **stats))  # never leave a half-written statistics file
 
 
 def load_statistics(path):
@@ -478,8 +490,12 @@ def parse_args(argv=None):
                         'per-class scores are added when both .npz files hold labels')
     m.add_argument('--save-stats', default=None, help='write the reference statistics to this .npz')
     m.add_argument('--stats-cache', default=None, metavar='DIR',
-                   help='cache reference statistics here, keyed by dataset, resolution, count, network, resize')
+                   help='cache reference statistics here, keyed by the reference images\' content (a hash), the '
+                        'network, its weights and the resize')
     m.add_argument('--out', default=None, help='also write the scores and their context to this .json')
+    m.add_argument('--overwrite', action='store_true', help='let --save-stats, --npz, --out, --pairs-png and '
+                   '--lenet-weights (of --train-lenet) replace an existing file; without it they are refused before '
+                   'any work. An input (REFERENCE, GENERATED, ...) is never overwritten')
     m.add_argument('--memorization', default=None, help='folder/.npz of training images: nearest-neighbour check')
     m.add_argument('--pairs-png', default='nearest_pairs.png', help='where the memorization check saves pairs')
     s = p.add_argument_group('sampling a checkpoint (when GENERATED is a .pt file): the flags of sample.py')
@@ -527,36 +543,26 @@ def parse_args(argv=None):
     return args
 
 
-def check_output_path(path, extensions, flag):
-    """Before any long work: `path` ends in one of `extensions`, its folder exists (created) and is writable.
-
-    A missing extension matters: np.savez appends '.npz', so the file would land somewhere else than asked.
-    """
-    if not path.lower().endswith(extensions):
-        raise ValueError(f'{flag} {path}: the file name must end in {" or ".join(extensions)}')
-    if os.path.isdir(path):
-        raise ValueError(f'{flag} {path} is a folder; give a file name ending in {" or ".join(extensions)}')
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix='.evaluate_write_test_'):
-            pass  # created and removed: the folder takes new files
-    except OSError as e:
-        raise ValueError(f'{flag} {path}: cannot write in {folder} ({e.strerror or e}); choose another path') from None
+def check_not_an_input(flag, path, inputs):
+    """An output must never be one of the inputs, --overwrite or not (--save-stats onto REFERENCE destroyed it)."""
+    for input_flag, input_path in inputs:
+        if input_path and os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
+            raise ValueError(f'{flag} {path} is the input {input_flag}: writing it would destroy it; give a new file name')
 
 
 def check_paths(args):
-    """Inputs exist and outputs can be written, before the network is loaded or any feature computed."""
-    for flag, path in (('GENERATED', args.generated), ('REFERENCE', args.reference),
-                       ('--memorization', args.memorization),
-                       ('--lenet-weights', args.lenet_weights if args.network == 'lenet' else None)):
+    """Inputs exist and outputs can be written (new files, never an input), before any network or feature."""
+    inputs = (('GENERATED', args.generated), ('REFERENCE', args.reference), ('--memorization', args.memorization),
+              ('--lenet-weights', args.lenet_weights if args.network == 'lenet' else None))
+    for flag, path in inputs:
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f'{flag} {path} does not exist')
     for flag, path, extensions in (('--save-stats', args.save_stats, ('.npz',)), ('--out', args.out, ('.json',)),
                                    ('--npz', args.npz, ('.npz',)),
                                    ('--pairs-png', args.pairs_png if args.memorization else None, ('.png',))):
         if path is not None:
-            check_output_path(path, extensions, flag)
+            check_not_an_input(flag, path, inputs)
+            check_output_path(path, extensions, flag, overwrite=args.overwrite)
     if args.npz and not args.generated.endswith('.pt'):
         raise ValueError('--npz saves the samples of a checkpoint; GENERATED is not a .pt file')
     if args.save_stats and is_statistics_file(args.reference):
@@ -591,7 +597,8 @@ def lenet_split(num_images, seed=0):
 
 def train_lenet_command(args):
     """Train the small classifier on a random 90% of the labelled images, report accuracy on the rest, save it."""
-    check_output_path(args.lenet_weights, ('.pth', '.pt'), '--lenet-weights')
+    check_not_an_input('--lenet-weights', args.lenet_weights, [('--train-lenet', args.train_lenet)])
+    check_output_path(args.lenet_weights, ('.pth', '.pt'), '--lenet-weights', overwrite=args.overwrite)
     images, labels = load_images(args.train_lenet), load_labels(args.train_lenet)
     if labels is None:
         raise ValueError(f'{args.train_lenet} has no labels array (key "labels" or "y")')
@@ -600,15 +607,16 @@ def train_lenet_command(args):
     with torch.no_grad():
         predictions = model(to_unit_float(images[held_out]), return_logits=True)[1].argmax(1).numpy()
     print(f'held-out accuracy {np.mean(predictions == labels[held_out]):.4f} on {len(held_out)} images')
-    torch.save(model.state_dict(), args.lenet_weights)
+    state = model.state_dict()
+    atomic_write(args.lenet_weights, lambda tmp: torch.save(state, tmp))
     print(f'saved to {args.lenet_weights}')
 
 
 def load_checkpoint_model(path, device):
-    """(net, diffusion, config) of a train.py image checkpoint via sample.load_model, or a clear error."""
-    import sample  # only the command line samples; the metrics above need no model code (DESIGN.md: evaluate -> sample)
+    """(net, diffusion, config) of a train.py image checkpoint via checkpoints.load_model, or a clear error."""
+    import checkpoints  # only the command line reads models; the metrics need no model code
     try:
-        net, diffusion, config = sample.load_model(path, device)
+        net, diffusion, config = checkpoints.load_model(path, device)
         d = config['data']
         # The fields sampling reads must be present and numbers: a damaged config is the message below, not a KeyError.
         [int(v) for v in (d['channels'], d['resolution'], d['num_classes'], config['net'].get('aug_dim', 0) or 0)]
@@ -629,6 +637,7 @@ def sample_checkpoint(args):
     guidance come from sample.py's flags (default: what the training run used for its grids). Batch b starts from
     the noise of seed args.seed + its first index (sample.generate's convention).
     """
+    import checkpoints
     import sample
     net, diffusion, config = load_checkpoint_model(args.generated, args.device)   # clear errors: bad file, video model
     n, num_classes = args.num_gen or 2000, int(config['data']['num_classes'])
@@ -648,21 +657,19 @@ def sample_checkpoint(args):
         labels = torch.from_numpy(choose_conditions(mode, n, num_classes, reference_labels, args.fixed_class, args.seed))
     try:
         setup = sample.sampling_setup(args, config, diffusion, args.device)
-        images = sample.generate(net, diffusion, n, sample.sample_shape(config), args.device, labels, num_classes,
+        images = sample.generate(net, diffusion, n, checkpoints.sample_shape(config), args.device, labels, num_classes,
                                  setup['sampler'], setup['steps'], setup['guidance'], seed=args.seed, progress=False,
                                  aug_dim=int(config['net'].get('aug_dim', 0) or 0), sampler_options=setup['sampler_options'],
                                  batch_size=args.batch_size, sigmas=setup['sigmas'], guide=setup['guide'],
-                                 decode=sample.latent_decoder(config, args.device))
+                                 decode=checkpoints.latent_decoder(config, args.device))
     except FloatingPointError as e:   # to_uint8 would turn NaN into pixels and the scores would be of those
         raise ValueError(f'{args.generated}: {e}; nothing meaningful to score') from None
     images = samples_to_uint8(images, args.generated)   # sample.generate checks too; this file does not rely on it
     args.sampling = sample.describe_sampling(args, setup)
     print(f'sampled {n} images from {args.generated} ({args.sampling})')
     if args.npz:  # the samples are kept, whatever happens later (sample.py's layout: uint8 NHWC + labels)
-        tmp = args.npz[:-len('.npz')] + '.tmp.npz'
-        np.savez(tmp, samples=images.permute(0, 2, 3, 1).numpy(),
-                 labels=np.zeros(0, np.int64) if labels is None else labels.numpy())
-        os.replace(tmp, args.npz)
+        atomic_write(args.npz, lambda tmp: np.savez(tmp, samples=images.permute(0, 2, 3, 1).numpy(),
+                                                    labels=np.zeros(0, np.int64) if labels is None else labels.numpy()))
         print(f'samples saved to {args.npz}')
     return images, labels
 
@@ -685,9 +692,10 @@ def load_reference(args, net, net_id):
 def reference_statistics(args, net, net_id, real):
     """(statistics, features or None) of the reference images `real`: from the cache, or computed (and saved)."""
     meta = dict(network=net.name, resize=net.resize, network_id=net_id)
-    if args.stats_cache:  # computed once per (dataset, resolution, count, network, resize), then reused
-        name = os.path.splitext(os.path.basename(os.path.normpath(args.reference)))[0]
-        path = statistics_cache_path(args.stats_cache, name, real.shape[-1], len(real), net.name, net.resize, net_id)
+    if args.stats_cache:  # computed once per (reference content, network, weights, resize), then reused
+        name = os.path.splitext(os.path.basename(os.path.normpath(args.reference)))[0]  # for a reader; the key is
+        path = statistics_cache_path(args.stats_cache, name, real.shape[-1], len(real), net.name, net.resize, net_id,
+                                     images_id(real))                                   # the images' content
         cached = os.path.isfile(path)
         stats = cached_statistics(path, lambda: extract_features(real, net, args.batch_size, args.device), **meta)
         print(f'reference statistics {"read from" if cached else "computed and saved to"} {path}')
@@ -697,6 +705,16 @@ def reference_statistics(args, net, net_id, real):
     if args.save_stats:
         save_statistics(args.save_stats, stats)
     return stats, real_feats
+
+
+def write_json(path, record):
+    """The scores and their context as .json, written atomically (runs.atomic_write)."""
+    text = json.dumps(record, indent=1, default=float)
+
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def video_command(args):
@@ -727,11 +745,9 @@ def video_command(args):
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
     print(format_results(results, len(fake), len(real), None, split))
     if args.out:
-        with open(args.out + '.tmp', 'w') as f:
-            json.dump(dict(scores=results, generated=args.generated, reference=args.reference, num_generated=len(fake),
-                           num_reference=len(real), frames=int(fake.shape[2]), networks=record), f, indent=1,
-                      default=float)
-        os.replace(args.out + '.tmp', args.out)
+        write_json(args.out, dict(scores=results, generated=args.generated, reference=args.reference,
+                                  num_generated=len(fake), num_reference=len(real), frames=int(fake.shape[2]),
+                                  networks=record))
     return results
 
 
@@ -787,9 +803,7 @@ def main(args):
         record = dict(scores=results, generated=args.generated, reference=args.reference, num_generated=len(fake),
                       num_reference=num_ref, network=net.name, network_id=net_id, resize=net.resize,
                       kid_subset_size=args.kid_subset_size, conditions=args.conditions)
-        with open(args.out + '.tmp', 'w') as f:
-            json.dump(record, f, indent=1, default=float)
-        os.replace(args.out + '.tmp', args.out)
+        write_json(args.out, record)
     return results
 
 

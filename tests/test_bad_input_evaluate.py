@@ -53,10 +53,10 @@ def test_output_paths_are_checked_before_any_feature_extraction(lenet_run, count
     # asked; a folder that is a file failed with a traceback after all features were computed.
     args, root = lenet_run
     (root / 'a_file').write_text('x')
-    bad = [('--save-stats', str(root / 'stats'), 'must end in .npz'),
+    bad = [('--save-stats', str(root / 'stats'), 'needs one of the extensions .npz'),
            ('--save-stats', str(root / 'a_file' / 'stats.npz'), 'cannot write'),
-           ('--out', str(root / 'scores.txt'), 'must end in .json'),
-           ('--save-stats', str(root), 'must end in .npz')]
+           ('--out', str(root / 'scores.txt'), 'needs one of the extensions .json'),
+           ('--save-stats', str(root), 'is a folder')]
     for flag, path, message in bad:
         with pytest.raises(ValueError, match=message):
             evaluate.main(args('gen.npz', 'ref.npz', flag, path))
@@ -75,10 +75,69 @@ def test_checkpoint_sample_path_is_checked_before_sampling(lenet_run, monkeypatc
     args, root = lenet_run
     (root / 'ckpt.pt').write_bytes(b'')
     monkeypatch.setattr(evaluate, 'sample_checkpoint', lambda a: pytest.fail('sampled despite a bad --npz'))
-    with pytest.raises(ValueError, match='must end in .npz'):
+    with pytest.raises(ValueError, match='needs one of the extensions .npz'):
         evaluate.main(args('ckpt.pt', 'ref.npz', '--npz', str(root / 'samples.png')))
     with pytest.raises(ValueError, match='not a .pt file'):
         evaluate.main(args('gen.npz', 'ref.npz', '--npz', str(root / 'samples.npz')))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing lost (issue 23): an output never replaces an existing file unless --overwrite, and never an input
+
+def test_train_lenet_never_replaces_an_existing_file(tmp_path):
+    # Before: --train-lenet X.npz --lenet-weights ckpt.pt replaced any file, a training checkpoint included (exit 0).
+    rng = np.random.RandomState(3)
+    np.savez(tmp_path / 'digits.npz', rng.randint(0, 256, (20, 1, 8, 8), dtype=np.uint8), labels=np.arange(20) % 2)
+    precious = tmp_path / 'ckpt.pt'
+    precious.write_bytes(b'a training checkpoint')
+    command = ['--train-lenet', str(tmp_path / 'digits.npz'), '--lenet-weights', str(precious), '--lenet-steps', '1']
+    with pytest.raises(ValueError, match='--lenet-weights.*already exists'):
+        evaluate.main(evaluate.parse_args(command))
+    assert precious.read_bytes() == b'a training checkpoint'
+    evaluate.main(evaluate.parse_args(command + ['--overwrite']))    # asked for: replaced by a LeNet
+    evaluate.lenet_from_state_dict(torch.load(precious, weights_only=True))
+    assert [f for f in os.listdir(tmp_path) if 'tmp' in f] == []      # no temporary file left behind
+
+
+def test_save_stats_and_npz_never_write_over_the_reference_or_an_existing_file(lenet_run, count_feature_passes,
+                                                                                monkeypatch):
+    # Before: --save-stats REFERENCE (and --npz REFERENCE when sampling a checkpoint) wrote over the input itself.
+    args, root = lenet_run
+    reference = (root / 'ref.npz').read_bytes()
+    for extra in ([], ['--overwrite']):                               # an input is never an output, even when asked
+        with pytest.raises(ValueError, match='--save-stats.*is the input REFERENCE'):
+            evaluate.main(args('gen.npz', 'ref.npz', '--save-stats', str(root / 'ref.npz'), *extra))
+    (root / 'ckpt.pt').write_bytes(b'')
+    monkeypatch.setattr(evaluate, 'sample_checkpoint', lambda a: pytest.fail('sampled despite a bad --npz'))
+    with pytest.raises(ValueError, match='--npz.*is the input REFERENCE'):
+        evaluate.main(args('ckpt.pt', 'ref.npz', '--npz', str(root / 'ref.npz'), '--overwrite'))
+    (root / 'old_samples.npz').write_bytes(b'samples of last week')
+    with pytest.raises(ValueError, match='--npz.*already exists'):
+        evaluate.main(args('ckpt.pt', 'ref.npz', '--npz', str(root / 'old_samples.npz')))
+    assert (root / 'ref.npz').read_bytes() == reference and count_feature_passes == []   # refused before any work
+    assert (root / 'old_samples.npz').read_bytes() == b'samples of last week'
+    evaluate.main(args('gen.npz', 'ref.npz', '--save-stats', str(root / 'stats.npz')))
+    (root / 'scores.json').write_text('{}')
+    for flag, path in (('--save-stats', 'stats.npz'), ('--out', 'scores.json')):   # any existing file, any output
+        with pytest.raises(ValueError, match=f'{flag}.*already exists'):
+            evaluate.main(args('gen.npz', 'ref.npz', flag, str(root / path)))
+    evaluate.main(args('gen.npz', 'ref.npz', '--save-stats', str(root / 'stats.npz'), '--overwrite'))
+
+
+def test_stats_cache_is_keyed_by_the_reference_content_not_its_name(lenet_run, capsys):
+    # Before: the cache key was the file's base name, so another ref.npz (same name, size, count) reused the first
+    # one's statistics and the score was wrong (26.98 instead of 16.31 in the report).
+    args, root = lenet_run
+    (root / 'other').mkdir()
+    np.savez(root / 'other' / 'ref.npz', np.random.RandomState(7).randint(0, 128, (60, 1, 16, 16), dtype=np.uint8))
+    cache = ['--stats-cache', str(root / 'cache')]
+    first = evaluate.main(args('gen.npz', 'ref.npz', *cache))['FD_lenet']
+    second = evaluate.main(args('gen.npz', 'other/ref.npz', *cache))['FD_lenet']
+    assert 'computed and saved to' in capsys.readouterr().out.split('reference statistics')[-1]
+    expected = evaluate.main(args('gen.npz', 'other/ref.npz'))['FD_lenet']   # no cache: the truth
+    assert second == pytest.approx(expected, rel=1e-9) and abs(second - first) > 1e-3 * first
+    assert len(os.listdir(root / 'cache')) == 2
+    assert evaluate.main(args('gen.npz', 'ref.npz', *cache))['FD_lenet'] == pytest.approx(first, rel=1e-9)
 
 
 # ----------------------------------------------------------------------------------------------------

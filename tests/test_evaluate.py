@@ -63,8 +63,8 @@ def test_statistics_cache_is_computed_once(tmp_path):
         calls.append(1)
         return np.random.RandomState(0).randn(50, 4)
 
-    path = evaluate.statistics_cache_path(str(tmp_path), 'mnist', 28, 50, 'lenet', 'clean')
-    assert os.path.basename(path) == 'mnist_28px_n50_lenet_clean.npz'
+    path = evaluate.statistics_cache_path(str(tmp_path), 'mnist', 28, 50, 'lenet', 'clean', content_id='0123abcd')
+    assert os.path.basename(path) == 'mnist_0123abcd_28px_n50_lenet_clean.npz'
     first = evaluate.cached_statistics(path, features)
     second = evaluate.cached_statistics(path, features)
     assert len(calls) == 1 and int(second['num_images']) == 50
@@ -177,7 +177,8 @@ def test_command_line_with_lenet_stats_cache_and_memorization(tmp_path, capsys):
         assert expect in capsys.readouterr().out
         assert cached['FD_lenet'] == pytest.approx(first['FD_lenet'], rel=1e-9)
     lenet_hash = evaluate.network_id(evaluate.lenet_from_state_dict(torch.load(tmp_path / 'lenet.pth')))
-    assert os.listdir(tmp_path / 'cache') == [f'train_16px_n60_lenet_{lenet_hash[:8]}_clean.npz']
+    content = evaluate.images_id(torch.from_numpy(train))               # keyed by the images, not the name
+    assert os.listdir(tmp_path / 'cache') == [f'train_{content}_16px_n60_lenet_{lenet_hash[:8]}_clean.npz']
 
 
 def test_the_command_line_scores_with_the_pytorch_fid_protocol_by_default():
