@@ -12,7 +12,8 @@ and the reverse SDE adds Langevin noise to it (Eq. 6). The samplers here are its
   euler_ancestral  Euler step to sigma_down, then fresh noise of std sigma_up (Alg. 2 idea, k-diffusion form)
   dpmpp_2m         DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Alg. 2)
   dpmpp_2m_sde     its SDE variant (the same paper, Appendix; exact integration of the linear part of the SDE)
-  dpmpp_3m         DPM-Solver++(3M) exactly as published (Lu et al. 2022; k-diffusion's sample_dpmpp_3m_sde, eta=0)
+  dpmpp_3m         DPM-Solver++(3M) (Lu et al. 2022) with the authors' lower-order final steps below 15 steps (as
+                   diffusers); lower_order_final=False is k-diffusion's sample_dpmpp_3m_sde with eta=0
   dpmpp_3m_corrected  ours, not a published method: a 3M-like predictor (whole second difference halved) plus a
                    UniPC-style corrector (Zhao et al. 2023) that reuses the next evaluation and makes it third order
   pc               predictor-corrector with Langevin corrector (Song et al. 2021, arXiv:2011.13456, Alg. 2)
@@ -304,7 +305,11 @@ def sample_euler_ancestral(denoiser, x, sigmas, *, eta=1.0, s_noise=1.0, generat
 def sample_dpmpp_2m(denoiser, x, sigmas, *, cond=None, callback=None, progress=False):
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2): with r = h_prev / h,
         x_next = (sigma_next / sigma) x + (1 - e^{-h}) ((1 + 1/(2r)) D_cur - 1/(2r) D_prev).
-    First step and the last (to sigma = 0, where h = inf) are first order (the DDIM step)."""
+    First step and the last (to sigma = 0, where h = inf) are first order (the DDIM step). This equals k-diffusion's
+    sample_dpmpp_2m and diffusers' DPMSolverMultistepScheduler(solver_order=2, final_sigmas_type='zero') with
+    lower_order_final True or False (at order 2 that flag only lowers diffusers' last step, here the step to
+    sigma = 0, first order anyway; tests/test_solvers.py checks it to round-off). The authors' dpm_solver_pytorch.py
+    with lower_order_final (below 10 steps) also takes the step into its last time at first order (not offered)."""
     cond = check_inputs(x, sigmas, cond)
     x0_prev, h_prev = None, None
     for i in _steps(sigmas, progress):
@@ -374,17 +379,28 @@ def _exp_integral(h, x0_cur, newer=None, older=None, i2_weight=1.0, b_weight=1.0
 
 
 @torch.no_grad()
-def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, callback=None, progress=False):
-    """DPM-Solver++(3M), multistep in data prediction (Lu et al. 2022, arXiv:2211.01095; the form of k-diffusion's
-    sample_dpmpp_3m_sde with eta = 0, which tests/test_samplers.py reproduces in its own variables).
+def sample_dpmpp_3m(denoiser, x, sigmas, *, lower_order_final=True, cond=None, callback=None, progress=False):
+    """DPM-Solver++(3M), multistep in data prediction (Lu et al. 2022, arXiv:2211.01095, Sec. 4 and App. B).
 
     D is the quadratic through the last three outputs at u = 0, -h_1, -h_1 - h_2 (u = lambda - lambda_cur), in
     Newton form D_cur + a u + b u (u - u_1), integrated against e^{u-h}; the published coefficients give the
     I2 b part half its exact integral (k-diffusion's phi_3 d2 is (I2/2) b). That damps the extrapolation at the
     large steps of few-step sampling but leaves the method second order (measured: the error falls ~4x per
     doubling of steps; dpmpp_3m_corrected is third order). The first step is first order and the second uses the
-    linear interpolant (exactly integrated) while the history builds up; the step to sigma = 0 returns D."""
+    linear interpolant (exactly integrated) while the history builds up; the step to sigma = 0 returns D.
+    lower_order_final (the authors' advice, "a key to stabilizing ... with very few steps"): with fewer than 15
+    steps (n = len(sigmas) - 1 < 15), the step into the smallest sigma is second order (the linear interpolant).
+    Which published code each setting equals (tests/test_samplers.py checks both to round-off):
+      True (default)  diffusers' DPMSolverMultistepScheduler(solver_order=3, algorithm_type='dpmsolver++',
+                      solver_type='heun', lower_order_final=True, final_sigmas_type='zero') on these sigmas;
+      False           k-diffusion's sample_dpmpp_3m_sde with eta = 0 (no lowering at any step count); from 15
+                      steps on both settings are the same method.
+    Not equal: diffusers' default solver_type='midpoint' (and the authors' dpm_solver_pytorch.py,
+    solver_type='dpmsolver') take the second-order steps in the midpoint form of 2M (0.5 (1 - e^{-h}) h instead of
+    I1 on the first difference); the authors' sample(..., lower_order_final=True) lowers only below 10 steps and
+    also takes the step into its last time t_0 at first order (with denoise_to_zero, our last sigma)."""
     cond = check_inputs(x, sigmas, cond)
+    n = len(sigmas) - 1
     history = []                                              # previous (D, u) pairs, newest first
     for i in _steps(sigmas, progress):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
@@ -394,7 +410,8 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, cond=None, callback=None, progress=F
             x = x0_cur                                        # the final denoising step
             continue
         h = math.log(sigma / sigma_next)
-        x = (sigma_next / sigma) * x + _exp_integral(h, x0_cur, *history[:2], i2_weight=0.5)
+        points = 1 if lower_order_final and n < 15 and i == n - 2 else 2   # earlier points the polynomial uses
+        x = (sigma_next / sigma) * x + _exp_integral(h, x0_cur, *history[:points], i2_weight=0.5)
         # shift the history: the current point moves to u = -h relative to the next step
         history = [(x0_cur, -h)] + [(d, u - h) for d, u in history[:1]]
     return x
@@ -410,14 +427,15 @@ def sample_dpmpp_3m_corrected(denoiser, x, sigmas, *, cond=None, callback=None, 
       - corrector: once D(x_pred) at sigma_next is known (the next step needs it anyway, so no extra evaluation),
         redo the step with the exact integral of the quadratic through u = h, 0, -h_1 (the Adams-Moulton
         counterpart of the predictor's Adams-Bashforth extrapolation); this is what makes it third order;
-      - the step into the smallest sigma is first order in the predictor (DPM-Solver's 'lower_order_final'), so the
-        corrector there integrates the line through u = h and 0;
+      - the predictor's order is capped by the steps left (n - i, as UniPC's lower_order_final): the step into the
+        smallest sigma is predicted at second order, because the output is D at that predicted point; a first-order
+        predictor there (the cap n - 1 - i this file once had) makes the whole method second order;
       - the next step reuses D(x_pred) rather than D at the corrected x (as UniPC does), so the callback's
         'denoised' for step i > 0 is the denoiser output at the predicted point.
-    Where it wins (mean distance to the exact ODE solution, exact denoisers, Karras schedule 0.002..80): on the 2-D
-    Gaussian of tests/test_samplers.py dpmpp_3m is more accurate at 16 and 32 steps, this one at 8 and from 64; on six
-    random 2-D mixtures (GaussianMixture.random, seeds 0-5) this one wins at 16 and 64 steps on all six, at 32 on four
-    and at 8 on two. Neither dominates: the corrector pays off with many steps."""
+    Where it wins (mean distance to the exact ODE solution, exact denoisers, Karras schedule 0.002..80, dpmpp_3m
+    with its default lower_order_final): on the 2-D Gaussian of tests/test_samplers.py dpmpp_3m is more accurate at
+    32 steps, this one at 8, 16, 64 and 128; on six random 2-D mixtures (GaussianMixture.random, seeds 0-5) this one
+    wins at 8, 16 and 64 steps on all six and at 32 on three. Neither dominates."""
     cond = check_inputs(x, sigmas, cond)
     n = len(sigmas) - 1
     history = []                                              # previous (D, u) pairs, newest first
@@ -429,7 +447,7 @@ def sample_dpmpp_3m_corrected(denoiser, x, sigmas, *, cond=None, callback=None, 
             x = x0_cur                                        # the final denoising step
             break
         h = math.log(sigma / sigma_next)
-        order = min(3, len(history) + 1, n - 1 - i)
+        order = min(3, len(history) + 1, n - i)
         x_pred = (sigma_next / sigma) * x + _exp_integral(h, x0_cur, *history[:order - 1], b_weight=0.5)
         x0_next = _denoise(denoiser, x_pred, sigma_next, cond)
         x = (sigma_next / sigma) * x + _exp_integral(h, x0_cur, (x0_next, h), *history[:min(order, 2) - 1])
@@ -531,19 +549,26 @@ def sample_ipndm(denoiser, x, sigmas, *, order=4, cond=None, callback=None, prog
 
 
 @torch.no_grad()
-def sample_deis_tab(denoiser, x, sigmas, *, order=4, cond=None, callback=None, progress=False):
+def sample_deis_tab(denoiser, x, sigmas, *, order=4, lower_order_final=True, cond=None, callback=None, progress=False):
     """DEIS tAB (Zhang & Chen 2023, arXiv:2204.13902, Eq. 14-15): the exponential integrator of the noise
     prediction with eps extrapolated by the Lagrange polynomial through its last `order` values in the time
     variable t, integrated exactly:  x_next = x + sum_j C_ij eps_{i-j},  C_ij = int_{rho_i}^{rho_i+1} L_j(t(rho)) drho.
     Here the time is t = log sigma (up to an affine map, the time of the VE SDE, sigma(t) = sigma_min
     (sigma_max/sigma_min)^t, and the 'deis' of diffusers' DEISMultistepScheduler), so C_ij = -sigma_i w_j with the
     exact weights of _eps_weights; exact for any step sizes. order = r + 1 where the paper's tABr uses a degree-r
-    polynomial: the default order=4 is tAB3, the paper's choice. Warm-up with lower orders (the paper's), no
-    lower-order final step. The paper integrates to a small time t_min; the step from the last sigma to 0 here
-    returns D(x), the final denoising step every sampler of this file takes."""
+    polynomial: the default order=4 is tAB3, the paper's choice. Warm-up with lower orders (the paper's). The paper
+    integrates to a small time t_min; the step from the last sigma to 0 here returns D(x), the final denoising step
+    every sampler of this file takes.
+    lower_order_final: with fewer than 15 steps between the positive sigmas (n - 1 < 15, n = len(sigmas) - 1), the
+    order is capped by the steps left to the smallest sigma: the step into it is first order, the one before second.
+    Which published code each setting equals (tests/test_solvers.py checks orders 2 and 3 to round-off; diffusers
+    has no order 4, where the cap is the same rule): True (default) is diffusers' DEISMultistepScheduler(
+    solver_order=order, lower_order_final=True) run to the last sigma, followed by D there; False is the
+    paper's tAB (and the authors' code, which lowers no step), and diffusers' with lower_order_final=False."""
     cond = check_inputs(x, sigmas, cond)
     if order not in (1, 2, 3, 4):
         raise ValueError(f'DEIS tAB order must be 1, 2, 3 or 4 (tAB0..tAB3), got {order!r}')
+    n = len(sigmas) - 1
     hist = []                                                # (eps, lambda), newest first
     for i in _steps(sigmas, progress):
         sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
@@ -554,9 +579,10 @@ def sample_deis_tab(denoiser, x, sigmas, *, order=4, cond=None, callback=None, p
         if sigma_next == 0:
             x = x0_hat
             break
+        p = min(len(hist), n - 1 - i) if lower_order_final and n - 1 < 15 else len(hist)
         h = math.log(sigma / sigma_next)
-        w = _eps_weights([l - lam for _, l in hist], h)
-        x = x - sigma * sum(wj * e for wj, (e, _) in zip(w, hist))
+        w = _eps_weights([l - lam for _, l in hist[:p]], h)
+        x = x - sigma * sum(wj * e for wj, (e, _) in zip(w, hist[:p]))
     return x
 
 

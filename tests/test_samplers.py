@@ -61,21 +61,29 @@ def kdiffusion_3m_eta0(denoiser, x, sigmas):
 
 @pytest.mark.parametrize('steps', [5, 8, 32])
 def test_dpmpp_3m_is_the_published_method(steps):
-    """The name promises the published DPM-Solver++(3M): it agrees with k-diffusion's form to round-off (the variant
-    that halves the whole second-difference term, not only its I2 part, differs by ~0.04 on this mixture)."""
+    """The name promises the published DPM-Solver++(3M): with lower_order_final=False it agrees with k-diffusion's
+    form to round-off (the variant that halves the whole second-difference term, not only its I2 part, differs by
+    ~0.04 on this mixture); from 15 steps on the default is the same method, below it lowers the last step's order
+    (its equality with diffusers is tests/test_solvers.py::test_matches_stored_diffusers_values)."""
     gm = GaussianMixture.random(K=3, D=2, seed=0)
     sigmas = karras_sigmas(steps, 0.002, 80.0).double()
     x = sigmas[0] * torch.randn(300, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(SAMPLERS['dpmpp_3m'](gm, x, sigmas), kdiffusion_3m_eta0(gm, x, sigmas), rtol=0, atol=1e-10)
+    kdiff = kdiffusion_3m_eta0(gm, x, sigmas)
+    torch.testing.assert_close(SAMPLERS['dpmpp_3m'](gm, x, sigmas, lower_order_final=False), kdiff, rtol=0, atol=1e-10)
+    default = SAMPLERS['dpmpp_3m'](gm, x, sigmas)
+    if steps >= 15:
+        torch.testing.assert_close(default, kdiff, rtol=0, atol=1e-10)
+    else:
+        assert (default - kdiff).abs().max() > 1e-3
 
 
 def test_where_the_published_3m_and_the_corrected_3m_win():
-    """On this Gaussian the published 3M is more accurate at 16 and 32 steps; the corrected variant wins from 64
-    (measured: 2.44e-2 vs 2.82e-2, 1.30e-3 vs 2.75e-3, then 6.06e-4 vs 3.72e-4 and 1.80e-4 vs 4.82e-5)."""
+    """On this Gaussian the published 3M is more accurate at 32 steps; the corrected variant at 16 and from 64
+    (measured: 2.44e-2 vs 1.39e-2, 1.30e-3 vs 2.73e-3, then 6.06e-4 vs 3.73e-4 and 1.80e-4 vs 4.84e-5)."""
     x_T = 80 * torch.randn(200, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     published = [ode_error('dpmpp_3m', n, x_T) for n in (16, 32, 64, 128)]
     corrected = [ode_error('dpmpp_3m_corrected', n, x_T) for n in (16, 32, 64, 128)]
-    assert published[0] < 0.95 * corrected[0] and published[1] < 0.6 * corrected[1], (published, corrected)
+    assert corrected[0] < 0.7 * published[0] and published[1] < 0.6 * corrected[1], (published, corrected)
     assert corrected[2] < 0.7 * published[2] and corrected[3] < 0.35 * published[3], (published, corrected)
 
 
