@@ -51,6 +51,41 @@ def test_measured_order_on_the_exact_gaussian_ode(name, opts, ratio):
     assert max(ratios) < 4 * ratio, f'{name} {opts}: suspiciously fast convergence {ratios}'
 
 
+# Outputs of diffusers 0.42.1's schedulers on a fixed problem, stored so that diffusers is not a test dependency.
+# Made by driving each scheduler on these sigmas as benchmarks/samplers.py's drive_diffusers does (VP frame
+# x_t = x / sqrt(1 + sigma^2), its `sigmas` overwritten with ours, the exact mixture denoiser as prediction_type=
+# 'sample', or 'epsilon' for DEIS, which stops at the last sigma and is followed by D there), in float64 (with
+# the DPM scheduler's cast of the sample to float32 disabled); UniPC bh1 with a final sigma of 1e-200 instead of 0
+# (diffusers' B(h) = -h is infinite there). DPM: DPMSolverMultistepScheduler(solver_order=3, solver_type='heun',
+# lower_order_final=True/False) and (solver_order=2) with its defaults; DEIS: DEISMultistepScheduler(solver_order=2
+# or 3, lower_order_final=True/False); UniPC: UniPCMultistepScheduler(solver_type='bh1'/'bh2', solver_order=2/3).
+# 6 steps: fewer than 15, so the lowered final orders are part of what is pinned. Ours agreed to <= 5e-15.
+PINNED_GM = GaussianMixture(torch.tensor([[-1.0, 0.5], [1.5, -0.5], [0.2, 2.0]], dtype=torch.float64),
+                            torch.tensor([[0.3, 0.1], [0.2, 0.4], [0.5, 0.05]], dtype=torch.float64),
+                            torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
+PINNED_X = torch.tensor([[7.0, -3.0], [-2.0, 9.0], [4.0, 4.0]], dtype=torch.float64)
+PINNED_SIGMAS = torch.tensor([10.0, 4.0, 1.6, 0.6, 0.2, 0.05, 0.0], dtype=torch.float64)
+DIFFUSERS_OUTPUTS = [
+    ('dpmpp_3m', {}, [1.735435652484368, -0.524291676778256, -0.582714392949784, 1.639024711625737, -0.202777363964625, 0.877952765436451]),
+    ('dpmpp_3m', {'lower_order_final': False}, [1.546925758950552, -0.412621881495687, -0.517674569630295, 1.612364858693391, -0.173142724888365, 0.774763473443038]),
+    ('dpmpp_2m', {}, [1.452576413352932, -0.33927036372319, -0.60720483786996, 1.382291014442938, -0.106337338134741, 0.804035647380474]),
+    ('deis_tab', {'order': 2}, [1.272444587488149, -0.231154922914893, -0.564980448376532, 1.208519429854085, -0.085245500974613, 0.794647573810603]),
+    ('deis_tab', {'order': 3}, [1.31873641923443, -0.262738426568002, -0.563933367142374, 1.267787037187021, -0.083869837255887, 0.816086843594755]),
+    ('deis_tab', {'order': 3, 'lower_order_final': False}, [1.309532926706277, -0.256073942857359, -0.556548160237092, 1.279205751408929, -0.09148546507759, 0.744039044756611]),
+    ('unipc_bh2', {'order': 2}, [1.506036076971393, -0.376750185090888, -0.590028402632264, 1.473738055495517, -0.11846912339473, 0.811127059007445]),
+    ('unipc_bh2', {'order': 3}, [1.753030556973782, -0.54547348364622, -0.540962496185748, 1.698430205459065, -0.208311870166841, 0.898406781072227]),
+    ('unipc_bh1', {'order': 3}, [1.895558025634872, -0.638168344067931, -0.530989416744953, 1.834110216133538, -0.250771444794195, 0.90458630538857]),
+]
+
+
+@pytest.mark.parametrize('name, opts, expected', DIFFUSERS_OUTPUTS)
+def test_matches_stored_diffusers_values(name, opts, expected):
+    """Each published solver equals the diffusers scheduler its docstring names, to round-off, on 6 steps of a
+    3-component mixture from fixed starting points (the steps in float64 differ from these only by ~1e-15)."""
+    out = SAMPLERS[name](PINNED_GM, PINNED_X.clone(), PINNED_SIGMAS, **opts)
+    torch.testing.assert_close(out.flatten(), torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 def _poly_denoiser(coeffs, var):
     """D(x, sigma) = x - sigma p(t), t = sigma or log sigma: eps = p(t) for every x."""
     def denoiser(x, sigma):
