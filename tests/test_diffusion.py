@@ -241,6 +241,45 @@ def test_vlb_kl_matches_ddpm_posterior_in_the_unscaled_frame():
     assert torch.allclose(post, expected, rtol=1e-6)
 
 
+@pytest.mark.parametrize('variance', ['posterior', 'beta'])
+def test_bits_per_dim_is_iddpms_bound_term_by_term(variance):
+    """Every term of the bound, the decoder included, equals improved-diffusion's _vb_terms_bpd written here from its
+    formulas in DDPM's unscaled frame on a tiny case (T = 6 linear betas, 8-bit data, an imperfect x0 model):
+    posterior_variance = beta_t (1 - abar_{t-1}) / (1 - abar_t), the model log-variance
+    log(append(posterior_variance[1], posterior_variance[1:])) ('fixedsmall') or
+    log(append(posterior_variance[1], betas[1:])) ('fixedlarge'), the decoder at t = 0 the discretized Gaussian with
+    log_scales = 0.5 log-variance, i.e. std sqrt(posterior_variance[1]), not sqrt(beta_1) (0.21 nats per dimension
+    apart here). The exact normal CDF is used on both sides (the reference code approximates it with a tanh)."""
+    T = 6
+    betas = torch.linspace(0.02, 0.3, T, dtype=torch.float64)
+    abar = torch.cumprod(1 - betas, 0)
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    post_var = betas * (1 - abar_prev) / (1 - abar)
+    log_var = torch.log(torch.cat([post_var[1:2], post_var[1:] if variance == 'posterior' else betas[1:]]))
+    coef_x0, coef_xt = betas * abar_prev.sqrt() / (1 - abar), (1 - abar_prev) * (1 - betas).sqrt() / (1 - abar)
+    sched = DiscreteVP(abar)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 256, (T, 5), generator=g).double() / 127.5 - 1
+    x0[0, :2] = torch.tensor([-1.0, 1.0])                          # the stretched end bins too
+    noise = torch.randn(T, 5, generator=g, dtype=torch.float64)
+    model = lambda x: 0.9 * x.tanh() + 0.03                         # an imperfect x0 prediction from x (any frame)
+    ours = vlb_terms(lambda x, sigma: model(x), x0, sched, torch.arange(T), noise, variance=variance)
+    Phi = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))
+    for t in range(T):
+        x_t = abar[t].sqrt() * x0[t] + (1 - abar[t]).sqrt() * noise[t]       # q_sample
+        x0_hat = model(x_t / abar[t].sqrt())                              # the same model on the sigma-frame input
+        mean = coef_x0[t] * x0_hat + coef_xt[t] * x_t                     # p_mean_variance: q_posterior at x0_hat
+        if t == 0:                                                        # discretized_gaussian_log_likelihood
+            inv_std = torch.exp(-0.5 * log_var[0])
+            cdf_plus, cdf_min = Phi((x0[t] - mean + 1 / 255) * inv_std), Phi((x0[t] - mean - 1 / 255) * inv_std)
+            p = torch.where(x0[t] < -0.999, cdf_plus, torch.where(x0[t] > 0.999, 1 - cdf_min, cdf_plus - cdf_min))
+            expected = -p.clamp(min=1e-12).log().sum()
+        else:
+            true_mean = coef_x0[t] * x0[t] + coef_xt[t] * x_t
+            expected = normal_kl(true_mean, post_var[t], mean, log_var[t].exp()).sum()
+        assert ours[t].item() == pytest.approx(expected.item(), rel=1e-9, abs=1e-12), t
+
+
 @pytest.mark.parametrize('discrete', [True, False])
 def test_vlb_gradients_are_finite_when_the_batch_holds_index_0(discrete):
     """A hybrid loss differentiates vlb_terms over a batch that often holds index 0 (the decoder term, whose KL branch
@@ -274,7 +313,8 @@ def test_bits_per_dim_of_a_point_mass_in_closed_form():
     x0 = torch.tensor([[-1.0, 0.0 - 1 / 255, 120 / 127.5 - 1, 1.0]], dtype=torch.float64)
     point = GaussianMixture(x0, torch.zeros(1))
     bpd = bits_per_dim(point, x0, sched, generator=torch.Generator().manual_seed(0))
-    std = math.sqrt(sched.sigmas[0] ** 2 / (1 + sched.sigmas[0] ** 2))
+    abar_1, abar_2 = sched.alpha_bar[0].item(), sched.alpha_bar[1].item()
+    std = math.sqrt((1 - abar_2 / abar_1) * (1 - abar_1) / (1 - abar_2))      # the decoder's: sqrt(beta~_2)
     Phi = lambda z: 0.5 * (1 + math.erf(z / math.sqrt(2)))
     interior = -math.log(Phi(1 / 255 / std) - Phi(-1 / 255 / std))
     edge = -math.log(Phi(1 / 255 / std))
@@ -288,7 +328,8 @@ def test_bits_per_dim_of_a_point_mass_in_closed_form():
 def test_bound_is_above_the_exact_likelihood():
     """-log p(x0) <= L_T + sum L_t, two-sided: for Gaussian data N(m, v) with its exact denoiser the expected bound is
     known in closed form, since each KL term is 1/2 (SNR_{t-1} - SNR_t) E||x0 - D||^2 and E||x0 - D(x_t)||^2 is the
-    posterior variance mmse(sigma) = v sigma^2 / (v + sigma^2); L_0 = E[(x0 - D(x_1))^2] / (2 beta_1) + log(2 pi beta_1) / 2
+    posterior variance mmse(sigma) = v sigma^2 / (v + sigma^2); L_0 = E[(x0 - D(x_1))^2] / (2 b) + log(2 pi b) / 2
+    with the decoder variance b = beta~_2 = beta_2 (1 - abar_1) / (1 - abar_2)
     and L_T = KL(N(sqrt(abar_T) x0, 1 - abar_T) || N(0, 1)). The Monte-Carlo bound must match that expectation (so a
     doubled KL term fails) and lie above the exact NLL, whose expectation is the entropy log(2 pi e v) / 2."""
     m, v = 0.3, 0.16
@@ -298,9 +339,10 @@ def test_bound_is_above_the_exact_likelihood():
     nats = bits_per_dim(gauss, x0, sched, discrete=False, generator=torch.Generator().manual_seed(1)) * math.log(2)
     sig = sched.sigmas.tolist()
     mmse = lambda s: v * s ** 2 / (v + s ** 2)
-    beta_1 = sig[0] ** 2 / (1 + sig[0] ** 2)
+    abar_1, abar_2 = sched.alpha_bar[0].item(), sched.alpha_bar[1].item()
+    b = (1 - abar_2 / abar_1) * (1 - abar_1) / (1 - abar_2)
     abar_T = sched.alpha_bar[-1].item()
-    expected = (0.5 * mmse(sig[0]) / beta_1 + 0.5 * math.log(2 * math.pi * beta_1)
+    expected = (0.5 * mmse(sig[0]) / b + 0.5 * math.log(2 * math.pi * b)
                 + sum(0.5 * (sig[i - 1] ** -2 - sig[i] ** -2) * mmse(sig[i]) for i in range(1, 200))
                 + 0.5 * (-math.log(1 - abar_T) + (1 - abar_T) + abar_T * (m ** 2 + v) - 1))
     stderr = nats.std().item() / math.sqrt(2000)
