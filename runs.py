@@ -104,3 +104,567 @@ def check_output_path(path, extensions, flag, overwrite=False):
             pass                                                 # a real write: os.access lies on some mounts
     except OSError as e:
         raise ValueError(f'{flag} {path!r}: cannot write in {folder!r} ({e.strerror or e})') from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The flags every training program shares (data, optimisation, the run folder, misc) and their checks.
+
+# Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
+# Each program adds its own (train.py: --p-uncond, --aug-p, ...; the autoencoder: its loss weights).
+RESUME_FLAGS = ('split', 'seed', 'batch_size', 'grad_accum', 'lr', 'warmup', 'lr_decay', 'weight_decay',
+                'grad_clip', 'ema_decay', 'amp')
+
+
+def add_run_flags(p):
+    """The shared flag groups; returns them by name so a program adds its own flags to the same group."""
+    groups = {}
+    g = groups['data'] = p.add_argument_group('data')
+    g.add_argument('--dataset', default='shapes', help="shapes | mnist | fashion-mnist | cifar10 | emoji | folder:PATH")
+    g.add_argument('--data-dir', default='data', help='where dataset files are read from (and downloaded to)')
+    g.add_argument('--split', default='train', help="which split to train on (the shared MNIST files hold only 'test')")
+    g.add_argument('--resolution', type=int, default=None, help='image size; default: the dataset\'s own')
+    g.add_argument('--workers', type=int, default=2, help='DataLoader workers for image folders streamed from disk')
+    g.add_argument('--memory-budget', type=float, default=4.0, help='GB: image folders larger than this decoded are streamed from disk')
+    g = groups['optimisation'] = p.add_argument_group('optimisation')
+    g.add_argument('--steps', type=int, default=1000, help='optimizer steps (1000: about 10 minutes on a 2-core CPU)')
+    g.add_argument('--batch-size', type=int, default=64, help='global batch size (split over processes and accumulation)')
+    g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimizer step')
+    g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate (Adam)')
+    g.add_argument('--warmup', type=int, default=200, help='linear warm-up steps')
+    g.add_argument('--lr-decay', default='cosine', choices=['cosine', 'constant'], help='after warm-up')
+    g.add_argument('--weight-decay', type=float, default=0.0)
+    g.add_argument('--grad-clip', type=float, default=1.0, help='max gradient norm (0 = off)')
+    g.add_argument('--ema-decay', type=float, default=0.999, help='EMA decay after warm-up, in [0, 1)')
+    g.add_argument('--amp', default='auto', choices=['auto', 'bf16', 'fp16', 'none'], help='CUDA mixed precision (CPU always fp32)')
+    # The run folder and how often it is written to; --resume / --overwrite decide what happens to an existing one.
+    g = groups['output'] = p.add_argument_group('output')
+    g.add_argument('--out', default='runs/default', help='run folder: checkpoints, samples, log')
+    g.add_argument('--resume', default=None, help="checkpoint to continue from, or 'auto' for OUT/ckpt.pt if it exists")
+    g.add_argument('--overwrite', action='store_true', help='start afresh in an --out that already holds a run (its checkpoint and log are replaced)')
+    g.add_argument('--allow-changes', action='store_true', help='resume although --seed/--lr/--batch-size/... differ from the run (no longer exact)')
+    g.add_argument('--log-every', type=int, default=50)
+    g.add_argument('--val-every', type=int, default=500, help='held-out loss every N steps (0 = off)')
+    g.add_argument('--sample-every', type=int, default=1000, help='sample grid every N steps (0 = only at the end)')
+    g.add_argument('--ckpt-every', type=int, default=1000, help='checkpoint every N steps (and at the end)')
+    g = groups['misc'] = p.add_argument_group('misc')
+    g.add_argument('--seed', type=int, default=0)
+    g.add_argument('--device', default=None, help='default: cuda if available, else cpu')
+    g.add_argument('--no-progress', action='store_true', help='no tqdm bar (for logs)')
+    return groups
+
+
+def add_diffusion_flags(p):
+    """What the network predicts and which noise levels it trains on (diffusion.py): config['diffusion']."""
+    from diffusion import NOISE_SCHEDULES
+    g = p.add_argument_group('diffusion')
+    g.add_argument('--prediction', default='edm', choices=['eps', 'x0', 'v', 'edm', 'flow'], help='parameterisation of the network output')
+    g.add_argument('--schedule', default=None, choices=list(NOISE_SCHEDULES), help='training noise levels and c_noise; default: the natural one for --prediction')
+    g.add_argument('--t-sampler', default='low_discrepancy', choices=['uniform', 'low_discrepancy', 'importance'], help='how the batch\'s noise levels are drawn')
+    g.add_argument('--sigma-data', type=float, default=0.5, help='data standard deviation for EDM preconditioning')
+    g.add_argument('--T', type=int, default=1000, help='steps of the discrete schedules linear and cosine (DDPM: 1000)')
+    return g
+
+
+def check_run_args(args, need):
+    """The shared flags' ranges; need(ok, message) collects the problems (check_flags)."""
+    finite = lambda v: v is not None and math.isfinite(v)
+    # Counts and intervals: 0 or negative values used to crash after the first step (step % 0) or train nothing.
+    for flag in ('steps', 'batch_size', 'grad_accum', 'log_every', 'ckpt_every'):
+        need(getattr(args, flag) >= 1, f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+    for flag in ('warmup', 'val_every', 'sample_every', 'workers'):
+        need(getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be 0 or more (got {getattr(args, flag)})")
+    # NaN compares False with everything, so each check asks for a finite value first.
+    need(finite(args.lr) and args.lr > 0, f'--lr must be a finite number > 0 (got {args.lr})')
+    need(finite(args.ema_decay) and 0 <= args.ema_decay < 1, f'--ema-decay must be in [0, 1) (got {args.ema_decay}; 1 never moves, > 1 or < 0 extrapolates)')
+    for flag in ('weight_decay', 'grad_clip', 'memory_budget'):
+        need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, flag)})")
+    need(args.resolution is None or args.resolution >= 1, f'--resolution must be a positive size (got {args.resolution})')
+    need(args.split in ('train', 'test'), f"--split must be 'train' or 'test' (got {args.split!r})")
+    if hasattr(args, 'sigma_data'):                                  # the diffusion flags, where the program has them
+        need(finite(args.sigma_data) and args.sigma_data > 0, f'--sigma-data must be > 0 (got {args.sigma_data})')
+        need(args.T > 20, f'--T must be more than 20 (got {args.T})')
+    # A device string torch cannot parse; whether CUDA exists is checked in setup_distributed.
+    try:
+        args.device_obj = torch.device(args.device) if args.device else None
+    except RuntimeError:
+        need(False, f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)")
+
+
+def check_flags(args, *checks):
+    """Run every check(args, need) and stop with one message listing all problems, before the dataset is read,
+    so a typo costs seconds, not the run."""
+    bad = []
+    def need(ok, message):
+        if not ok:
+            bad.append(message)
+    for check in (check_run_args,) + checks:
+        check(args, need)
+    if bad:
+        raise SystemExit('error: ' + '\n       '.join(bad))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Processes, devices, precision.
+
+def setup_distributed(args):
+    """(rank, world, device): one process, or one per GPU/CPU slot under torchrun (RANK, LOCAL_RANK, WORLD_SIZE)."""
+    # Without torchrun: one process on the requested (or best available) device.
+    if 'RANK' not in os.environ:
+        device = args.device_obj or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+        if device.type == 'cuda' and not torch.cuda.is_available():
+            raise SystemExit(f'error: --device {args.device} but this machine has no CUDA GPU; use --device cpu')
+        return 0, 1, device
+    # NCCL between GPUs; gloo lets the same script run several CPU processes (and the DDP test).
+    backend = 'nccl' if torch.cuda.is_available() and args.device != 'cpu' else 'gloo'
+    dist.init_process_group(backend)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if backend == 'nccl':
+        torch.cuda.set_device(int(os.environ['LOCAL_RANK']))
+        device = torch.device('cuda', int(os.environ['LOCAL_RANK']))
+    else:
+        device = torch.device('cpu')
+    return rank, world, device
+
+
+def amp_settings(args, device):
+    """(autocast dtype or None, use a gradient scaler?): bf16 if the GPU has it, fp16 + scaler otherwise."""
+    # CPU autocast (bf16) is slower than fp32 on most CPUs, so CPU always trains in fp32.
+    if device.type != 'cuda' or args.amp == 'none':
+        return None, False
+    # bf16 has fp32's exponent range, so it needs no loss scaling; fp16 does (GradScaler).
+    if args.amp == 'bf16' or (args.amp == 'auto' and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+@dataclass
+class Setup:
+    """Where this process stands: rank, processes, device, its share of the batch, and the run folder's decision."""
+    rank: int
+    world: int
+    device: torch.device
+    micro_batch: int                            # images per micro-batch on this process
+    ckpt_path: str                              # OUT/ckpt.pt
+    resume: str = None                          # checkpoint to continue from, or None
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def start_run(args):
+    """Processes and device, the dropout RNG (seed + rank: saved in every checkpoint), the batch split, and the run
+    folder (rank 0 alone decides about it; the other ranks learn its decision)."""
+    rank, world, device = setup_distributed(args)
+    torch.manual_seed(args.seed + rank)
+    # The global batch splits evenly over processes and accumulation steps, or the effective batch would differ.
+    if args.batch_size % (world * args.grad_accum):
+        raise SystemExit(f'error: --batch-size {args.batch_size} must be divisible by processes x --grad-accum = {world * args.grad_accum}')
+    ckpt_path, resume = prepare_run_folder(args) if rank == 0 else (os.path.join(args.out, 'ckpt.pt'), None)
+    if world > 1:
+        resume = [resume]
+        dist.broadcast_object_list(resume)
+        resume = resume[0]
+    return Setup(rank, world, device, args.batch_size // (world * args.grad_accum), ckpt_path, resume)
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a run trains: every piece of state in an owner with its own state_dict(), so resume restores it exactly.
+
+@dataclass
+class Trainee:
+    """The network, its EMA, the optimizer, the gradient scaler, the Diffusion (importance-sampling history) and
+    any extra owners (an autoencoder's discriminator and its optimizer). `model` is the network as the loss sees it
+    (DDP-wrapped when there are several ranks); optimizer, EMA and checkpoints use the bare `net`."""
+    net: torch.nn.Module                        # the weights being trained
+    ema: torch.nn.Module                        # their exponential moving average: what is sampled
+    optimizer: torch.optim.Optimizer            # Adam
+    scaler: torch.amp.GradScaler                # fp16 loss scaling (disabled otherwise)
+    model: torch.nn.Module = None               # net, or DDP(net)
+    amp_dtype: torch.dtype = None               # autocast dtype on CUDA, None = fp32
+    diffusion: object = None                    # diffusion.Diffusion: parameterisation, schedule, t-sampler
+    extras: dict = field(default_factory=dict)  # name -> other state owners saved under that name
+    step: int = 0                               # optimizer steps done
+    skipped: int = 0                            # consecutive steps skipped for a non-finite loss
+    grad_norm: float = 0.0                      # gradient norm of the last update (before clipping)
+
+    # The checkpoint is this dict plus config, args and rng: sample.py reads 'ema' and 'config' only.
+    def state_dict(self):
+        return {'model': self.net.state_dict(), 'ema': self.ema.state_dict(), 'optimizer': self.optimizer.state_dict(),
+                'scaler': self.scaler.state_dict(), 'step': self.step,
+                'diffusion': self.diffusion.state_dict() if self.diffusion is not None else {},
+                **{name: owner.state_dict() for name, owner in self.extras.items()}}
+
+    def load_state_dict(self, state):
+        self.net.load_state_dict(state['model'])
+        self.ema.load_state_dict(state['ema'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scaler.load_state_dict(state['scaler'])
+        if self.diffusion is not None:
+            self.diffusion.load_state_dict(state.get('diffusion', {}))    # importance-sampling history
+        for name, owner in self.extras.items():
+            owner.load_state_dict(state[name])
+        self.step = state['step']
+
+
+def make_trainee(args, net, ema, setup, diffusion=None, betas=(0.9, 0.999), extras=None):
+    """A Trainee around a fresh network: the EMA starts as an exact copy (eval mode: no dropout, no RNG drawn), Adam,
+    the AMP scaler, and DDP for the loss when there are several processes."""
+    net, ema = net.to(setup.device), ema.to(setup.device).eval().requires_grad_(False)
+    ema.load_state_dict(net.state_dict())
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=betas, weight_decay=args.weight_decay)
+    amp_dtype, use_scaler = amp_settings(args, setup.device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if setup.world > 1 else net
+    return Trainee(net, ema, optimizer, torch.amp.GradScaler('cuda', enabled=use_scaler), model, amp_dtype,
+                   diffusion, extras or {})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The gradient update every objective shares: learning rate, accumulation, AMP, skip, clip, step, EMA.
+
+# nanoGPT's schedule: warm-up protects Adam's early, badly estimated second moments; the cosine tail lets the
+# weights settle. It depends on --steps, so extending a run changes the tail (resume keeps --steps free).
+def get_lr(step, args):
+    """Linear warm-up, then constant or cosine decay to 10% (nanoGPT's get_lr)."""
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    if args.lr_decay == 'constant':
+        return args.lr
+    # Cosine from the peak to 10% of it over the steps after warm-up (never to 0: the last steps still learn).
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
+    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizers, lr):
+    """Give every parameter group of the optimizers this learning rate."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+
+
+@torch.no_grad()
+def update_ema(ema, model, decay):
+    """ema <- decay ema + (1 - decay) model, over parameters and buffers."""
+    # lerp_(m, 1 - decay) is decay * e + (1 - decay) * m in place; integer buffers (counters) are left alone.
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values()):
+        if e.dtype.is_floating_point:
+            e.lerp_(m, 1 - decay)
+
+
+def ema_decay(step, max_decay):
+    """EMA warm-up: decay_t = min(decay, (1 + t) / (10 + t)), so early samples are not an average dominated by the
+    random initialisation (Tensorflow's ExponentialMovingAverage with num_updates, as DDPM's code uses)."""
+    return min(max_decay, (1 + step) / (10 + step))
+
+
+def gradient_step(run, micro_batches, args, loss_fn, extra_optimizer=None, step_extra=False):
+    """One optimizer step of any objective. loss_fn(batch) -> (objective to minimise, per-sample loss, info) for one
+    micro-batch; returns [(loss, info)] of every micro-batch, or None when the step was skipped (non-finite loss).
+    extra_optimizer: a second optimizer fed by the same backward passes (an autoencoder's discriminator, not
+    DDP-wrapped: its gradients are averaged over ranks here), stepped when step_extra."""
+    # Gradients of all micro-batches add up in .grad; each objective is divided by their number, so the sum is the
+    # gradient of the mean over the whole batch, the same as one big batch would give.
+    out = []
+    for i, b in enumerate(micro_batches):
+        # In DDP the gradients need syncing only on the last micro-batch (nanoGPT): the others accumulate locally.
+        last = i == len(micro_batches) - 1
+        sync = run.model.no_sync() if run.model is not run.net and not last else nullcontext()
+        with sync, torch.autocast(b['x0'].device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            objective, loss, info = loss_fn(b)
+            run.scaler.scale(objective / len(micro_batches)).backward()
+        out.append((loss.detach(), info))
+    # Every rank must take the same decision about skipping, so the loss is averaged over ranks first.
+    step_loss = torch.stack([l.mean() for l, _ in out]).mean()
+    if dist.is_initialized():
+        dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
+        for group in (extra_optimizer.param_groups if extra_optimizer else []):
+            for p in group['params']:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+    if not torch.isfinite(step_loss):
+        if extra_optimizer is not None:
+            extra_optimizer.zero_grad(set_to_none=True)
+        skip_step(run)
+        return None
+    apply_update(run, args, extra_optimizer if step_extra else None)
+    if extra_optimizer is not None:
+        extra_optimizer.zero_grad(set_to_none=True)
+    return out
+
+
+def apply_update(run, args, extra_optimizer=None):
+    """The gradient step (Ho et al. 2020, Alg. 1 line 5): undo fp16 loss scaling so that clipping sees the true
+    gradients (a no-op when the scaler is off), clip, step, clear the gradients, update the EMA."""
+    run.skipped = 0
+    run.scaler.unscale_(run.optimizer)
+    run.grad_norm = torch.nn.utils.clip_grad_norm_(run.net.parameters(), args.grad_clip if args.grad_clip > 0 else float('inf'))
+    run.scaler.step(run.optimizer)
+    if extra_optimizer is not None:
+        run.scaler.step(extra_optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    update_ema(run.ema, run.net, ema_decay(run.step, args.ema_decay))
+
+
+def skip_step(run):
+    """A non-finite loss (fp16 overflow, a bad batch, a blown-up run): no update; stop after 10 in a row."""
+    # The gradients of the bad step are dropped; with fp16 the loss scale halves, as GradScaler would.
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.scaler.is_enabled():
+        run.scaler.update(run.scaler.get_scale() / 2)
+    run.skipped += 1
+    warnings.warn(f'step {run.step}: non-finite loss, update skipped ({run.skipped} in a row)')
+    if run.skipped >= 10:
+        raise SystemExit(f'error: the loss was not finite for 10 steps in a row (steps {run.step - 9}..{run.step}). '
+                         'The weights were not updated by those steps. Lower --lr, use --amp bf16 or none, or check '
+                         'the data for NaNs; then --resume auto continues from the last checkpoint.')
+
+
+# ----------------------------------------------------------------------------------------------------
+# Batches: which images each micro-batch trains on, a pure function of (seed, step, rank, micro).
+
+def step_generator(args, step, rank, micro=0, stream=0):
+    """The generator of one micro-batch: a pure function of (seed, step, rank), so resuming is exact.
+    stream 0 draws the image indices (consumed by the loader), stream 1 the rest (augment, dropout, sigma, noise)."""
+    return torch.Generator().manual_seed((((args.seed * 1_000_003 + step) * 4099 + rank) * 131 + micro) * 2 + stream)
+
+
+def training_batches(args, dataset, train_index, rank, micro_batch, start_step, more_indices=None):
+    """Iterator of (x0, y) for every micro-batch from start_step on. The indices come from the (seed, step, rank,
+    micro) generators, so a resumed run reads exactly the images an uninterrupted one would have.
+    more_indices(indices, generator): items to load after them (video.image_sources for joint training)."""
+    # A generator, not a list: the DataLoader's workers prefetch from it, and each entry is a pure function of
+    # (seed, step, rank, micro), so prefetching ahead never changes what a step trains on.
+    def indices():
+        for step in range(start_step, args.steps):
+            for micro in range(args.grad_accum):
+                g = step_generator(args, step, rank, micro, stream=0)
+                index = train_index[torch.randint(len(train_index), (micro_batch,), generator=g)]
+                # Extra items are drawn after the batch's own, so the batch is that of a run without them.
+                yield torch.cat([index, more_indices(index, g)]) if more_indices else index
+    return iter(data.make_loader(dataset, indices(), args.workers))
+
+
+def load_batch(dataset, indices):
+    """(x, y) of the given indices, streamed or in memory."""
+    return next(iter(data.make_loader(dataset, [indices])))
+
+
+def load_training_data(args):
+    """The dataset and its (training, held-out) indices; image folders bigger than --memory-budget GB decoded are
+    streamed from disk (data.py)."""
+    dataset = data.load_dataset(args.dataset, data_dir=args.data_dir, split=args.split, resolution=args.resolution,
+                                seed=args.seed, memory_budget=int(args.memory_budget * 2 ** 30))
+    return dataset, *data.holdout_split(len(dataset), args.seed)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run folder: never reuse one silently, checkpoints that are always loadable, exact resume, the log.
+
+def prepare_run_folder(args):
+    """Create --out, refusing a folder that holds another run unless told what to do with it; returns
+    (checkpoint path, checkpoint to resume from or None)."""
+    # Checked before any data is read: a wrong --out must fail in a second, not after the dataset loads.
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise SystemExit(f'error: --out {args.out!r} is a file; give a folder for the run')
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.out, prefix='.write_test_'):
+            pass
+    except OSError as e:
+        raise SystemExit(f'error: cannot write to --out {args.out!r}: {e.strerror or e}') from None
+    # --resume auto means: this folder's checkpoint if there is one, else a fresh start in this folder.
+    ckpt_path = os.path.join(args.out, 'ckpt.pt')
+    resume = ckpt_path if args.resume == 'auto' and os.path.exists(ckpt_path) else (None if args.resume == 'auto' else args.resume)
+    has_run = os.path.exists(ckpt_path) or os.path.exists(os.path.join(args.out, 'log.jsonl'))
+    continues_it = resume is not None and os.path.abspath(resume) == os.path.abspath(ckpt_path)
+    # A folder with a checkpoint or a log holds someone's run: a new run there would replace its checkpoint
+    # and mix two runs in one log. Only an explicit --overwrite (or continuing it) may touch it.
+    if has_run and not continues_it and args.resume != 'auto':
+        if not args.overwrite:
+            raise SystemExit(f'error: {args.out} already holds a run (ckpt.pt / log.jsonl). Use --resume auto to continue '
+                             f'it, a new --out for a new run, or --overwrite to replace it.')
+        for name in os.listdir(args.out):                               # --overwrite: the old run's own files go
+            if name in ('ckpt.pt', 'log.jsonl') or (name.endswith(('.png', '.pt')) and name.startswith(('samples_', 'ckpt_'))):
+                os.remove(os.path.join(args.out, name))
+        print(f'--overwrite: removed the previous run in {args.out}')
+    return ckpt_path, resume
+
+
+def weights_problem(run):
+    """Why the weights must not be saved (non-finite, or exploded past MAX_WEIGHT), or None; raw and EMA."""
+    # Both the raw weights (resumed from) and the EMA (sampled): either one broken makes the checkpoint useless.
+    for name, module in (('weights', run.net), ('EMA weights', run.ema)):
+        for key, p in module.state_dict().items():
+            if p.is_floating_point() and not torch.isfinite(p).all():
+                return f'the {name} are not finite ({key})'
+            if p.is_floating_point() and p.numel() and p.abs().max() > MAX_WEIGHT:
+                return f'the {name} exploded (max |{key}| = {p.abs().max().item():.3g} > {MAX_WEIGHT:g})'
+    return None
+
+
+def write_checkpoint(path, state):
+    """runs.atomic_write of a torch.save dict: a crash never leaves half a checkpoint, and a full disk removes the
+    temporary file and leaves the previous checkpoint as it was."""
+    try:
+        atomic_write(path, lambda tmp: torch.save(state, tmp))
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EFBIG):
+            raise disk_full(path, e, f'; {path} still holds the previous checkpoint' if os.path.exists(path) else '') from None
+        raise SystemExit(f'error: cannot write checkpoint {path}: {e}') from None
+
+
+def save_checkpoint(run, config, args, setup, last_good):
+    """Save the run, unless its weights are not finite or exploded: then the last good checkpoint stays and the
+    run stops with the reason (every rank checks, so all stop together). Returns the step now saved."""
+    problem = weights_problem(run)
+    if problem:
+        raise SystemExit(f'error: step {run.step}: {problem}. Not saved: {setup.ckpt_path} still holds step {last_good}. '
+                         'Lower --lr (or --warmup longer), then --resume auto --allow-changes.')
+    # The RNG of every rank is gathered (a collective: all ranks call it), then rank 0 writes the file.
+    rng = rng_states(setup.device, setup.world)
+    if setup.is_main:
+        state = dict(run.state_dict(), config=config, args={k: v for k, v in vars(args).items() if k != 'device_obj'}, rng=rng)
+        write_checkpoint(setup.ckpt_path, state)
+        if run.step == getattr(args, 'save_early', 0):                 # a kept early model (autoguidance)
+            write_checkpoint(os.path.join(args.out, f'ckpt_{run.step:07d}.pt'), state)
+    return run.step
+
+
+def resume_run(run, config, args, setup, resume_flags=RESUME_FLAGS):
+    """Restore every owner's state from a checkpoint of the same configuration. Flags that change what an
+    uninterrupted run would do (resume_flags, the number of processes) must match unless --allow-changes."""
+    from checkpoints import config_mismatch, load_checkpoint
+    path = setup.resume
+    ckpt = load_checkpoint(path, setup.device)
+    diff = config_mismatch(ckpt['config'], config)
+    if diff:
+        raise SystemExit(f'error: {path} was trained with another configuration:\n  ' + '\n  '.join(diff) +
+                         '\nUse the same flags as that run, or a new --out.')
+    # The config (network, diffusion, data) must match exactly; the optimisation flags may change only knowingly.
+    old = ckpt.get('args', {})
+    # Flags missing from an old checkpoint's args are not compared (older runs stored fewer).
+    changed = [f"--{k.replace('_', '-')}: run had {old[k]!r}, now {getattr(args, k)!r}" for k in resume_flags
+               if k in old and old[k] != getattr(args, k)]
+    if len(ckpt.get('rng', [])) not in (0, setup.world):
+        changed.append(f"processes: run had {len(ckpt['rng'])}, now {setup.world}")
+    if changed and not args.allow_changes:
+        raise SystemExit(f'error: resuming {path} with other settings than the run used:\n  ' + '\n  '.join(changed) +
+                         '\nUse the run\'s values, or --allow-changes to continue with these (no longer identical '
+                         'to an uninterrupted run).')
+    if changed:
+        print('resuming with changed settings (the result is no longer that of an uninterrupted run):\n  ' + '\n  '.join(changed))
+    # A checkpoint stripped to weights (for sharing) samples fine but cannot continue a run exactly.
+    missing = [k for k in ('optimizer', 'scaler', 'step', 'rng') if k not in ckpt]
+    if missing:
+        raise SystemExit(f'error: {path} cannot be resumed: it lacks {", ".join(missing)} (a sampling-only checkpoint?)')
+    # Each owner restores its own state; this rank's dropout RNG comes last, as the run saved it.
+    run.load_state_dict(ckpt)
+    set_rng_state(ckpt['rng'][dist.get_rank() % len(ckpt['rng']) if dist.is_initialized() else 0], setup.device)
+    if setup.is_main:
+        print(f'resumed from {path} at step {run.step}')
+    return run.step
+
+
+# Dropout draws from the global torch RNG (not from the step generators), so its state is part of the
+# checkpoint; each rank has its own, seeded seed + rank.
+def rng_states(device, world):
+    """Every rank's dropout RNG (CPU and CUDA), gathered to rank 0 for an exact resume."""
+    rng = {'cpu': torch.get_rng_state()}
+    if device.type == 'cuda':
+        rng['cuda'] = torch.cuda.get_rng_state(device)
+    if world == 1:
+        return [rng]
+    states = [None] * world
+    dist.all_gather_object(states, rng)
+    return states
+
+
+def set_rng_state(rng, device):
+    torch.set_rng_state(rng['cpu'].cpu())
+    if 'cuda' in rng and device.type == 'cuda':
+        torch.cuda.set_rng_state(rng['cuda'].cpu(), device)
+
+
+def parse_record(line):
+    """A log line as a dict; a line torn by a kill mid-write reads as {} (dropped on resume)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return {}
+
+
+class RunLog:
+    """log.jsonl: one JSON record per line. On resume from step K, records after K (written by the interrupted
+    run after its last checkpoint) are dropped first, so every step appears once."""
+
+    def __init__(self, path, step):
+        self.path = path
+        # Keep the records up to the step we restart from; an interrupted run may have logged beyond it. The
+        # rewrite is atomic: a crash while rewriting must not lose the old records.
+        if os.path.exists(path):
+            with open(path) as f:
+                keep = ''.join(line for line in f if line.strip() and parse_record(line).get('step', math.inf) <= step)
+            try:
+                atomic_write(path, lambda tmp: open(tmp, 'w').write(keep))
+            except OSError as e:
+                raise disk_full(path, e) if e.errno in (errno.ENOSPC, errno.EFBIG) else e
+        self.file = open(path, 'a')
+
+    # Flushed per record: a killed run loses at most the line being written.
+    def write(self, record):
+        try:
+            self.file.write(json.dumps(record) + '\n')
+            self.file.flush()
+        except OSError as e:
+            raise disk_full(self.path, e) if e.errno in (errno.ENOSPC, errno.EFBIG) else e
+
+    def close(self):
+        self.file.close()
+
+
+def open_log(run, setup, args):
+    """The run's log (rank 0 only; None on the other ranks)."""
+    return RunLog(os.path.join(args.out, 'log.jsonl'), run.step) if setup.is_main else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The end of a run.
+
+def check_replicas(run, world, log, is_main):
+    """DDP keeps the replicas identical by averaging gradients; check it, since a silent divergence (a buffer
+    updated on one rank only, a rank-dependent branch) ruins a run without any error."""
+    # One float64 sum per replica is enough to see a divergence, and cheap to gather.
+    checksum = torch.stack([p.detach().double().sum() for p in run.net.parameters()]).sum().cpu()
+    sums = [None] * world
+    dist.all_gather_object(sums, checksum.item())
+    if is_main:
+        log.write({'step': run.step, 'ddp_param_checksums': sums})
+        if max(sums) - min(sums) > 1e-6 * (1 + abs(sums[0])):
+            warnings.warn(f'DDP replicas diverged: parameter checksums {sums}')
+
+
+def finish_run(run, setup, log):
+    """DDP replica check and shutdown, the log closed; a run whose last steps were all skipped fails loudly."""
+    if setup.world > 1:
+        check_replicas(run, setup.world, log, setup.is_main)
+        dist.barrier()
+        dist.destroy_process_group()
+    if log:
+        log.close()
+    if run.skipped:
+        raise SystemExit(f'error: the last {run.skipped} step(s) had a non-finite loss and were skipped; the checkpoint '
+                         f'holds the weights from before them (step {run.step - run.skipped} of training). Lower --lr '
+                         'or check the data.')
+
+
+def run_command(main, parse_args):
+    """The command line's entry: a missing dataset or a bad value is its message, a full disk says so."""
+    try:
+        main(parse_args())
+    except (data.DatasetNotFoundError, ValueError) as e:     # a missing dataset, a bad flag value: the message only
+        raise SystemExit(f'error: {e}')
+    except OSError as e:                                     # a full disk while writing a grid or the log
+        if e.errno not in (errno.ENOSPC, errno.EFBIG):
+            raise
+        raise SystemExit(f'error: disk full ({e}); the last checkpoint is intact. Free space, then --resume auto.')
