@@ -78,10 +78,12 @@ def _round_half_even(num, den):
     return q + ((2 * r > den) | ((2 * r == den) & (q % 2 == 1))).long()
 
 
-def vp_sigmas(model_sigmas, n, spacing='trailing'):
+def vp_sigmas(model_sigmas, n, spacing='trailing', steps_offset=0):
     """n of a discrete VP model's own T noise levels (ascending (T,) table), uniform in t.
 
-    'leading'  t_i = (n - 1 - i) * (T // n) (DDIM's and Stable Diffusion's choice; never reaches t = T)
+    'leading'  t_i = (n - 1 - i) * (T // n) + steps_offset (DDIM's code, range(0, T, T // n), with steps_offset = 0;
+               Stable Diffusion's with steps_offset = 1: CompVis' make_ddim_timesteps adds 1 "to get the final alpha
+               values right", diffusers' DDIMScheduler config steps_offset = 1; never reaches t = T)
     'trailing' t_i = round(T - i T/n) - 1 (Lin et al. 2024, arXiv:2305.08891, Table 2; starts at t = T)
     'linspace' t_i = round((T - 1)(n - 1 - i)/(n - 1)), i.e. round(linspace(T - 1, 0, n))
     Each is computed in integers, ties rounding to even as numpy.round does: a float ramp such as
@@ -93,8 +95,12 @@ def vp_sigmas(model_sigmas, n, spacing='trailing'):
     if not 1 <= n <= T:
         raise ValueError(f'vp_sigmas needs 1 <= n <= T = {T} steps, got n = {n}')
     i = torch.arange(n)
+    if steps_offset and spacing != 'leading':
+        raise ValueError(f"steps_offset is an option of 'leading' spacing only, got spacing {spacing!r}")
     if spacing == 'leading':
-        t = (n - 1 - i) * (T // n)
+        t = (n - 1 - i) * (T // n) + steps_offset
+        if t[0] > T - 1 or steps_offset < 0:
+            raise ValueError(f'steps_offset {steps_offset} takes leading spacing outside t = 0..{T - 1} at n = {n}')
     elif spacing == 'trailing':
         t = _round_half_even(T * (n - i), n) - 1                   # round(T (n - i) / n) - 1
     elif spacing == 'linspace':

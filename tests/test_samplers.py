@@ -333,6 +333,19 @@ def test_vp_sigmas_every_step_count(spacing):
         vp_sigmas(table, T + 1, spacing)
 
 
+def test_leading_spacing_with_stable_diffusions_offset():
+    """Stable Diffusion's 50 DDIM steps are t = 981, 961, ..., 21, 1 (CompVis make_ddim_timesteps: range(0, 1000, 20)
+    + 1; diffusers' DDIMScheduler with steps_offset=1); steps_offset=0 is DDIM's 980, ..., 20, 0."""
+    table = DiscreteVP.linear(1000).sigmas
+    sd = vp_sigmas(table, 50, 'leading', steps_offset=1)
+    torch.testing.assert_close(sd[:-1], table[torch.arange(981, 0, -20)].float(), rtol=0, atol=0)
+    torch.testing.assert_close(vp_sigmas(table, 50, 'leading')[:-1], table[torch.arange(980, -1, -20)].float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match='outside'):
+        vp_sigmas(table, 1000, 'leading', steps_offset=1)
+    with pytest.raises(ValueError, match="'leading' spacing only"):
+        vp_sigmas(table, 50, 'trailing', steps_offset=1)
+
+
 # ---- errors ----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('sigmas, message', [
