@@ -7,6 +7,8 @@ Models (each file of the name its authors published, see PRETRAINED below):
   dit-xl-2-256   Peebles & Xie 2023, "Scalable Diffusion Models with Transformers", arXiv:2212.09748: DiT-XL/2 on
   dit-xl-2-512   32x32x4 (64x64x4) latents of 256x256 (512x512) ImageNet, class-conditional, decoded by the Stable
                  Diffusion VAE (Rombach et al. 2022, arXiv:2112.10752; sd-vae-ft-mse as in DiT's sample.py).
+  sd-vae-ft-*    the Stable Diffusion KL-f8 autoencoder (vae.py's 'sd-kl-f8', latent scale 0.18215): load_sd_vae()
+                 reads its .safetensors / .bin / .ckpt in the diffusers AutoencoderKL or the original LDM layout.
 
 All three were trained as DDPM eps-predictors on the linear schedule, beta from 1e-4 to 0.02 over T = 1000 steps
 (Ho et al. 2020, Sec. 4), with the network seeing the step index t = 0..999. In the sigma frame of diffusion.py:
@@ -30,6 +32,7 @@ Usage: net, diffusion, config, vae = load_pretrained('dit-xl-2-256', 'cuda')
        python sample.py --pretrained dit-xl-2-256 --class 207 --guidance 4 --steps 32 -n 16
 """
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -41,13 +44,15 @@ import torch.nn as nn
 
 import dit
 import unet
+import vae
 from diffusion import DiscreteVP, Diffusion
 
 
 # ----------------------------------------------------------------------------
 # The registry. Each file: the local name it is saved under (unique across models), its public URL, and what this
 # registry can check. sha256 / size (bytes) are None where no published value was available to record; such a
-# file is still checked on load, key by key and shape by shape, by the loaders of dit.py, unet.py and vae.py.
+# file is still checked on load, key by key and shape by shape, by the loaders of dit.py and unet.py and by
+# load_sd_vae below.
 
 PRETRAINED_ENV = 'PRETRAINED_WEIGHTS_DIR'
 
@@ -161,6 +166,143 @@ def find_files(names, weights_dir=None, download_missing=True, files=FILES):
 
 
 # ----------------------------------------------------------------------------
+# The Stable Diffusion VAE (vae.py's 'sd-kl-f8') from its public weights: the diffusers AutoencoderKL layout and
+# the original LDM layout, renamed into vae.py's parameter names; every key and shape must match.
+
+def official_key(key, layout, levels):
+    """The name under which `layout` ('diffusers' or 'ldm') stores our parameter `key`.
+
+    Ours -> LDM: encoder.down.i.res.j -> encoder.down.i.block.j; Level.resample -> downsample / upsample;
+    decoder.up.i (deepest first) -> decoder.up.(levels-1-i) (LDM numbers decoder levels from the shallowest);
+    mid.res1/attn/res2 -> mid.block_1/attn_1/block_2; attn.proj -> proj_out; ResBlock.skip -> nin_shortcut.
+    Ours -> diffusers: down_blocks.i.resnets.j, downsamplers.0 / upsamplers.0, up_blocks.i (deepest first, as ours),
+    mid_block.resnets.0/1, mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}, skip -> conv_shortcut,
+    norm_out -> conv_norm_out.
+    """
+    parts = key.split('.')
+    if layout == 'ldm':
+        if parts[0] == 'decoder' and parts[1] == 'up':
+            parts[2] = str(levels - 1 - int(parts[2]))
+        names = dict(res='block', skip='nin_shortcut', res1='block_1', res2='block_2', attn='attn_1', proj='proj_out')
+        out = [names.get(p, p) for p in parts]
+        if 'resample' in parts:
+            out[out.index('resample')] = 'downsample' if parts[0] == 'encoder' else 'upsample'
+        return '.'.join(out)
+    if layout != 'diffusers':
+        raise ValueError(f"layout must be 'diffusers' or 'ldm', got {layout!r}")
+    text = '.'.join(parts)
+    for ours, theirs in (('encoder.down.', 'encoder.down_blocks.'), ('decoder.up.', 'decoder.up_blocks.'),
+                         ('.res.', '.resnets.'), ('.skip.', '.conv_shortcut.'), ('.resample.', '.SAMPLER.0.'),
+                         ('mid.res1.', 'mid_block.resnets.0.'), ('mid.res2.', 'mid_block.resnets.1.'),
+                         ('mid.attn.norm.', 'mid_block.attentions.0.group_norm.'),
+                         ('mid.attn.q.', 'mid_block.attentions.0.to_q.'), ('mid.attn.k.', 'mid_block.attentions.0.to_k.'),
+                         ('mid.attn.v.', 'mid_block.attentions.0.to_v.'),
+                         ('mid.attn.proj.', 'mid_block.attentions.0.to_out.0.'), ('.norm_out.', '.conv_norm_out.')):
+        text = text.replace(ours, theirs)
+    return text.replace('SAMPLER', 'downsamplers' if parts[0] == 'encoder' else 'upsamplers')
+
+
+# diffusers before 0.14 named the attention layers query/key/value/proj_attn; some hub files still do
+DIFFUSERS_OLD_ATTENTION = {'to_q.': 'query.', 'to_k.': 'key.', 'to_v.': 'value.', 'to_out.0.': 'proj_attn.'}
+# keys of full LDM checkpoints that are not the autoencoder's: its training losses (LPIPS, discriminator)
+IGNORED_PREFIXES = ('loss.', 'model_ema.')
+MODEL_PREFIXES = ('first_stage_model.', 'vae.')                          # a whole SD checkpoint / a pipeline dict
+
+
+def detect_layout(state):
+    if any(k.startswith(('encoder.down_blocks.', 'decoder.up_blocks.')) for k in state):
+        return 'diffusers'
+    if any(k.startswith(('encoder.down.', 'decoder.up.')) for k in state):
+        return 'ldm'
+    raise ValueError('not a KL autoencoder state dict: expected diffusers AutoencoderKL keys (encoder.down_blocks...) '
+                     f'or LDM keys (encoder.down...); got e.g. {sorted(state)[:4]}')
+
+
+def convert_official_state_dict(state, model, layout=None):
+    """Rename (and reshape) a diffusers or LDM state dict into `model`'s names; every key must match exactly."""
+    state = {k: v for k, v in state.items() if not k.startswith(IGNORED_PREFIXES)}
+    for prefix in MODEL_PREFIXES:  # a whole Stable Diffusion checkpoint: keep only its autoencoder
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    layout = layout or detect_layout(state)
+    if layout == 'diffusers' and any('.query.' in k or '.proj_attn.' in k for k in state):
+        old = {new: old for new, old in DIFFUSERS_OLD_ATTENTION.items()}
+        remap = lambda name: next((name.replace(n, o) for n, o in old.items() if f'attentions.0.{n}' in name), name)
+    else:
+        remap = lambda name: name
+    levels = len(model.config['channel_mult'])
+    converted, missing, wrong_shape, used = {}, [], [], set()
+    for ours, target in model.state_dict().items():
+        theirs = remap(official_key(ours, layout, levels))
+        if theirs not in state:
+            missing.append(theirs)
+            continue
+        used.add(theirs)
+        tensor = state[theirs]
+        if tensor.dim() == 4 and target.dim() == 2 and tensor.shape[2:] == (1, 1):
+            tensor = tensor[:, :, 0, 0]                                         # LDM's 1x1 conv attention -> Linear
+        if tensor.shape != target.shape:
+            wrong_shape.append(f'{theirs}: {tuple(tensor.shape)} in file, {tuple(target.shape)} expected')
+        converted[ours] = tensor
+    unexpected = sorted(set(state) - used)
+    if missing or unexpected or wrong_shape:
+        lines = [f'this state dict does not fit {layout} KL autoencoder with config '
+                 f"channels={model.config['channels']} channel_mult={model.config['channel_mult']} "
+                 f"latent_channels={model.config['latent_channels']}:"]
+        for label, keys in (('missing keys', missing), ('unexpected keys', unexpected), ('wrong shapes', wrong_shape)):
+            if keys:
+                lines.append(f'  {len(keys)} {label}, e.g. {keys[:3]}')
+        lines.append('Expected the Stable Diffusion VAE (diffusers AutoencoderKL, e.g. stabilityai/sd-vae-ft-ema '
+                     'diffusion_pytorch_model.safetensors, or the LDM vae-ft-*.ckpt).')
+        raise ValueError('\n'.join(lines))
+    return converted
+
+
+def read_safetensors(path):
+    """A .safetensors file as a dict of tensors (8-byte header length, JSON header, raw little-endian data)."""
+    dtypes = dict(F32=torch.float32, F16=torch.float16, BF16=torch.bfloat16, F64=torch.float64, I64=torch.int64,
+                  I32=torch.int32)
+    with open(path, 'rb') as f:
+        header_len = int.from_bytes(f.read(8), 'little')
+        header = json.loads(f.read(header_len))
+        data = bytearray(f.read())
+    state = {}
+    for name, info in header.items():
+        if name == '__metadata__':
+            continue
+        start, end = info['data_offsets']
+        state[name] = torch.frombuffer(data, dtype=dtypes[info['dtype']], count=(end - start) // dtypes[info['dtype']].itemsize,
+                                       offset=start).reshape(info['shape']).clone()
+    return state
+
+
+def read_state_dict(path):
+    """Tensors from .safetensors, or from a torch file (.bin / .ckpt / .pt; a Lightning 'state_dict' is unwrapped)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'{path} does not exist')
+    if path.endswith('.safetensors'):
+        return read_safetensors(path)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ValueError(f'could not read {path} as a PyTorch weight file ({e})') from e
+    if isinstance(state, dict) and isinstance(state.get('state_dict'), dict):
+        state = state['state_dict']
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def load_sd_vae(path_or_state_dict, device='cpu', config='sd-kl-f8', layout=None):
+    """Stable Diffusion's KL-f8 autoencoder with public weights (diffusers or LDM layout), scale 0.18215."""
+    state = path_or_state_dict if isinstance(path_or_state_dict, dict) else read_state_dict(path_or_state_dict)
+    with torch.device('meta'):  # shapes only: skip an 84M-parameter random init that would be overwritten
+        model = vae.create_autoencoder(config)
+    converted = convert_official_state_dict(state, model, layout)
+    model.load_state_dict(converted, assign=True)
+    model.set_latent_scale(model.config['scale_factor'], model.config['shift_factor'])
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------
 # The models as denoisers
 
 class LearnedSigmaEps(nn.Module):
@@ -208,8 +350,7 @@ def load_pretrained(name, device='cpu', weights_dir=None, download=True):
         shape = (official.in_channels, official.config['input_size'], official.config['input_size'])
     vae_model, autoencoder = None, None
     if entry['vae']:
-        import vae                               # only the latent models need it
-        vae_model = vae.load_sd_vae(paths[entry['vae']], device)
+        vae_model = load_sd_vae(paths[entry['vae']], device)
         # as sample.py reads a latent model's config: the network sees latent_shape; data is the decoded image
         autoencoder = {'pretrained': entry['vae'], 'latent_shape': list(shape), 'config': vae_model.config}
     config = {'model': entry['kind'], 'config_name': model_name, 'net': net.config, 'pretrained': name,

@@ -1,15 +1,16 @@
-"""Parity of vae.py's 'sd-kl-f8' autoencoder with diffusers' AutoencoderKL on the same (random) weights.
+"""Parity of vae.py's 'sd-kl-f8' autoencoder, loaded by pretrained.load_sd_vae, with diffusers' AutoencoderKL on
+the same (random) weights.
 
 The Stable Diffusion VAE weights (sd-vae-ft-ema / ft-mse, 335 MB) are not needed to check the architecture: this
 script builds diffusers' AutoencoderKL in the Stable Diffusion configuration, gives every weight a random value
 (diffusers' default init leaves GroupNorm at identity and biases at zero, which would hide a swapped norm or bias),
 and saves the state dict under the official names in the three forms the public weights come in:
-  1. diffusers layout, .safetensors (read by vae.read_safetensors, no safetensors package needed);
+  1. diffusers layout, .safetensors (read by pretrained.read_safetensors, no safetensors package);
   2. diffusers layout with the pre-0.14 attention names (query/key/value/proj_attn), torch .bin;
   3. the original LDM layout (encoder.down.i.block.j, mid.attn_1 as 1x1 convs, decoder levels numbered from the
      shallowest), prefixed 'first_stage_model.' as in a whole SD .ckpt, with diffusers' own LDM->diffusers
      converter as the referee: the LDM dict is converted by diffusers and loaded strictly into AutoencoderKL.
-For each, vae.load_sd_vae loads the file and both networks encode (posterior mean and log-variance) and decode
+For each, pretrained.load_sd_vae loads the file and both networks encode (posterior mean and log-variance) and decode
 the same inputs; the script prints the largest absolute and relative differences, in float32 and float64.
 
 Not part of the test suite (diffusers is not a dependency). Run with diffusers on PYTHONPATH:
@@ -24,6 +25,7 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import pretrained  # noqa: E402
 import vae  # noqa: E402
 from diffusers import AutoencoderKL  # noqa: E402  (the reference implementation)
 from safetensors.torch import save_file  # noqa: E402
@@ -65,13 +67,13 @@ def ldm_state_dict(ref):
     diffusers_state = ref.state_dict()
     ldm = {}
     for key, target in ours.state_dict().items():  # our names -> both official names
-        value = diffusers_state[vae.official_key(key, 'diffusers', 4)]
+        value = diffusers_state[pretrained.official_key(key, 'diffusers', 4)]
         if value.dim() == 2:
             value = value[:, :, None, None]                       # LDM's attention layers are 1x1 convs
-        ldm['first_stage_model.' + vae.official_key(key, 'ldm', 4)] = value.clone()
+        ldm['first_stage_model.' + pretrained.official_key(key, 'ldm', 4)] = value.clone()
     back = convert_ldm_vae_checkpoint(ldm, dict(ref.config))     # the referee: diffusers' converter
-    missing, unexpected = ref.load_state_dict(back, strict=True), None
-    assert not missing.missing_keys and not missing.unexpected_keys
+    result = ref.load_state_dict(back, strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
     for k, v in back.items():
         assert torch.equal(v, diffusers_state[k]), f'diffusers maps the LDM name to {k} with different values'
     return ldm
@@ -115,7 +117,7 @@ def main():
         torch.save({'state_dict': ldm_state_dict(ref)}, files['LDM .ckpt (first_stage_model.*)'])
         worst = 0.0
         for label, path in files.items():
-            ours = vae.load_sd_vae(path)
+            ours = pretrained.load_sd_vae(path)
             print(f'\n{label}: {sum(p.numel() for p in ours.parameters()):,} parameters loaded')
             for dtype in (torch.float32, torch.float64):
                 for name, diff, rel in compare(ours, ref, x, z, dtype):
