@@ -1,10 +1,10 @@
 """Tests for vae.py: the KL term, the VQ quantiser (straight-through, EMA, restarts, absorbed into the decoder),
-VQGAN's adaptive weight, the latent scale, checkpoints, and the Stable Diffusion VAE loaders."""
+VQGAN's adaptive weight, the latent scale and checkpoints. (The Stable Diffusion VAE loaders are pretrained.py's,
+tested in test_pretrained.py; LPIPS is lpips.py's.)"""
 import math
 
 import pytest
 import torch
-import torch.nn as nn
 
 import vae
 from vae import (AutoencoderLoss, DiagonalGaussian, VectorQuantizer, adaptive_weight, compute_latent_scale,
@@ -194,30 +194,6 @@ def test_generator_loss_uses_the_adaptive_weight_from_disc_start():
     assert ae.encoder.conv_in.weight.grad is not None and loss_fn.discriminator.main[0].weight.grad is not None
 
 
-def test_lpips_missing_weights_say_what_to_download(tmp_path, monkeypatch):
-    monkeypatch.setenv(vae.LPIPS_ENV, str(tmp_path))
-    monkeypatch.setattr(vae, 'default_cache_dir', lambda: str(tmp_path / 'cache'))
-    with pytest.raises(FileNotFoundError) as error:
-        vae.find_lpips_weights(download=False)
-    message = str(error.value)
-    assert 'vgg16-397923af.pth' in message and 'vgg.pth' in message and 'L1 + GAN' in message
-
-
-def test_lpips_loads_weight_files_and_is_a_distance(tmp_path):
-    """Random weights saved under torchvision's and LPIPS's key names: d(x, x) = 0, d(x, y) > 0, symmetric."""
-    reference = vae.LPIPS()
-    vgg = {f'features.{i}.{p}': reference.features[i].state_dict()[p] for i in vae.VGG_CONV_INDICES
-           for p in ('weight', 'bias')}
-    vgg['classifier.0.weight'] = torch.zeros(2, 2)                    # torchvision's file also holds the classifier
-    torch.save(vgg, tmp_path / 'vgg16-397923af.pth')
-    torch.save({f'lin{k}.model.1.weight': torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))},
-               tmp_path / 'vgg.pth')
-    lpips = vae.load_lpips(str(tmp_path))
-    x, y = images(2, 32), images(2, 32, seed=1)
-    assert torch.all(lpips(x, x) == 0) and torch.all(lpips(x, y) > 0)
-    assert torch.allclose(lpips(x, y), lpips(y, x))
-
-
 # ----------------------------------------------------------------------------
 # Latent scale and checkpoints
 
@@ -252,190 +228,6 @@ def test_checkpoint_round_trip(tmp_path, name):
     assert loaded.config == ae.config
     assert torch.equal(loaded.encode(x), ae.encode(x))
     assert torch.equal(loaded.decode(ae.encode(x)), ae.decode(ae.encode(x)))
-
-
-# ----------------------------------------------------------------------------
-# Stable Diffusion VAE loaders. The official layouts are written out here independently of vae.official_key,
-# from the diffusers AutoencoderKL and LDM (ldm/modules/diffusionmodules/model.py) module trees.
-
-def resnet_keys(prefix, cin, cout, shortcut_name):
-    keys = {f'{prefix}.norm1.weight': (cin,), f'{prefix}.norm1.bias': (cin,),
-            f'{prefix}.conv1.weight': (cout, cin, 3, 3), f'{prefix}.conv1.bias': (cout,),
-            f'{prefix}.norm2.weight': (cout,), f'{prefix}.norm2.bias': (cout,),
-            f'{prefix}.conv2.weight': (cout, cout, 3, 3), f'{prefix}.conv2.bias': (cout,)}
-    if cin != cout:
-        keys.update({f'{prefix}.{shortcut_name}.weight': (cout, cin, 1, 1), f'{prefix}.{shortcut_name}.bias': (cout,)})
-    return keys
-
-
-def diffusers_layout(ch, mult, nres, z, old_attention=False):
-    widths, keys = [ch * m for m in mult], {}
-    q, k, v, o = ('query', 'key', 'value', 'proj_attn') if old_attention else ('to_q', 'to_k', 'to_v', 'to_out.0')
-
-    def mid(prefix, c):
-        keys.update(resnet_keys(f'{prefix}.mid_block.resnets.0', c, c, 'conv_shortcut'))
-        keys.update(resnet_keys(f'{prefix}.mid_block.resnets.1', c, c, 'conv_shortcut'))
-        keys.update({f'{prefix}.mid_block.attentions.0.group_norm.weight': (c,),
-                     f'{prefix}.mid_block.attentions.0.group_norm.bias': (c,)})
-        for name in (q, k, v, o):
-            keys.update({f'{prefix}.mid_block.attentions.0.{name}.weight': (c, c),
-                         f'{prefix}.mid_block.attentions.0.{name}.bias': (c,)})
-
-    keys.update({'encoder.conv_in.weight': (ch, 3, 3, 3), 'encoder.conv_in.bias': (ch,)})
-    cin = ch
-    for i, w in enumerate(widths):
-        for j in range(nres):
-            keys.update(resnet_keys(f'encoder.down_blocks.{i}.resnets.{j}', cin, w, 'conv_shortcut'))
-            cin = w
-        if i < len(widths) - 1:
-            keys.update({f'encoder.down_blocks.{i}.downsamplers.0.conv.weight': (w, w, 3, 3),
-                         f'encoder.down_blocks.{i}.downsamplers.0.conv.bias': (w,)})
-    mid('encoder', widths[-1])
-    keys.update({'encoder.conv_norm_out.weight': (widths[-1],), 'encoder.conv_norm_out.bias': (widths[-1],),
-                 'encoder.conv_out.weight': (2 * z, widths[-1], 3, 3), 'encoder.conv_out.bias': (2 * z,),
-                 'quant_conv.weight': (2 * z, 2 * z, 1, 1), 'quant_conv.bias': (2 * z,),
-                 'post_quant_conv.weight': (z, z, 1, 1), 'post_quant_conv.bias': (z,),
-                 'decoder.conv_in.weight': (widths[-1], z, 3, 3), 'decoder.conv_in.bias': (widths[-1],)})
-    mid('decoder', widths[-1])
-    cin = widths[-1]
-    for i, w in enumerate(widths[::-1]):                              # up_blocks.0 is the deepest level
-        for j in range(nres + 1):
-            keys.update(resnet_keys(f'decoder.up_blocks.{i}.resnets.{j}', cin, w, 'conv_shortcut'))
-            cin = w
-        if i < len(widths) - 1:
-            keys.update({f'decoder.up_blocks.{i}.upsamplers.0.conv.weight': (w, w, 3, 3),
-                         f'decoder.up_blocks.{i}.upsamplers.0.conv.bias': (w,)})
-    keys.update({'decoder.conv_norm_out.weight': (ch,), 'decoder.conv_norm_out.bias': (ch,),
-                 'decoder.conv_out.weight': (3, ch, 3, 3), 'decoder.conv_out.bias': (3,)})
-    return keys
-
-
-def ldm_layout(ch, mult, nres, z):
-    widths, keys = [ch * m for m in mult], {}
-
-    def mid(prefix, c):
-        keys.update(resnet_keys(f'{prefix}.mid.block_1', c, c, 'nin_shortcut'))
-        keys.update(resnet_keys(f'{prefix}.mid.block_2', c, c, 'nin_shortcut'))
-        keys.update({f'{prefix}.mid.attn_1.norm.weight': (c,), f'{prefix}.mid.attn_1.norm.bias': (c,)})
-        for name in ('q', 'k', 'v', 'proj_out'):                      # 1x1 convs in LDM
-            keys.update({f'{prefix}.mid.attn_1.{name}.weight': (c, c, 1, 1), f'{prefix}.mid.attn_1.{name}.bias': (c,)})
-
-    keys.update({'encoder.conv_in.weight': (ch, 3, 3, 3), 'encoder.conv_in.bias': (ch,)})
-    cin = ch
-    for i, w in enumerate(widths):
-        for j in range(nres):
-            keys.update(resnet_keys(f'encoder.down.{i}.block.{j}', cin, w, 'nin_shortcut'))
-            cin = w
-        if i < len(widths) - 1:
-            keys.update({f'encoder.down.{i}.downsample.conv.weight': (w, w, 3, 3),
-                         f'encoder.down.{i}.downsample.conv.bias': (w,)})
-    mid('encoder', widths[-1])
-    keys.update({'encoder.norm_out.weight': (widths[-1],), 'encoder.norm_out.bias': (widths[-1],),
-                 'encoder.conv_out.weight': (2 * z, widths[-1], 3, 3), 'encoder.conv_out.bias': (2 * z,),
-                 'quant_conv.weight': (2 * z, 2 * z, 1, 1), 'quant_conv.bias': (2 * z,),
-                 'post_quant_conv.weight': (z, z, 1, 1), 'post_quant_conv.bias': (z,),
-                 'decoder.conv_in.weight': (widths[-1], z, 3, 3), 'decoder.conv_in.bias': (widths[-1],)})
-    mid('decoder', widths[-1])
-    cin = widths[-1]
-    for i in reversed(range(len(widths))):                           # LDM: decoder.up.0 is the shallowest level
-        w = widths[i]
-        for j in range(nres + 1):
-            keys.update(resnet_keys(f'decoder.up.{i}.block.{j}', cin, w, 'nin_shortcut'))
-            cin = w
-        if i > 0:
-            keys.update({f'decoder.up.{i}.upsample.conv.weight': (w, w, 3, 3),
-                         f'decoder.up.{i}.upsample.conv.bias': (w,)})
-    keys.update({'decoder.norm_out.weight': (ch,), 'decoder.norm_out.bias': (ch,),
-                 'decoder.conv_out.weight': (3, ch, 3, 3), 'decoder.conv_out.bias': (3,)})
-    return keys
-
-
-SMALL_SD = dict(channels=8, channel_mult=(1, 2, 4, 4), num_res_blocks=2, latent_channels=4, norm_groups=4)
-
-
-def random_state(layout_keys, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return {k: torch.randn(shape, generator=g) for k, shape in layout_keys.items()}
-
-
-@pytest.mark.parametrize('layout', ['diffusers', 'diffusers-old', 'ldm'])
-def test_sd_loader_maps_every_official_key_of_the_full_config(layout):
-    """The real sd-kl-f8 shapes (meta tensors: no memory): every key is used, none is missing."""
-    args = (128, (1, 2, 4, 4), 2, 4)
-    keys = ldm_layout(*args) if layout == 'ldm' else diffusers_layout(*args, old_attention=layout == 'diffusers-old')
-    state = {k: torch.empty(shape, device='meta') for k, shape in keys.items()}
-    with torch.device('meta'):
-        model = create_autoencoder('sd-kl-f8')
-    converted = vae.convert_official_state_dict(state, model)
-    assert len(converted) == len(keys) == len(model.state_dict())
-    assert sum(math.prod(s) for s in keys.values()) == 83_653_863   # diffusers AutoencoderKL's count for this config
-
-
-def test_sd_loaders_agree_and_place_each_tensor():
-    """The same numbers under diffusers names and LDM names give the same model; spot-check where tensors land."""
-    diffusers_state = random_state(diffusers_layout(8, (1, 2, 4, 4), 2, 4))
-    # the LDM dict holds the same numbers, renamed by hand for a few tensors whose placement is easy to get wrong
-    ldm_keys = ldm_layout(8, (1, 2, 4, 4), 2, 4)
-    ldm_state = random_state(ldm_keys, seed=1)
-    pairs = {'decoder.up.3.block.0.conv1.weight': 'decoder.up_blocks.0.resnets.0.conv1.weight',   # deepest level
-             'decoder.up.0.block.2.conv2.weight': 'decoder.up_blocks.3.resnets.2.conv2.weight',   # shallowest
-             'decoder.up.1.block.0.nin_shortcut.weight': 'decoder.up_blocks.2.resnets.0.conv_shortcut.weight',
-             'encoder.down.1.downsample.conv.weight': 'encoder.down_blocks.1.downsamplers.0.conv.weight',
-             'encoder.mid.attn_1.proj_out.bias': 'encoder.mid_block.attentions.0.to_out.0.bias'}
-    for ldm_key, diffusers_key in pairs.items():
-        ldm_state[ldm_key] = diffusers_state[diffusers_key].clone()
-    ldm_state['decoder.mid.attn_1.q.weight'] = diffusers_state['decoder.mid_block.attentions.0.to_q.weight'][:, :, None, None]
-    from_diffusers = vae.load_sd_vae(diffusers_state, config=vae.autoencoder_config('sd-kl-f8', **SMALL_SD))
-    from_ldm = vae.load_sd_vae({'first_stage_model.' + k: v for k, v in ldm_state.items()},
-                               config=vae.autoencoder_config('sd-kl-f8', **SMALL_SD))
-    assert torch.equal(from_diffusers.decoder.up[0].res[0].conv1.weight,
-                       diffusers_state['decoder.up_blocks.0.resnets.0.conv1.weight'])
-    for ldm_key, diffusers_key in pairs.items():
-        assert torch.equal(from_ldm.state_dict()[_our_name(from_ldm, ldm_key, ldm_state)],
-                           from_diffusers.state_dict()[_our_name(from_diffusers, diffusers_key, diffusers_state)])
-    assert torch.equal(from_ldm.decoder.mid.attn.q.weight, from_diffusers.decoder.mid.attn.q.weight)
-    assert from_ldm.config['scale_factor'] == 0.18215
-
-
-def _our_name(model, official, state):
-    """Which of our parameters holds the tensor stored under `official` (found by identity of values)."""
-    matches = [k for k, v in model.state_dict().items() if v.shape == state[official].shape and torch.equal(v, state[official])]
-    assert len(matches) == 1, (official, matches)
-    return matches[0]
-
-
-@pytest.mark.parametrize('damage', ['rename', 'drop', 'shape', 'extra'])
-def test_sd_loader_rejects_wrong_state_dicts_clearly(damage):
-    state = random_state(diffusers_layout(8, (1, 2, 4, 4), 2, 4))
-    key = 'decoder.up_blocks.1.resnets.2.conv1.weight'
-    if damage == 'rename':
-        state['decoder.up_blocks.1.resnets.2.conv_1.weight'] = state.pop(key)
-    elif damage == 'drop':
-        del state[key]
-    elif damage == 'shape':
-        state[key] = state[key][:, :, :1, :1]
-    else:
-        state['decoder.extra.weight'] = torch.zeros(1)
-    with pytest.raises(ValueError) as error:
-        vae.load_sd_vae(state, config=vae.autoencoder_config('sd-kl-f8', **SMALL_SD))
-    message = str(error.value)
-    expected = {'rename': ('unexpected keys', 'conv_1'), 'drop': ('missing keys', key),
-                'shape': ('wrong shapes', key), 'extra': ('unexpected keys', 'decoder.extra.weight')}[damage]
-    assert all(part in message for part in expected), message
-
-
-def test_safetensors_reader(tmp_path):
-    """The file format: 8-byte little-endian header length, JSON header with dtype/shape/offsets, raw data."""
-    import json
-    import struct
-    a, b = torch.arange(6, dtype=torch.float32).reshape(2, 3), torch.tensor([1.5, -2.0], dtype=torch.float16)
-    header = {'a': dict(dtype='F32', shape=[2, 3], data_offsets=[0, 24]),
-              'b': dict(dtype='F16', shape=[2], data_offsets=[24, 28]), '__metadata__': {'format': 'pt'}}
-    raw = json.dumps(header).encode()
-    path = tmp_path / 'x.safetensors'
-    path.write_bytes(struct.pack('<Q', len(raw)) + raw + a.numpy().tobytes() + b.numpy().tobytes())
-    state = vae.read_safetensors(str(path))
-    assert torch.equal(state['a'], a) and torch.equal(state['b'], b) and state['b'].dtype == torch.float16
 
 
 def test_unknown_config_options_are_refused():
