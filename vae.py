@@ -8,7 +8,8 @@ Papers:
   van den Oord, Vinyals & Kavukcuoglu 2017, "Neural Discrete Representation Learning", arXiv:1711.00937 (VQ-VAE)
   Kingma & Welling 2014, "Auto-Encoding Variational Bayes", arXiv:1312.6114 (Gaussian KL, App. B)
   Isola et al. 2017, "Image-to-Image Translation with Conditional Adversarial Networks", arXiv:1611.07004 (PatchGAN)
-  Dhariwal et al. 2020, "Jukebox", arXiv:2005.00341 (random restarts of dead codes, Sec. 2.3 / App. A)
+  Dhariwal et al. 2020, "Jukebox", arXiv:2005.00341 (random restarts of dead codes, Sec. 2.3 / App. A;
+    a step quantises with the codebook from before its own update, as Jukebox's and Sonnet's code do)
   Yu et al. 2022, "Vector-quantized Image Modeling with Improved VQGAN", arXiv:2110.04627 (l2-normalised,
     low-dimensional code lookup, Sec. 3.2)
   Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", arXiv:2312.02696
@@ -301,7 +302,8 @@ class VectorQuantizer(nn.Module):
     l2_normalize: look codes up by cosine similarity on unit vectors (ViT-VQGAN Sec. 3.2); with a low code_dim this
         keeps most codes in use.
     Dead codes: an EMA of each code's count per batch; in training, codes whose average falls below
-        restart_threshold are moved onto random encoder outputs of the batch (Jukebox's random restarts).
+        restart_threshold are moved onto random encoder outputs of the batch (Jukebox's random restarts). The
+        batch itself is quantised with the codes from before the step's EMA update and restarts.
     Under DDP the counts and sums are all-reduced and restarted codes are broadcast from rank 0, so every rank
     keeps the same codebook.
     """
@@ -332,7 +334,9 @@ class VectorQuantizer(nn.Module):
         self.register_buffer('usage', torch.full((codebook_size,), float(restart_threshold)))
 
     def codes(self):
-        return F.normalize(self.embedding, dim=1) if self.l2_normalize else self.embedding
+        # normalize() keeps its input for backward: a clone, so that a restart later in the step (which rewrites
+        # embedding.data) cannot change the gradient of this step's codebook loss
+        return F.normalize(self.embedding.clone(), dim=1) if self.l2_normalize else self.embedding
 
     def nearest(self, z_flat):
         """Index of the nearest code for each row of z_flat (M, D): argmin ||z||^2 - 2 z.e + ||e||^2."""
@@ -349,9 +353,12 @@ class VectorQuantizer(nn.Module):
         indices = self.nearest(z_flat)                                          # (M,)
         one_hot = F.one_hot(indices, self.codebook_size).type(z_flat.dtype)     # (M, K)
         counts = one_hot.sum(0)                                                 # (K,)
+        # The codes these vectors were matched to, read BEFORE this step's update (as Sonnet's VectorQuantizerEMA
+        # and Jukebox's BottleneckBlock dequantise before update_k): a code restarted below onto a random encoder
+        # output must not replace the nearest code these vectors were assigned to.
+        z_q_flat = self.codes()[indices]                                        # (M, D), a copy (advanced indexing)
         if self.training:
             self.update_codebook(z_flat.detach(), one_hot, counts)
-        z_q_flat = self.codes()[indices]                                        # (M, D)
         # VQ-VAE Eq. 3: commitment pulls z to its code; with EMA the codebook term is replaced by the updates above
         commitment = F.mse_loss(z_flat, z_q_flat.detach())
         loss = self.beta * commitment if self.use_ema else F.mse_loss(z_q_flat, z_flat.detach()) + self.beta * commitment

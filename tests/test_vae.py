@@ -112,6 +112,32 @@ def test_dead_code_is_restarted_onto_the_data_and_live_codes_stay():
     assert torch.equal(quantizer.embedding[0], live)                 # the most used code was not touched
 
 
+@pytest.mark.parametrize('codebook', ['loss', 'ema'])
+def test_a_step_quantises_with_the_codebook_from_before_its_update(codebook):
+    """A vector whose code is restarted in the same step still reaches the decoder as that (nearest) code, as
+    Jukebox (dequantise before update_k) and Sonnet's VectorQuantizerEMA do; with EMA the live codes move in the
+    step too, and the batch still sees the codes it was matched to. (Planted bug caught: reading the codes after
+    update_codebook, which hands the vector near [5, 5] a random encoder output of the batch instead.)"""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(3, 2, codebook=codebook, ema_decay=0.5, restart_threshold=2.0)
+    with torch.no_grad():
+        quantizer.embedding.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [5.0, 5.0]]))
+        if codebook == 'ema':
+            quantizer.ema_sum.copy_(quantizer.embedding)
+    g = torch.Generator().manual_seed(0)
+    z_flat = torch.cat([0.1 * torch.randn(8, 2, generator=g), 1 + 0.1 * torch.randn(7, 2, generator=g),
+                        torch.tensor([[5.2, 4.9]])])                  # code 2 is picked once: usage 1.5 < 2, restarted
+    z = z_flat.T.reshape(1, 2, 1, 16)
+    before = quantizer.codes().detach().clone()
+    z_q, loss, info = quantizer.train()(z)
+    assert info['indices'].flatten()[-1] == 2
+    assert (quantizer.embedding[2] - before[2]).norm() > 1.0        # the code was restarted in this step ...
+    assert torch.allclose(z_q[0, :, 0, -1], before[2])               # ... yet its vector was decoded as [5, 5]
+    assert torch.allclose(z_q, before[info['indices']].permute(0, 3, 1, 2), atol=1e-6)
+    weight = 0.25 if codebook == 'ema' else 1.25                     # the VQ loss compares z with the same codes
+    assert torch.allclose(loss, weight * ((z - z_q) ** 2).mean(), atol=1e-6)
+
+
 def test_perplexity_and_usage():
     quantizer = VectorQuantizer(4, 2, codebook='loss').eval()
     with torch.no_grad():
