@@ -20,8 +20,9 @@ Papers:
        straight-through: decoder input z + sg[z_q - z], so dL/dz := dL/dz_q                  (VQ-VAE Sec. 3.2)
        EMA codebook: N_k <- g N_k + (1-g) n_k; m_k <- g m_k + (1-g) sum z; e_k = m_k / N_k   (VQ-VAE App. A.1)
   GAN: L_D = 1/2 (E relu(1 - D(x)) + E relu(1 + D(x_hat)));  L_G = -E D(x_hat)               (hinge loss)
-       lambda = ||grad_GL[L_rec]|| / (||grad_GL[L_G]|| + delta)                                (VQGAN Eq. 7)
-       GL = the decoder's last layer; L = L_rec + reg_weight L_reg + lambda L_G  (GAN from disc_start on)
+       lambda = ||grad_GL[L_rec]|| / (||grad_GL[L_G]|| + delta), clamped to [0, 1e4]            (VQGAN Eq. 7)
+       GL = the decoder's last layer; L = L_rec + reg_weight L_reg + lambda L_G  (GAN from disc_start on);
+       delta = 1e-4 and the clamp as taming's calculate_adaptive_weight, on L_rec summed over C*H*W as LDM (KL)
   Latent scale: diffusion runs on z' = (z - shift) * scale, scale = 1 / std(z) on training data (LDM Sec. 4.3.2);
        Stable Diffusion's KL-f8 uses scale 0.18215, shift 0. EDM2 normalises each channel by its own mean and std.
 
@@ -568,8 +569,9 @@ def hinge_d_loss(logits_real, logits_fake):
     return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
 
 
-def adaptive_weight(rec_loss, g_loss, last_layer, delta=1e-6, max_weight=1e4):
-    """lambda = ||grad_GL[L_rec]|| / (||grad_GL[L_G]|| + delta) (VQGAN Eq. 7), detached, clamped as taming."""
+def adaptive_weight(rec_loss, g_loss, last_layer, delta=1e-4, max_weight=1e4):
+    """lambda = ||grad_GL[L_rec]|| / (||grad_GL[L_G]|| + delta) (VQGAN Eq. 7), clamped to [0, max_weight] and
+    detached: taming-transformers' calculate_adaptive_weight (delta 1e-4, clamp 1e4), which LDM copies."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     return (rec_grad.norm() / (g_grad.norm() + delta)).clamp(0.0, max_weight).detach()
@@ -584,6 +586,12 @@ class AutoencoderLoss(nn.Module):
     meaning of LDM's kl_weight (LDM sums both over elements; dividing the whole loss by 3HW changes nothing but
     the scale); or the VQ loss (VQGAN, codebook_weight 1). The GAN term starts at step disc_start. LDM's learned
     output log-variance is left out (fixed at 0). The discriminator is trained by discriminator_loss().
+
+    lambda (VQGAN Eq. 7) is measured where the reference code measures it. taming's VQ loss (vqperceptual.py)
+    averages the reconstruction loss over elements, as here, so VQ models use adaptive_weight(L_rec, ...) as is.
+    LDM's KL loss (contperceptual.py) sums it over the C*H*W elements of an image: KL models measure lambda on
+    C*H*W * L_rec, so delta and the clamp at 1e4 act on LDM's lambda, and divide it by C*H*W to weigh this
+    per-element loss (LDM's loss divided by C*H*W, term by term).
 
     The perceptual term is passed in, not imported: lpips.load_lpips() gives LPIPS-VGG, and any module mapping
     (x, x_hat) to (N,) distances works. So vae.py and lpips.py each stay copyable alone; the training program
@@ -626,10 +634,15 @@ class AutoencoderLoss(nn.Module):
             self.discriminator.requires_grad_(False)                            # no D update from G's loss
             g_loss = -self.discriminator(x_hat.float()).mean()                  # L_G = -E D(x_hat)
             self.discriminator.requires_grad_(True)
-            weight = self.disc_weight * adaptive_weight(rec, g_loss, last_layer) if torch.is_grad_enabled() else 0.0
+            weight = self.gan_weight(rec, g_loss, last_layer, x[0].numel()) if torch.is_grad_enabled() else 0.0
             loss = loss + weight * g_loss
             logs.update(g_loss=g_loss.item(), gan_weight=float(weight))
         return loss, logs
+
+    def gan_weight(self, rec, g_loss, last_layer, elements):
+        """disc_weight * lambda on the reference code's scale (see the class docstring); elements = C*H*W."""
+        scale = elements if self.kind == 'kl' else 1                         # LDM: sum over elements; taming: mean
+        return self.disc_weight * adaptive_weight(scale * rec, g_loss, last_layer) / scale
 
     def discriminator_loss(self, x, x_hat, step):
         """Hinge loss of D on real x and detached reconstructions; None before disc_start."""

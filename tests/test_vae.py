@@ -182,42 +182,88 @@ def test_hinge_loss_closed_form():
     assert abs(hinge_d_loss(real, fake).item() - 0.5 * (2.5 / 3 + 3 / 3)) < 1e-6
 
 
-def test_adaptive_weight_against_closed_form_gradients():
-    """Linear last layer x_hat = W h and linear critic D(x) = a.x: both gradients at W are known in closed form."""
+def test_adaptive_weight_is_tamings_with_delta_and_clamp():
+    """taming's calculate_adaptive_weight: ||grad L_rec|| / (||grad L_G|| + 1e-4), clamped to [0, 1e4], detached.
+    Linear last layer x_hat = W h and linear critic D(x) = a.x: both gradients at W are known in closed form; the
+    critic is weak (||grad L_G|| ~ 1e-3), so delta 1e-6 instead of 1e-4 moves lambda by about 10%."""
     g = torch.Generator().manual_seed(0)
-    h, x, a = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g), torch.randn(3, generator=g)
+    h, x, a = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g), 1e-3 * torch.randn(3, generator=g)
     W = torch.randn(3, 4, generator=g, requires_grad=True)
     x_hat = h @ W.T
     rec, g_loss = (x_hat - x).abs().mean(), -(x_hat @ a).mean()
     rec_grad = torch.sign(x_hat - x).T @ h / x.numel()               # d mean|x_hat - x| / dW
     g_grad = -a[:, None] * h.mean(0)[None]                           # d(-mean a.W h) / dW
-    expected = rec_grad.norm() / (g_grad.norm() + 1e-6)
-    assert torch.allclose(adaptive_weight(rec, g_loss, W), expected.detach(), rtol=1e-5)
+    expected = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    weight = adaptive_weight(rec, g_loss, W)
+    assert torch.allclose(weight, expected.detach(), rtol=1e-5) and not weight.requires_grad
+    # a critic without gradient: ||grad 10 L_rec|| / 1e-4 > 1e4, clamped to 1e4
+    assert 10 * rec_grad.norm() / 1e-4 > 1e4 and adaptive_weight(10 * rec, 0 * g_loss, W).item() == 1e4
 
 
-def test_generator_loss_uses_the_adaptive_weight_from_disc_start():
-    ae = create_autoencoder('tiny-kl')
-    loss_fn = AutoencoderLoss('kl', disc_weight=0.5, disc_start=10, disc_channels=8, disc_layers=2)
+def discriminator_without_gradient(loss_fn):
+    with torch.no_grad():                                            # a constant critic: grad L_G = 0
+        loss_fn.discriminator.main[-1].weight.zero_()
+    return loss_fn
+
+
+@pytest.mark.parametrize('kind', ['kl', 'vq'])
+def test_generator_loss_uses_the_adaptive_weight_from_disc_start(kind):
+    """Eq. 7 by hand at the decoder's last layer. KL (LDM's contperceptual.py): lambda of the loss summed over the
+    C*H*W elements, clamped there, then divided by C*H*W; VQ (taming's vqperceptual.py): of the mean loss."""
+    ae = create_autoencoder(f'tiny-{kind}')
+    loss_fn = AutoencoderLoss(kind, disc_weight=0.5, disc_start=10, disc_channels=8, disc_layers=2)
     x = images(size=32)
-    x_hat, kl, _ = ae(x)
-    loss, logs = loss_fn.generator_loss(x, x_hat, kl, step=9, last_layer=ae.last_layer())
+    x_hat, reg_loss, _ = ae(x)
+    reg_weight, elements = (1e-6, x[0].numel()) if kind == 'kl' else (1.0, 1)
+    reg = reg_weight * (reg_loss.mean() / x[0].numel() if kind == 'kl' else reg_loss)
+    loss, logs = loss_fn.generator_loss(x, x_hat, reg_loss, step=9, last_layer=ae.last_layer())
     assert 'gan_weight' not in logs                                  # before disc_start: L1 + KL only
-    assert torch.allclose(loss, (x - x_hat).abs().mean() + 1e-6 * kl.mean() / x[0].numel())
-    loss, logs = loss_fn.generator_loss(x, x_hat, kl, step=10, last_layer=ae.last_layer())
+    assert torch.allclose(loss, (x - x_hat).abs().mean() + reg)
+    loss, logs = loss_fn.generator_loss(x, x_hat, reg_loss, step=10, last_layer=ae.last_layer())
     rec = (x - x_hat).abs().mean()
     g_loss = -loss_fn.discriminator(x_hat).mean()
-    # Eq. 7 by hand: gradient norms of the two losses at the decoder's last layer
     grad_rec, = torch.autograd.grad(rec, ae.last_layer(), retain_graph=True)
     grad_g, = torch.autograd.grad(g_loss, ae.last_layer(), retain_graph=True)
-    weight = 0.5 * grad_rec.norm() / (grad_g.norm() + 1e-6)
+    weight = 0.5 * (elements * grad_rec.norm() / (grad_g.norm() + 1e-4)).clamp(0, 1e4) / elements
     assert abs(logs['gan_weight'] - weight.item()) < 1e-5 * weight.item()
-    assert torch.allclose(loss, rec + 1e-6 * kl.mean() / x[0].numel() + weight * g_loss, rtol=1e-5)
+    assert torch.allclose(loss, rec + reg + weight * g_loss, rtol=1e-5)
     # the generator loss leaves the discriminator's weights without gradient
     loss.backward()
     assert all(p.grad is None for p in loss_fn.discriminator.parameters())
     d_loss, _ = loss_fn.discriminator_loss(x, x_hat, step=10)
     d_loss.backward()
     assert ae.encoder.conv_in.weight.grad is not None and loss_fn.discriminator.main[0].weight.grad is not None
+    # a critic without gradient: lambda = ||grad L_rec|| / 1e-4, where the reference code measures it; for KL the
+    # clamp at 1e4 binds on LDM's summed loss (the weight is then 0.5e4 / (C*H*W), not 0.5e4 as on the mean loss)
+    x_hat, reg_loss, _ = ae(x)
+    grad_rec, = torch.autograd.grad((x - x_hat).abs().mean(), ae.last_layer(), retain_graph=True)
+    _, logs = discriminator_without_gradient(loss_fn).generator_loss(x, x_hat, reg_loss, 10, ae.last_layer())
+    weight = 0.5 * min(elements * grad_rec.norm().item() / 1e-4, 1e4) / elements
+    assert abs(logs['gan_weight'] - weight) < 1e-5 * weight
+    assert kind == 'vq' or elements * grad_rec.norm().item() / 1e-4 > 1e4
+
+
+@pytest.mark.parametrize('name', ['tiny-kl', 'tiny-vq'])
+def test_adaptive_weight_is_measured_at_the_decoders_last_layer(name):
+    """VQGAN Eq. 7 compares gradients at "the last layer of the decoder": the layer that outputs the image, so the
+    image is affine in its weight and the encoder does not see it. (Planted bug caught: last_layer() returning
+    the decoder's first layer, conv_in, after which GroupNorm and SiLU make the image non-linear in it.)"""
+    ae = create_autoencoder(name).eval()
+    W = ae.last_layer()
+    assert W.shape[0] == ae.config['in_channels']                   # it makes the image channels
+    x, z = images(), torch.randn(2, ae.config['latent_channels'], 8, 8, generator=torch.Generator().manual_seed(3))
+    step = 0.3 * W.detach().abs().mean() * torch.randn(W.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out, latents = [], []
+        for k in range(3):                                           # W, W + step, W + 2 step
+            out.append(ae.decode_raw(z))
+            latents.append(ae.encode_raw(x))
+            W.add_(step)
+        W.sub_(3 * step)
+    change = out[1] - out[0]
+    assert change.abs().max() > 1e-3                                 # it moves the image ...
+    assert torch.allclose(out[2] - out[0], 2 * change, atol=1e-5)    # ... affinely: nothing non-linear after it
+    assert torch.equal(latents[1], latents[0])                       # a decoder layer
 
 
 # ----------------------------------------------------------------------------
