@@ -1,4 +1,4 @@
-"""Speed of inception.py and evaluate.py: Inception feature extraction (images/s) and the FID/KID arithmetic.
+"""Speed of inception.py and metrics.py (FID = the two): Inception feature extraction (images/s) and the FID/KID arithmetic.
 
 Feature extraction is timed for inception.py's network (legacy = default, and clean resize) and, when the package is
 importable, for pytorch-fid's InceptionV3 on the same machine, batch size, thread count and images
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import evaluate  # noqa: E402
+import metrics  # noqa: E402
 import inception  # noqa: E402
 
 
@@ -105,15 +105,15 @@ def main():
     feats_a = np.abs(rng.randn(10000, 2048)).astype(np.float32)  # pool features are non-negative
     feats_b = feats_a * 1.1 + 0.05 * rng.rand(2048).astype(np.float32)
     stats = {}
-    t_cov = time_call(lambda: stats.update(a=evaluate.feature_statistics(feats_a)), 1)
-    stats['b'] = evaluate.feature_statistics(feats_b)
+    t_cov = time_call(lambda: stats.update(a=metrics.feature_statistics(feats_a)), 1)
+    stats['b'] = metrics.feature_statistics(feats_b)
     rows = [('mean + covariance of 10k x 2048 features', t_cov)]
     values = {}
     for method in ('eigh', 'sqrtm'):
-        fd = lambda: values.update({method: evaluate.frechet_distance(*stats['a'], *stats['b'], method=method)})  # noqa: E731
+        fd = lambda: values.update({method: metrics.frechet_distance(*stats['a'], *stats['b'], method=method)})  # noqa: E731
         t = time_call(fd, 1)
         rows.append((f'frechet_distance, 2048-d, method={method}', t))
-    rows.append(('kid, 100 subsets of 1000, 2048-d', time_call(lambda: evaluate.kid(feats_a, feats_b), 1)))
+    rows.append(('kid, 100 subsets of 1000, 2048-d', time_call(lambda: metrics.kid(feats_a, feats_b), 1)))
     print('\n| FID / KID arithmetic | seconds |\n|---|---|')
     for name, t in rows:
         print(f'| {name} | {t:.2f} |')
