@@ -12,11 +12,20 @@ Papers:
 
 What the module computes (the preprocessing FVD prescribes, done inside forward so callers cannot forget it):
   1. input: float videos in [0, 1], shape (N, C, F, H, W), C = 3 (or 1: grey is copied into R, G and B);
-  2. each frame resized to 224 x 224, bilinear (align_corners=False, no antialiasing: TF's resize_bilinear,
-     which the FVD reference code uses, and F.interpolate as the PyTorch FVD code calls it);
+  2. each frame resized to 224 x 224 with F.interpolate(mode='bilinear', align_corners=False), no antialiasing:
+     half-pixel centres, source x = (x_out + 0.5) in / out - 0.5. This is the PyTorch FVD code that descends from
+     VideoGPT's (Yan et al. 2021) and loads this weight file: TATS's tats/fvd/fvd.py `preprocess` (Ge et al. 2022;
+     copied into later papers' evaluation code) resizes every frame to (224, 224) this way and maps to 2 x - 1.
+     It is NOT the original TF FVD code's resize: TF 1.x tf.image.resize_bilinear, with its defaults
+     align_corners=False and half_pixel_centers=False, samples source x = x_out in / out (a shift of up to half a
+     source pixel; 0.12 mean absolute difference in [0, 1] units on a 64 -> 224 frame of uniform noise, 0.006 on a
+     ramp). (VideoGPT's own videogpt/fvd/fvd.py instead scales the shorter side to 224, centre-crops and feeds
+     [-0.5, 0.5]; for square frames the resize is the same.) So FVDs from here compare with the PyTorch FVD codes
+     above, not exactly with numbers from the TF implementation;
   3. scaled from [0, 1] to [-1, 1] (x -> 2x - 1), the range the Kinetics network was trained on;
   4. the network up to its "Logits" layer: a 2 x 7 x 7 average pool over the last feature map, a 1x1x1
-     convolution to 400 logits per remaining time step, then the mean over time: (N, 400) logits.
+     convolution to 400 logits per remaining time step, then the mean over time: (N, 400) logits (pytorch-i3d's
+     forward returns the per-step logits; VideoGPT's and TATS's copies add this mean, logits.mean(dim=2)).
   These 400 time-averaged logits are the features FVD (and KVD, the KID over the same features) uses.
 
 The network needs at least 9 frames (its strides shrink time 8-fold before the 2-frame pool). Shorter clips

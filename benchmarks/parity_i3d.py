@@ -42,7 +42,9 @@ def main():
     p.add_argument('--ref-dir', required=True, help='folder holding pytorch_i3d.py (VideoGPT videogpt/fvd)')
     p.add_argument('--weights', default=None, help='i3d_pretrained_400.pt (default: random weights)')
     p.add_argument('--clips', type=int, default=2)
-    p.add_argument('--frames', type=int, default=16)
+    p.add_argument('--frames', type=int, default=17,
+                   help='17 or more: 16 frames leave 2 time steps before the 2x7x7 logits pool, which hides a 1x7x7 '
+                        'pool and logits taken at one time step (tests/test_i3d.py stores logits at 17)')
     p.add_argument('--size', type=int, default=64, help='input frame side before the resize to 224')
     p.add_argument('--threads', type=int, default=2)
     args = p.parse_args()

@@ -123,6 +123,33 @@ def test_missing_file_offline_and_bad_download(tmp_path, monkeypatch):
     assert list((tmp_path / 'cache').iterdir()) == []
 
 
+# Logits of the reference implementation on the fixed random state dict official_state_dict(seed 1) and the clip
+# moving_squares(1, frames=17, size=32, seed=0), computed once (on a CPU, float32) with piergiaj/pytorch-i3d's
+# pytorch_i3d.py (commit 05783d1, the module VideoGPT's and TATS's FVD code copy; BatchNorm eps set to their 1e-5),
+# fed TATS's FVD preprocessing (tats/fvd/fvd.py preprocess: F.interpolate to 224 x 224, bilinear,
+# align_corners=False, then 2 x / 255 - 1) and averaged over time as their InceptionI3d.forward does
+# (logits.mean(dim=2)). Nothing of i3d.py was used. 17 frames leave 3 time steps after the network's 8-fold temporal
+# stride, so the 2x7x7 pool gives 2 logit steps: fewer frames (9 or 16 leave 2) would hide a 1x7x7 pool (the mean
+# of a linear map over the 2 steps is the same) and logits taken at one time step.
+REFERENCE_FIRST_LOGITS = [2.018274, 1.72814, -1.143788, -1.660865, 0.64009, 0.670446, 0.836048, -1.221109]
+REFERENCE_PROJECTION = -16.704773894812934      # logits (400,) . randn(400, seed 0, float64): all 400 at once
+REFERENCE_NORM = 42.393985748291016
+
+
+def test_logits_equal_the_reference_implementation_on_random_weights(tmp_path):
+    """End to end (preprocessing, every layer, the 2x7x7 logits pool, the mean over time) against stored logits of
+    the reference implementation. (Planted and caught: logits of the first time step only; a 1x7x7 pool.)"""
+    torch.save(official_state_dict(generator=torch.Generator().manual_seed(1)), tmp_path / 'i3d_pretrained_400.pt')
+    model = load_i3d(tmp_path / 'i3d_pretrained_400.pt', download=False)
+    with torch.no_grad():
+        logits = model(moving_squares(1, frames=17, size=32, seed=0))[0].double()
+    # measured gap to the reference: 3e-6 (float32 round-off of a different summation order)
+    torch.testing.assert_close(logits[:8], torch.tensor(REFERENCE_FIRST_LOGITS, dtype=torch.float64), rtol=0, atol=2e-4)
+    projection = logits @ torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert projection.item() == pytest.approx(REFERENCE_PROJECTION, abs=1e-3)
+    assert logits.norm().item() == pytest.approx(REFERENCE_NORM, rel=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Preprocessing (no network needed)
 
