@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vae
 from vae import (AutoencoderLoss, DiagonalGaussian, VectorQuantizer, adaptive_weight, compute_latent_scale,
@@ -136,6 +137,30 @@ def test_a_step_quantises_with_the_codebook_from_before_its_update(codebook):
     assert torch.allclose(z_q, before[info['indices']].permute(0, 3, 1, 2), atol=1e-6)
     weight = 0.25 if codebook == 'ema' else 1.25                     # the VQ loss compares z with the same codes
     assert torch.allclose(loss, weight * ((z - z_q) ** 2).mean(), atol=1e-6)
+
+
+def test_codebook_gradient_uses_the_codes_of_the_step_when_one_is_restarted():
+    """codebook='loss' with the l2-normalised lookup: the codebook loss ||sg[z] - e/|e|||^2 differentiates through
+    normalize(), which keeps its input for backward; a restart rewrites the embedding in place later in the same
+    forward, and the gradient must still be that of the codes the step used. (Planted bug caught: codes() without
+    the clone, which gives the restarted row the gradient at its new value.)"""
+    torch.manual_seed(0)
+    quantizer = VectorQuantizer(3, 2, codebook='loss', l2_normalize=True, ema_decay=0.5, restart_threshold=2.0)
+    with torch.no_grad():
+        quantizer.embedding.copy_(torch.tensor([[2.0, 0.1], [0.1, 3.0], [-1.0, -0.5]]))
+    g = torch.Generator().manual_seed(0)
+    z_flat = torch.cat([torch.tensor([[1.0, 0.0]]) + 0.2 * torch.randn(8, 2, generator=g),
+                        torch.tensor([[0.0, 1.0]]) + 0.2 * torch.randn(7, 2, generator=g), torch.tensor([[-1.0, -0.8]])])
+    before = quantizer.embedding.detach().clone().requires_grad_(True)
+    _, loss, info = quantizer.train()(z_flat.T.reshape(1, 2, 1, 16))
+    assert info['indices'].flatten()[-1] == 2 and not torch.allclose(quantizer.embedding[2], before[2])  # restarted
+    loss.backward()
+    # the same loss written out on the codes from before the step
+    unit_z, indices = F.normalize(z_flat, dim=1), info['indices'].flatten()
+    codes = F.normalize(before, dim=1)[indices]
+    reference = ((codes - unit_z) ** 2).mean() + 0.25 * ((unit_z - codes.detach()) ** 2).mean()
+    expected, = torch.autograd.grad(reference, before)
+    assert expected[2].abs().sum() > 0 and torch.allclose(quantizer.embedding.grad, expected, atol=1e-6)
 
 
 def test_perplexity_and_usage():
