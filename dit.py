@@ -42,9 +42,14 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------
 # Embeddings
 
+def feature_dtype(dtype):
+    """The dtype the timestep features are computed in for a network of `dtype` (same helper as unet.py): float32, as
+    DiT was trained (also for float16/bfloat16 networks), or float64 for a float64 network, float64 throughout."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def timestep_embedding(noise_level, dim, max_period=10000.0, dtype=torch.float32):
-    """Sinusoidal features of a scalar per sample: (N,) -> (N, dim) in `dtype` (same helper as unet.py, kept
-    copyable). A float64 network computes them in float64; every other dtype in float32, as DiT was trained."""
+    """Sinusoidal features of a scalar per sample: (N,) -> (N, dim) in `dtype` (same helper as unet.py, kept copyable)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device, dtype=dtype) / half)
     angles = noise_level.to(dtype)[:, None] * freqs[None]                   # (N, half)
@@ -253,8 +258,7 @@ class DiT(nn.Module):
 
         noise_level = torch.as_tensor(noise_level, device=x.device).expand(N)
         dtype = self.x_embedder.weight.dtype                                   # the network's own dtype
-        features = timestep_embedding(noise_level, self.freq_dim,
-                                      dtype=torch.float64 if dtype == torch.float64 else torch.float32).to(dtype)
+        features = timestep_embedding(noise_level, self.freq_dim, dtype=feature_dtype(dtype)).to(dtype)
         if self.aug_embedder is not None and aug_cond is not None:
             features = features + self.aug_embedder(aug_cond.to(dtype))
         c = self.t_embedder(features)                                          # (N, d)
