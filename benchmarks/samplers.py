@@ -187,9 +187,11 @@ def deterministic_solvers(kd, df):
     """name -> (runner, is_ours, name used for the NFE rule)."""
     s = {'euler': (ours('euler'), True, 'euler'), 'heun': (ours('heun'), True, 'heun'),
          'dpmpp_2m': (ours('dpmpp_2m'), True, 'x'), 'dpmpp_3m': (ours('dpmpp_3m'), True, 'x'),
+         'dpmpp_3m lof=False': (ours('dpmpp_3m', lower_order_final=False), True, 'x'),
          'ipndm': (ours('ipndm'), True, 'x')}
-    for order in (2, 3, 4):
+    for order in (2, 3, 4):                     # lof=False: lower_order_final off (k-diffusion's 3M, the paper's tAB)
         s[f'deis_tab order={order}'] = (ours('deis_tab', order=order), True, 'x')
+        s[f'deis_tab order={order} lof=False'] = (ours('deis_tab', order=order, lower_order_final=False), True, 'x')
     for variant in ('bh1', 'bh2'):
         for order in (1, 2, 3):
             s[f'unipc_{variant} order={order}'] = (ours(f'unipc_{variant}', order=order), True, 'x')
@@ -275,11 +277,11 @@ def unipc_parity(gm, x_T, df):
 
 
 def deis_parity(gm, x_T, df):
-    """Max |ours - diffusers| for DEIS (log-rho tAB, orders 2 and 3) from 15 steps on, where diffusers takes no
-    lower-order final steps (the paper's DEIS takes none)."""
+    """Max |ours - diffusers| for DEIS (log-rho tAB, orders 2 and 3), both with their default lower-order final steps
+    (below 15 steps between the positive sigmas, i.e. at 5 and 10 NFE here)."""
     worst = 0.0
     for order in (2, 3):
-        for nfe in (20, 35):
+        for nfe in (5, 10, 20, 35):
             sigmas = karras_sigmas(nfe, SIGMA_MIN, SIGMA_MAX).double()
             a = SAMPLERS['deis_tab'](gm, x_T.clone(), sigmas, order=order)
             b = diffusers_run(df.DEISMultistepScheduler, final_denoise=True, prediction_type='epsilon',
@@ -334,8 +336,10 @@ def race_robustness(nfes=(5, 10, 20, 35), n_paths=64):
     round-off, see the parity lines above); k-diffusion's LMS, which no implementation of ours repeats, is left out.
     The per-cell best is an oracle no single solver is: which published solver is best changes with problem and NFE."""
     published = {'euler': ('euler', {}), 'dpmpp_2m': ('dpmpp_2m', {}), 'dpmpp_3m': ('dpmpp_3m', {}),
-                 'ipndm': ('ipndm', {})}
+                 'dpmpp_3m lof=False': ('dpmpp_3m', {'lower_order_final': False}), 'ipndm': ('ipndm', {})}
     published.update({f'deis_tab order={o}': ('deis_tab', {'order': o}) for o in (2, 3, 4)})
+    published.update({f'deis_tab order={o} lof=False': ('deis_tab', {'order': o, 'lower_order_final': False})
+                      for o in (2, 3, 4)})
     published.update({f'unipc_{v} order={o}': (f'unipc_{v}', {'order': o}) for v in ('bh1', 'bh2') for o in (1, 2, 3)})
     new = {'eps_abm (ours)': ('eps_abm', {}), 'eps_abm order=4 (ours)': ('eps_abm', {'order': 4}),
            'dpmpp_3m_corrected (ours)': ('dpmpp_3m_corrected', {})}
@@ -384,7 +388,7 @@ def main(args):
         if df is not None:
             print(f'[{pname}] UniPC parity: max |ours - diffusers| over bh1/bh2, orders 1-3, NFE 5/10/20: '
                   f'{unipc_parity(gm, x_T, df):.1e}')
-            print(f'[{pname}] DEIS parity: max |ours deis_tab - diffusers DEIS| orders 2-3, NFE 20/35: '
+            print(f'[{pname}] DEIS parity: max |ours deis_tab - diffusers DEIS| orders 2-3, NFE 5/10/20/35: '
                   f'{deis_parity(gm, x_T, df):.1e}')
         race_deterministic(pname, gm, x_T, ref, deterministic_solvers(kd, df), nfes)
         if args.schedules:

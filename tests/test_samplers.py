@@ -320,7 +320,7 @@ def test_vp_sigmas_every_step_count(spacing):
         i = np.arange(n)
         if spacing == 'trailing':          # Lin et al. 2024, Table 2: round(T - i T / n) - 1
             expected = np.round(T * (n - i) / n) - 1
-        elif spacing == 'leading':         # DDIM / Stable Diffusion: i * (T // n), counted down
+        elif spacing == 'leading':         # DDIM's i * (T // n), counted down (SD adds steps_offset 1)
             expected = (n - 1 - i) * (T // n)
         else:                              # round(linspace(T - 1, 0, n))
             expected = np.round((T - 1) * (n - 1 - i) / (n - 1)) if n > 1 else np.array([T - 1])
