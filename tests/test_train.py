@@ -10,20 +10,18 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoints
 import data
-
 import sample
-import train
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from programs import ROOT, run_program, weights
 # A micro model on 16x16 shapes: a few steps take seconds on a 2-core CPU.
 FAST = ['--resolution', '16', '--model-channels', '8', '--batch-size', '8', '--log-every', '2', '--val-every', '4',
         '--sample-every', '0', '--sample-steps', '3', '--warmup', '2', '--no-progress', '--bpd-images', '0']
 
 
-def run(tmp_path, *extra, name='run'):
-    args = train.parse_args(FAST + ['--out', str(tmp_path / name)] + list(extra))
-    return train.main(args), args
+def run(tmp_path, *extra, name='run', patch=None):
+    """python train.py FAST EXTRA --out tmp_path/name; returns the finished process (stdout, stderr)."""
+    return run_program('train.py', FAST + ['--out', str(tmp_path / name)] + list(extra), patch=patch)
 
 
 def read_log(path):
@@ -32,16 +30,16 @@ def read_log(path):
 
 
 def test_train_writes_checkpoint_log_and_grid_then_sample_reads_them(tmp_path):
-    (net, ema), args = run(tmp_path, '--steps', '4', '--ckpt-every', '2')
+    run(tmp_path, '--steps', '4', '--ckpt-every', '2')
     out = tmp_path / 'run'
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)            # loads without pickled code
     assert ckpt['step'] == 4 and ckpt['config']['data']['num_classes'] == 6
-    assert not os.path.exists(str(out / 'ckpt.pt.tmp'))               # the temp file was renamed away
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'log.png', 'samples_0000004.png']   # no temp files
     records = read_log(out / 'log.jsonl')
     assert [r['step'] for r in records if 'loss' in r] == [2, 4]
     assert any('val_loss' in r for r in records) and all(len(r['loss_by_sigma']) > 0 for r in records if 'loss' in r)
-    assert (out / 'samples_0000004.png').exists()
-    for (k, v), w in zip(ckpt['ema'].items(), ema.state_dict().values()):
+    net, _, _ = checkpoints.load_model(str(out / 'ckpt.pt'))          # the EMA rebuilt from the config alone
+    for (k, v), w in zip(ckpt['ema'].items(), net.state_dict().values()):
         assert torch.equal(v, w), k
     # sample.py: settings come from the checkpoint; class by name; PNG and npz written
     png, npz = tmp_path / 's.png', tmp_path / 's.npz'
@@ -61,16 +59,16 @@ def test_resume_is_exact(tmp_path, extra):
     """N steps, stop, resume for N more == 2N steps straight (same weights, EMA and optimizer state); with
     importance sampling the history travels through Diffusion.state_dict(). (Planted: the diffusion state not
     restored on resume -> the importance probabilities differ -> fails; dropout RNG not restored -> fails.)"""
-    (straight, straight_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', *extra, name='straight')
+    run(tmp_path, '--steps', '6', '--ckpt-every', '100', *extra, name='straight')
     run(tmp_path, '--steps', '3', '--ckpt-every', '100', *extra, name='resumed')
-    (resumed, resumed_ema), _ = run(tmp_path, '--steps', '6', '--ckpt-every', '100', '--resume', 'auto', *extra, name='resumed')
+    run(tmp_path, '--steps', '6', '--ckpt-every', '100', '--resume', 'auto', *extra, name='resumed')
     a, b = (torch.load(tmp_path / name / 'ckpt.pt', weights_only=True) for name in ('straight', 'resumed'))
     flat = lambda d: [v for k in sorted(d) for v in (flat(d[k]) if isinstance(d[k], dict) else [d[k]])]
     assert len(flat(a['diffusion'])) == (2 if extra else 0)            # the importance history, when there is one
     for x, y in zip(flat(a['diffusion']) + flat(a['optimizer']['state']), flat(b['diffusion']) + flat(b['optimizer']['state'])):
         assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
-    for a, b in zip(list(straight.state_dict().values()) + list(straight_ema.state_dict().values()),
-                    list(resumed.state_dict().values()) + list(resumed_ema.state_dict().values())):
+    straight, resumed = (str(tmp_path / name / 'ckpt.pt') for name in ('straight', 'resumed'))
+    for a, b in zip(weights(straight, 'model') + weights(straight), weights(resumed, 'model') + weights(resumed)):
         assert torch.equal(a, b)
 
 
@@ -90,17 +88,17 @@ def test_clear_errors_for_bad_checkpoints(tmp_path):
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(ckpt.read_bytes()[:1000])                          # a truncated download
     with pytest.raises(SystemExit, match='cannot read checkpoint'):
-        sample.load_model(str(bad))
+        checkpoints.load_model(str(bad))
     with pytest.raises(SystemExit, match='does not exist'):
-        sample.load_model(str(tmp_path / 'missing.pt'))
+        checkpoints.load_model(str(tmp_path / 'missing.pt'))
     with pytest.raises(SystemExit, match='class must be'):
         sample.main(sample.parse_args(['--ckpt', str(ckpt), '-n', '2', '--class', 'hexagon', '--out', str(tmp_path / 'x.png')]))
 
 
 def test_non_finite_loss_stops_with_a_message(tmp_path):
-    with pytest.raises(SystemExit, match='not finite for 10 steps'):
-        with pytest.warns(UserWarning, match='non-finite loss'):
-            run(tmp_path, '--steps', '30', '--lr', '1e30', '--warmup', '1', '--grad-clip', '0')
+    with pytest.raises(SystemExit, match='not finite for 10 steps') as e:
+        run(tmp_path, '--steps', '30', '--lr', '1e30', '--warmup', '1', '--grad-clip', '0')
+    assert 'non-finite loss, update skipped' in str(e.value)              # the warning of each skipped step
 
 
 @pytest.mark.parametrize('prediction', ['eps', 'v', 'flow'])
@@ -113,7 +111,7 @@ def test_importance_sampling_and_augmentation_run(tmp_path):
     run(tmp_path, '--steps', '3', '--prediction', 'eps', '--schedule', 'linear', '--t-sampler', 'importance', '--aug-p', '0.5')
     ckpt = torch.load(tmp_path / 'run' / 'ckpt.pt', weights_only=True)
     assert ckpt['config']['net']['aug_dim'] == 10
-    diffusion = sample.build_diffusion(ckpt['config'])                 # the history through Diffusion's own state
+    diffusion = checkpoints.build_diffusion(ckpt['config'])                 # the history through Diffusion's own state
     diffusion.load_state_dict(ckpt['diffusion'])
     assert diffusion.importance.counts.sum() == 3 * 8                  # 3 steps x 8 images, each t counted once
 
@@ -184,26 +182,28 @@ def make_image_folder(root, n=40, size=16):
         Image.fromarray(g.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f'{i:03d}.png')
 
 
-def test_folder_over_the_memory_budget_streams_and_trains_identically(tmp_path, monkeypatch):
+def test_folder_over_the_memory_budget_streams_and_trains_identically(tmp_path):
     """40 images of 16x16 (30 KB decoded) against a 1 KB budget: the dataset streams from disk through a
     DataLoader worker, and the run ends bit-identical to the in-memory run, because each step's indices come
     from the (seed, step, rank) generator, not from the loader; a streamed run resumed half-way ends there too.
     (Planted: --memory-budget not passed to data.load_dataset -> not streaming -> fails; the loader's indices
     restarted at step 0 on resume -> resumed weights differ -> fails.)"""
     make_image_folder(tmp_path / 'imgs')
-    seen = []
-    load = data.load_dataset
-    monkeypatch.setattr(data, 'load_dataset', lambda *a, **k: seen.append(load(*a, **k)) or seen[-1])
+    # The run says whether its dataset streams: data.load_dataset wrapped to print it.
+    report = ('import data\nload = data.load_dataset\n'
+              'data.load_dataset = lambda *a, **k: (lambda d: print("streaming:", getattr(d, "streaming", False)) or d)(load(*a, **k))')
     common = ['--dataset', f'folder:{tmp_path / "imgs"}', '--steps', '4', '--val-every', '2']
-    (_, streamed), _ = run(tmp_path, *common, '--memory-budget', str(1024 / 2 ** 30), '--workers', '1', name='streamed')
-    (_, in_memory), _ = run(tmp_path, *common, name='in_memory')
-    assert seen[0].streaming and not getattr(seen[1], 'streaming', False)
-    for a, b in zip(streamed.state_dict().values(), in_memory.state_dict().values()):
+    budget = ['--memory-budget', str(1024 / 2 ** 30)]
+    streamed = run(tmp_path, *common, *budget, '--workers', '1', name='streamed', patch=report)
+    in_memory = run(tmp_path, *common, name='in_memory', patch=report)
+    assert 'streaming: True' in streamed.stdout and 'streaming: False' in in_memory.stdout
+    ema = lambda name: weights(str(tmp_path / name / 'ckpt.pt'))
+    for a, b in zip(ema('streamed'), ema('in_memory')):
         assert torch.equal(a, b)
     # and a streamed run resumed half-way ends where the uninterrupted one did
-    run(tmp_path, *common[:-4], '--steps', '2', '--val-every', '2', '--memory-budget', str(1024 / 2 ** 30), name='half')
-    (_, resumed), _ = run(tmp_path, *common, '--memory-budget', str(1024 / 2 ** 30), '--resume', 'auto', name='half')
-    for a, b in zip(resumed.state_dict().values(), in_memory.state_dict().values()):
+    run(tmp_path, *common[:-4], '--steps', '2', '--val-every', '2', *budget, name='half')
+    run(tmp_path, *common, *budget, '--resume', 'auto', name='half')
+    for a, b in zip(ema('half'), ema('in_memory')):
         assert torch.equal(a, b)
 
 
@@ -221,7 +221,7 @@ def test_unknown_sampler_option_is_a_clear_error_before_training(tmp_path, capsy
     sample.main(sample.parse_args(['--ckpt', str(ckpt), '--sampler', 'ddim', '--sampler-opt', 'eta=1.0', '-n', '3',
                                    '--steps', '4', '--seed', '5', '--class', 'none', '--out', str(tmp_path / 's.png'),
                                    '--npz', str(npz)]))
-    net, diffusion, config = sample.load_model(str(ckpt))
-    ref = sample.generate(net, diffusion, 3, sample.sample_shape(config), 'cpu', torch.full((3,), 6), 6, 'ddim', 4,
+    net, diffusion, config = checkpoints.load_model(str(ckpt))
+    ref = sample.generate(net, diffusion, 3, checkpoints.sample_shape(config), 'cpu', torch.full((3,), 6), 6, 'ddim', 4,
                           2.0, seed=5, sampler_options={'eta': 1.0})
     assert np.array_equal(np.load(npz)['samples'], data.to_uint8(ref).movedim(1, -1).numpy())

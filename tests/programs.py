@@ -1,0 +1,37 @@
+"""Run the training programs the way a user does: `python train.py ...` in a subprocess. Nothing imports a training
+program (DESIGN.md), tests included; what a run leaves (checkpoint, log, grids, its messages) is what they check.
+
+    run_program('train.py', ['--steps', '2', '--out', str(out)])     # -> subprocess.CompletedProcess
+    run_program(..., patch='import reports; reports.sample_grid = kill')   # a kill at a chosen place
+
+A program that exits with an error raises SystemExit carrying its stderr, so `pytest.raises(SystemExit, match=...)`
+checks the message the user sees."""
+import os
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Defines kill(*a, **k), which raises KeyboardInterrupt as Ctrl-C would, for patches.
+KILL = 'def kill(*a, **k):\n    raise KeyboardInterrupt\n'
+
+
+def run_program(script, argv, patch=None, timeout=600):
+    """python SCRIPT ARGV from the project root, one torch thread. patch: Python lines run first in the same process
+    (replace a harness function to simulate a kill); the program then runs as __main__ (runpy), as from the shell."""
+    argv = [str(a) for a in argv]
+    code = (f'import runpy, sys\nsys.argv = {[script] + argv!r}\n{KILL}{patch or ""}\n'
+            f'runpy.run_path({os.path.join(ROOT, script)!r}, run_name="__main__")\n')
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1')
+    result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    if result.returncode:
+        raise SystemExit(result.stderr.strip()[-4000:] or f'exit status {result.returncode}')
+    return result
+
+
+def weights(ckpt, key='ema'):
+    """The state dict `key` ('ema' or 'model') of a checkpoint file, as a list of tensors in order."""
+    return list(torch.load(ckpt, weights_only=True)[key].values())
