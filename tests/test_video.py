@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import data
+import video
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -128,22 +129,19 @@ def test_video_metric_names_and_checks():
 # Joint video-image training (Ho et al. 2022, Sec. 3): images appended along the frame axis stay independent
 
 def test_joint_batch_keeps_images_independent():
-    """Through train.py's batch builder: changing one appended image changes the output at that frame only, and
+    """Through video.py's batch builder: changing one appended image changes the output at that frame only, and
     changing a video frame changes the video's frames but none of the images. The images are frames of other clips
     of the video's class."""
-    import argparse
-    import train
     from unet import create_unet
     ds = data.VideoShapesDataset(num_videos=24, frames=4, resolution=8)
-    args = argparse.Namespace(image_share=0.5, unconditional=False)
-    k = train.joint_image_count(args, ds.frames)
+    k = video.joint_image_count(0.5, ds.frames)
     assert k == 4                                                      # share 1/2 of 8 frames: 4 video + 4 images
     g = torch.Generator().manual_seed(0)
     videos = torch.arange(3)
-    sources = train.image_sources(args, ds, torch.arange(len(ds)), videos, k, g)
+    sources = video.image_sources(ds.labels, torch.arange(len(ds)), videos, k, g)
     assert torch.equal(ds.labels[sources], ds.labels[videos].repeat_interleave(k))   # same class as the video
     x0, y0 = ds.batch(torch.cat([videos, sources]))
-    x, y, frames = train.joint_video_image_batch(x0, y0, k, g)
+    x, y, frames = video.joint_video_image_batch(x0, y0, k, g)
     assert x.shape == (3, 3, 8, 8, 8) and frames == 4 and torch.equal(y, ds.labels[videos])
     assert torch.equal(x[:, :, :4], x0[:3])                            # the videos, unchanged
     for b in range(3):                                                 # each image is a frame of its source clip
@@ -204,7 +202,7 @@ def test_extension_keeps_given_frames_and_conditions_on_them():
     approximation (Ho et al. Eq. 7), so the bias is reduced, not zero: measured 0.35 of the prior's at w_r=2."""
     import inverse
     import samplers
-    from sample import extend_video
+    from video import extend_video
     prior, mean, S = gaussian_video_prior()
     g = torch.Generator().manual_seed(0)
     given = prior.sample(1, generator=g)[0].reshape(1, 1, 4, 2, 2)[:, :, :2].expand(600, -1, -1, -1, -1)
@@ -227,19 +225,18 @@ def test_extension_keeps_given_frames_and_conditions_on_them():
 # ----------------------------------------------------------------------------------------------------
 # Training and in-training evaluation on video data (the --eval-every crash of issue 17)
 
-def test_training_with_joint_batches_and_evaluation_on_videos(tmp_path, monkeypatch):
+def test_training_with_joint_batches_and_evaluation_on_videos(tmp_path):
     """A 2-step run on moving shapes with joint batches and --eval-every: frame-wise scores are logged, finite."""
     import json
-    import evaluate
-    import train
-    train_classifier = evaluate.train_classifier                       # 300 LeNet steps cost minutes on a busy CPU;
-    monkeypatch.setattr(evaluate, 'train_classifier',                  # the scores' quality is not tested here
-                        lambda *a, **k: train_classifier(*a, **dict(k, steps=5)))
+    from programs import run_program
+    # 300 LeNet steps cost minutes on a busy CPU; the scores' quality is not tested here, so the run trains 5.
+    fewer_steps = ('import evaluate\ntrain_classifier = evaluate.train_classifier\n'
+                   'evaluate.train_classifier = lambda *a, **k: train_classifier(*a, **dict(k, steps=5))')
     out = tmp_path / 'run'
-    train.main(train.parse_args([
+    run_program('train.py', [
         '--dataset', 'video-shapes', '--config', 'tiny-video', '--resolution', '8', '--steps', '2', '--batch-size', '2',
         '--image-share', '0.5', '--eval-every', '2', '--eval-samples', '4', '--sample-steps', '2', '--sampler', 'euler',
-        '--sample-every', '0', '--val-every', '0', '--warmup', '1', '--out', str(out), '--no-progress']))
+        '--sample-every', '0', '--val-every', '0', '--warmup', '1', '--out', str(out), '--no-progress'], patch=fewer_steps)
     records = [json.loads(line) for line in open(out / 'log.jsonl')]
     evals = [r['eval'] for r in records if 'eval' in r]
     assert evals and set(evals[-1]) >= {'frame-FD_lenet', 'frame-KD_lenet'}
