@@ -81,9 +81,9 @@ def _round_half_even(num, den):
 def vp_sigmas(model_sigmas, n, spacing='trailing', steps_offset=0):
     """n of a discrete VP model's own T noise levels (ascending (T,) table), uniform in t.
 
-    'leading'  t_i = (n - 1 - i) * (T // n) + steps_offset (DDIM's code, range(0, T, T // n), with steps_offset = 0;
-               Stable Diffusion's with steps_offset = 1: CompVis' make_ddim_timesteps adds 1 "to get the final alpha
-               values right", diffusers' DDIMScheduler config steps_offset = 1; never reaches t = T)
+    'leading'  t_i = (n - 1 - i) * (T // n) + steps_offset: DDIM's code (the first n of range(0, T, T // n)) with
+               steps_offset = 0; Stable Diffusion's with steps_offset = 1 (CompVis' make_ddim_timesteps adds 1 "to
+               get the final alpha values right"; diffusers' DDIMScheduler config steps_offset = 1). Never t = T.
     'trailing' t_i = round(T - i T/n) - 1 (Lin et al. 2024, arXiv:2305.08891, Table 2; starts at t = T)
     'linspace' t_i = round((T - 1)(n - 1 - i)/(n - 1)), i.e. round(linspace(T - 1, 0, n))
     Each is computed in integers, ties rounding to even as numpy.round does: a float ramp such as
@@ -396,7 +396,7 @@ def sample_dpmpp_3m(denoiser, x, sigmas, *, lower_order_final=True, cond=None, c
     linear interpolant (exactly integrated) while the history builds up; the step to sigma = 0 returns D.
     lower_order_final (the authors' advice, "a key to stabilizing ... with very few steps"): with fewer than 15
     steps (n = len(sigmas) - 1 < 15), the step into the smallest sigma is second order (the linear interpolant).
-    Which published code each setting equals (tests/test_samplers.py checks both to round-off):
+    Which published code each setting equals (tests/test_solvers.py and test_samplers.py check both to round-off):
       True (default)  diffusers' DPMSolverMultistepScheduler(solver_order=3, algorithm_type='dpmsolver++',
                       solver_type='heun', lower_order_final=True, final_sigmas_type='zero') on these sigmas;
       False           k-diffusion's sample_dpmpp_3m_sde with eta = 0 (no lowering at any step count); from 15
@@ -692,8 +692,8 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, h_damp=1.2, final_correction
     corrector, the damping; from DEIS: the corrector (third order overall; DEIS is second: the tests measure both).
     Measured (benchmarks/samplers.py, Karras 80 -> 0.002, rho 7, shared noise): on the 64-D image-like mixture the
     most accurate of all solvers, published ones included, at 5, 10, 20, 35 and 50 NFE (order=4 also at 100); on
-    the 2-D mixture it LOSES at 5-35 NFE (to iPNDM at 5 and 20 NFE by 1.16x and 1.07x, to DEIS tAB2 at 10 by 1.5x,
-    to k-diffusion's LMS at 35 by 2%) and wins from 35 (order=4) / 50 NFE on.
+    the 2-D mixture it LOSES at 5-35 NFE (to iPNDM at 5 and 20 NFE by 1.16x and 1.07x, to DEIS tAB2 without
+    lower_order_final at 10 by 1.5x, to k-diffusion's LMS at 35 by 2%) and wins from 35 (order=4) / 50 NFE on.
     Tried and not kept (worse somewhere at 5-35 NFE): data prediction with the same exact weights (x2-4 worse at
     5-10 NFE); switching from noise to data prediction below a sigma; polynomials in sigma instead of log sigma;
     an exponential integrator whose linear part is the denoiser of a Gaussian with variance sigma_data^2 (between
@@ -712,7 +712,8 @@ def sample_eps_abm(denoiser, x, sigmas, *, order=3, h_damp=1.2, final_correction
     race mixtures, but up to 3.1x the best published on 2-D mixtures it was not tuned on (eps_abm: within 1.5x
     there), a fit to the race. None beats every published solver on both mixtures at 5-35 NFE. Over eleven mixtures x 5/10/20/35 NFE (benchmarks/samplers.py --robustness), the
     error relative to the best published solver of each cell: geometric mean 1.030 and worst 1.51 (order 3), 0.953
-    and 4.14 (order 4); DEIS tAB3, the best published single solver there, 1.067 and 1.70."""
+    and 4.14 (order 4); DEIS tAB3, the best published single solver there, 1.067 and 1.70 (lower_order_final=False;
+    1.262 and 2.65 with it)."""
     cond = check_inputs(x, sigmas, cond)
     if order not in (1, 2, 3, 4):
         raise ValueError(f'eps_abm order must be 1, 2, 3 or 4, got {order!r}')
