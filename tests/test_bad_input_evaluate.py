@@ -91,7 +91,7 @@ def test_train_lenet_never_replaces_an_existing_file(tmp_path):
     precious = tmp_path / 'ckpt.pt'
     precious.write_bytes(b'a training checkpoint')
     command = ['--train-lenet', str(tmp_path / 'digits.npz'), '--lenet-weights', str(precious), '--lenet-steps', '1']
-    with pytest.raises(ValueError, match='--lenet-weights.*already exists'):
+    with pytest.raises(ValueError, match='--lenet-weights.*already exists.*--overwrite replaces it'):
         evaluate.main(evaluate.parse_args(command))
     assert precious.read_bytes() == b'a training checkpoint'
     evaluate.main(evaluate.parse_args(command + ['--overwrite']))    # asked for: replaced by a LeNet
