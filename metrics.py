@@ -6,7 +6,7 @@ A metric compares a set of features of generated images (g) with features of rea
   FID     Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule", arXiv:1706.08500
           FD = ||mu_r - mu_g||^2 + Tr(S_r + S_g - 2 (S_r S_g)^{1/2})                           (Eq. 6)
           the Frechet (2-Wasserstein) distance of the Gaussians N(mu, S) fitted to each set of features.
-  KID     Binkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401 (Sec. 3, "KID")
+  KID     Binkowski et al. 2018, "Demystifying MMD GANs", arXiv:1801.01401 (its section on KID)
           the unbiased MMD^2 (Gretton et al. 2012, Lemma 6) with the kernel k(x, y) = (x.y / d + 1)^3,
           averaged over random subsets of m = 1000 samples:
           MMD^2_u = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i,y_j)/m^2
