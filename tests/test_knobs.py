@@ -19,7 +19,8 @@ import classifier
 import data
 import sample
 import samplers
-import train
+import reports
+from programs import run_program
 from guidance import (Autoguidance, ClassifierGuidance, IntervalSchedule, LinearSchedule, OscillatingSchedule,
                       Thresholded)
 
@@ -32,8 +33,11 @@ COMMON = ['--dataset', 'shapes', '--resolution', '16', '--steps', '3', '--batch-
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp('knobs')
-    train.main(train.parse_args(COMMON + ['--out', str(root / 'model'), '--save-early', '2']))
-    train.main(train.parse_args(COMMON + ['--out', str(root / 'clf'), '--task', 'classifier']))
+    run_program('train.py', COMMON + ['--out', str(root / 'model'), '--save-early', '2'])
+    # The classifier is its own program (train.py --task classifier runs it): no grids, no bits/dim.
+    grid_flags = ('--sample-every', '--sample-steps', '--bpd-images')
+    clf_flags = [a for i, a in enumerate(COMMON) if a not in grid_flags and COMMON[i - 1] not in grid_flags]
+    run_program('train.py', clf_flags + ['--out', str(root / 'clf'), '--task', 'classifier'])
     return {'model': perturbed(root / 'model' / 'ckpt.pt', 0), 'early': perturbed(root / 'model' / 'ckpt_0000002.pt', 1),
             'clf': str(root / 'clf' / 'ckpt.pt'), 'root': root}
 
@@ -197,20 +201,20 @@ def test_the_run_records_T_bits_per_dim_and_comparable_losses(runs):
 
 
 def test_watcher_warns_when_held_out_loss_rises_while_training_loss_falls():
-    w = train.Watcher(window=4)
+    w = reports.Watcher(window=4)
     for v, t in zip([1.0, 0.9, 0.8, 0.7], [1.0, 0.9, 0.8, 0.7]):      # both fall: learning
         assert w.losses(v, t) is None
     messages = [w.losses(v, t) for v, t in zip([0.72, 0.75, 0.8, 0.85], [0.6, 0.5, 0.4, 0.3])]  # held-out up, train down
     assert messages[:2] == [None, None] and 'memorisation' in messages[2] and messages[3] is None   # said once
-    w = train.Watcher(window=4)
+    w = reports.Watcher(window=4)
     for v, t in zip([0.7, 0.72, 0.75, 0.8], [0.7, 0.72, 0.75, 0.8]):  # both rise: diverging, not memorising
         assert w.losses(v, t) is None
 
 
 def test_watcher_stops_after_patience_evaluations_without_improvement():
-    w = train.Watcher(patience=2, margin=0.1)
+    w = reports.Watcher(patience=2, margin=0.1)
     assert [w.metric(v) for v in (10.0, 8.0, 7.5, 7.4, 7.3)] == [False, False, False, True, True]
-    assert not any(train.Watcher(patience=0).metric(v) for v in (1.0, 1.0, 1.0))
+    assert not any(reports.Watcher(patience=0).metric(v) for v in (1.0, 1.0, 1.0))
 
 
 @pytest.mark.parametrize('mode', ['fixed', 'uniform', 'data', 'real'])
@@ -244,8 +248,8 @@ def test_small_datasets_end_with_the_memorisation_report(tmp_path):
     for i in range(24):
         Image.fromarray(g.randint(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / f'{i}.png')
     out = tmp_path / 'run'
-    train.main(train.parse_args(['--dataset', f'folder:{folder}', '--steps', '2', '--batch-size', '8', '--sample-steps', '2',
-                                 '--model-channels', '8', '--no-progress', '--workers', '0', '--out', str(out)]))
+    run_program('train.py', ['--dataset', f'folder:{folder}', '--steps', '2', '--batch-size', '8', '--sample-steps', '2',
+                             '--model-channels', '8', '--no-progress', '--workers', '0', '--out', str(out)])
     records = [json.loads(line) for line in open(out / 'log.jsonl')]
     report = [r for r in records if 'near_copies' in r]
     assert len(report) == 1 and 0 <= report[0]['near_copies'] <= 1 and report[0]['memorisation_samples'] == 64
