@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 def feature_dtype(dtype):
     """The dtype the timestep features are computed in for a network of `dtype` (same helper as unet.py): float32, as
-    DiT was trained (also for float16/bfloat16 networks), or float64 for a float64 network, float64 throughout."""
+    DiT was trained (also for float16/bfloat16 networks), or float64 for a float64 network, float64 throughout.
+    The official DiT computes them in float32 (t.float()); a float64 parity against it patches this to float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 

@@ -48,7 +48,9 @@ import torch.nn.functional as F
 def feature_dtype(dtype):
     """The dtype the fixed sinusoidal features are computed in for a network of `dtype`: float32 (what published
     weights were trained on, also for float16/bfloat16 networks), or float64 for a float64 network, so that a
-    float64 network is float64 throughout (how a solver or a parity is checked on a real network)."""
+    float64 network is float64 throughout (how a solver is checked on a real network: float32 angles would make the
+    network a step function of the noise level at the 1e-7 scale). diffusers computes its features in float32 even
+    in a float64 model; a float64 parity against it sets unet.feature_dtype = lambda dtype: torch.float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
