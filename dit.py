@@ -50,7 +50,7 @@ def feature_dtype(dtype):
 
 
 def timestep_embedding(noise_level, dim, max_period=10000.0, dtype=torch.float32):
-    """Sinusoidal features of a scalar per sample: (N,) -> (N, dim) in `dtype` (same helper as unet.py, kept copyable)."""
+    """Sinusoidal features of a scalar per sample: (N,) -> (N, dim) in `dtype` (unet.py's helper, kept copyable)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=noise_level.device, dtype=dtype) / half)
     angles = noise_level.to(dtype)[:, None] * freqs[None]                   # (N, half)

@@ -210,7 +210,8 @@ def test_float64_network_runs_and_agrees_with_float32(size):
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64.float(), out32, rtol=0, atol=1e-5 * out32.abs().max().item())
     half = net64.freq_dim // 2
-    angles = data64['noise_level'][:, None] * torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    angles = data64['noise_level'][:, None] * freqs
     features = torch.cat([angles.cos(), angles.sin()], dim=1) + net64.aug_embedder(data64['aug_cond'])
     torch.testing.assert_close(seen[0], features, rtol=0, atol=1e-12)     # float32 angles to 700: ~3e-5 off
 
