@@ -154,12 +154,14 @@ def kid(feats_a, feats_b, num_subsets=100, subset_size=1000, degree=3, coef0=1.0
     if subset_size < 2:
         raise ValueError(f'KID subset size must be at least 2 (MMD^2_u divides by m(m-1)), got {subset_size}')
     m = min(subset_size, n)
-    if subset_size > n:
-        warnings.warn(f'KID subset size {subset_size} > the {n} samples of the smaller set: subsets of {n} are '
-                      "used (clean-fid's m = min(n_a, n_b, subset_size)); set it with --kid-subset-size")
-    if m == len(feats_a) == len(feats_b):  # every subset is both whole sets: one value, no spread
-        warnings.warn(f'KID subsets of {m} are the whole sets: the std is 0, not an error bar (use fewer '
-                      'samples per subset, or more samples, for a spread)')
+    whole = m == len(feats_a) == len(feats_b)  # every subset is both whole sets: one value, no spread
+    if subset_size > n or whole:
+        warnings.warn(f'KID subset size {subset_size}'
+                      + (f' > the {n} samples of the smaller set: subsets of {n} are used (clean-fid\'s '
+                         'm = min(n_a, n_b, subset_size))' if subset_size > n else '')
+                      + ('; every subset is both whole sets, so the std is 0, not an error bar' if whole else '')
+                      + ' (set it with --kid-subset-size)')
+    if whole:
         return mmd2_unbiased(feats_a, feats_b, degree, coef0), 0.0
     g = torch.Generator().manual_seed(seed)
     values = [mmd2_unbiased(feats_a[torch.randperm(len(feats_a), generator=g)[:m]],
