@@ -221,12 +221,12 @@ def test_trained_sr_stage_beats_bicubic_psnr():
 def test_train_superres_then_sample_a_cascade(tmp_path):
     import numpy as np
     import sample
-    import train
+    from programs import run_program
     fast = ['--model-channels', '8', '--batch-size', '8', '--log-every', '2', '--val-every', '2', '--sample-every', '0',
             '--sample-steps', '2', '--warmup', '2', '--no-progress', '--unconditional', '--steps', '2']
-    train.main(train.parse_args(fast + ['--resolution', '8', '--out', str(tmp_path / 'base')]))
-    train.main(train.parse_args(fast + ['--resolution', '16', '--task', 'superres', '--low-res', '8',
-                                        '--noise-aug-max', '0.5', '--noise-aug-dim', '4', '--out', str(tmp_path / 'sr')]))
+    run_program('train.py', fast + ['--resolution', '8', '--out', str(tmp_path / 'base')])
+    run_program('train.py', fast + ['--resolution', '16', '--task', 'superres', '--low-res', '8',
+                                    '--noise-aug-max', '0.5', '--noise-aug-dim', '4', '--out', str(tmp_path / 'sr')])
     ckpt = torch.load(tmp_path / 'sr' / 'ckpt.pt', weights_only=True)
     assert ckpt['config']['superres'] == {'low_res': 8, 'noise_aug_max': 0.5, 'aug_dim': 4, 'upsample': 'bicubic'}
     assert ckpt['config']['net']['cond_channels'] == 3 and ckpt['config']['net']['aug_dim'] == 4
@@ -250,7 +250,7 @@ def test_train_superres_then_sample_a_cascade(tmp_path):
     with pytest.raises(SystemExit, match='aug_level'):
         cascade_npz('bad', 0, '[{"ckpt": "%s", "aug_level": 1.5}]')
     with pytest.raises(SystemExit, match='--low-res'):
-        train.main(train.parse_args(fast + ['--task', 'superres', '--out', str(tmp_path / 'bad')]))
+        run_program('train.py', fast + ['--task', 'superres', '--out', str(tmp_path / 'bad')])
     with pytest.raises(SystemExit, match='--aug-p'):
-        train.main(train.parse_args(fast + ['--task', 'superres', '--low-res', '8', '--aug-p', '0.2',
-                                            '--out', str(tmp_path / 'bad')]))
+        run_program('train.py', fast + ['--task', 'superres', '--low-res', '8', '--aug-p', '0.2',
+                                        '--out', str(tmp_path / 'bad')])
