@@ -16,7 +16,7 @@ A score's name says how it was made (metrics.metric_name):
   FVD, KVD            videos (N, C, F, H, W): Frechet/kernel distance of the 400 time-averaged I3D logits
   frame-FID, ...      videos scored frame by frame with an image network: appearance only, blind to motion
 Reference statistics remember the network's name, resize and a hash of its weights, and are refused when any
-differs from the run's. Outputs never replace an existing file (nor an input) unless --overwrite is given.
+differs from the run's. An output never replaces an input, and an existing file only with --overwrite.
 
 Conventions: images are float tensors in [0, 1] (or uint8 in [0, 255]), shape (N, C, H, W), C = 1 or 3, any
 size; features are (N, D) arrays; statistics are float64 numpy.
