@@ -15,15 +15,16 @@ from PIL import Image
 
 import data
 import sample
-import train
+from programs import run_program
 
 # A micro model on 16x16 shapes (seconds on a 2-core CPU); data_dir default.
 FAST = ['--resolution', '16', '--model-channels', '8', '--batch-size', '8', '--log-every', '1', '--val-every', '0',
         '--sample-every', '0', '--sample-steps', '2', '--warmup', '2', '--no-progress', '--bpd-images', '0']
 
 
-def run(out, *extra):
-    return train.main(train.parse_args(FAST + ['--out', str(out)] + list(extra)))
+def run(out, *extra, patch=None):
+    """python train.py FAST EXTRA --out OUT (tests/programs.py); patch: lines run first, to plant a failure."""
+    return run_program('train.py', FAST + ['--out', str(out)] + list(extra), patch=patch)
 
 
 def step_of(path):
@@ -82,74 +83,64 @@ def test_blown_up_weights_never_replace_the_last_good_checkpoint(tmp_path):
     assert not os.path.exists(out / 'ckpt.pt.tmp')
 
 
-def test_non_finite_last_steps_exit_with_an_error_after_saving_the_good_weights(tmp_path, monkeypatch):
+def test_non_finite_last_steps_exit_with_an_error_after_saving_the_good_weights(tmp_path):
     """Issue 11 #4: when the last steps' losses were NaN the run exited 0 with no checkpoint and no grid."""
-    import diffusion
-    real_loss, calls = diffusion.Diffusion.loss, []
-
-    def loss(self, net, x0, *a, **k):                                   # steps 3 and 4 (of 4) give NaN
-        calls.append(1) if torch.is_grad_enabled() else None
-        out, sigma = real_loss(self, net, x0, *a, **k)
-        return (out * float('nan') if len(calls) > 2 else out), sigma
-    monkeypatch.setattr(diffusion.Diffusion, 'loss', loss)
+    nan_from_step_3 = """
+import diffusion, torch
+real_loss, calls = diffusion.Diffusion.loss, []
+def loss(self, net, x0, *a, **k):                                       # steps 3 and 4 (of 4) give NaN
+    calls.append(1) if torch.is_grad_enabled() else None
+    out, sigma = real_loss(self, net, x0, *a, **k)
+    return (out * float('nan') if len(calls) > 2 else out), sigma
+diffusion.Diffusion.loss = loss
+"""
     out = tmp_path / 'run'
-    with pytest.warns(UserWarning, match='non-finite loss'), pytest.raises(SystemExit, match='last 2 step'):
-        run(out, '--steps', '4', '--ckpt-every', '100')
+    with pytest.raises(SystemExit, match='last 2 step') as e:
+        run(out, '--steps', '4', '--ckpt-every', '100', patch=nan_from_step_3)
+    assert 'non-finite loss' in error_of(e)                             # each skipped step was warned about
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 4 and all(torch.isfinite(v).all() for v in ckpt['ema'].values())
     assert (out / 'samples_0000004.png').exists()
 
 
-def test_kill_during_the_final_grid_then_resume_auto_writes_it(tmp_path, monkeypatch):
+def test_kill_during_the_final_grid_then_resume_auto_writes_it(tmp_path):
     """Issue 11 #4: the checkpoint of the last step exists, so --resume auto had nothing to do and exited 0."""
     out = tmp_path / 'run'
-    real = train.sample_grid
-
-    def killed(*a, **k):
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, 'sample_grid', killed)
-    with pytest.raises(KeyboardInterrupt):
-        run(out, '--steps', '2')
+    with pytest.raises(SystemExit, match='KeyboardInterrupt'):          # Ctrl-C while the final grid is drawn
+        run(out, '--steps', '2', patch='import reports\nreports.sample_grid = kill')
     assert step_of(out / 'ckpt.pt') == 2 and not (out / 'samples_0000002.png').exists()
-    monkeypatch.setattr(train, 'sample_grid', real)
     run(out, '--steps', '2', '--resume', 'auto')
     assert (out / 'samples_0000002.png').exists()
 
 
-def test_resume_writes_each_step_once_in_the_log(tmp_path, monkeypatch):
+def test_resume_writes_each_step_once_in_the_log(tmp_path):
     """Issue 11 #4: a run killed after logging step 3 but before its checkpoint logged step 3 twice on resume."""
     out = tmp_path / 'run'
-    real = train.get_lr
-
-    def kill_at_3(step, args):                                          # the start of step 4: step 3 is logged
-        if step == 3:
-            raise KeyboardInterrupt
-        return real(step, args)
-    monkeypatch.setattr(train, 'get_lr', kill_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        run(out, '--steps', '4', '--ckpt-every', '2')
+    kill_at_3 = ('import runs\nreal = runs.get_lr\n'                   # the start of step 4: step 3 is logged
+                 'runs.get_lr = lambda step, args: kill() if step == 3 else real(step, args)')
+    with pytest.raises(SystemExit, match='KeyboardInterrupt'):
+        run(out, '--steps', '4', '--ckpt-every', '2', patch=kill_at_3)
     assert log_steps(out / 'log.jsonl') == [1, 2, 3] and step_of(out / 'ckpt.pt') == 2
-    monkeypatch.setattr(train, 'get_lr', real)
     run(out, '--steps', '4', '--ckpt-every', '2', '--resume', 'auto')
     assert log_steps(out / 'log.jsonl') == [1, 2, 3, 4]
 
 
-def test_full_disk_says_disk_full_removes_the_temp_file_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+def test_full_disk_says_disk_full_removes_the_temp_file_and_keeps_the_checkpoint(tmp_path):
     """Issue 11 #5: torch's 'unexpected pos' traceback and a partial ckpt.pt.tmp."""
     out = tmp_path / 'run'
     run(out, '--steps', '1')
-    real_save = torch.save
-
-    def full(obj, path, *a, **k):                                       # half a file, then ENOSPC
-        with open(path, 'wb') as f:
-            f.write(b'partial')
-        raise OSError(errno.ENOSPC, 'No space left on device')
-    monkeypatch.setattr(torch, 'save', full)
+    full = """
+import errno, torch
+def full(obj, path, *a, **k):                                           # half a file, then ENOSPC
+    with open(path, 'wb') as f:
+        f.write(b'partial')
+    raise OSError(errno.ENOSPC, 'No space left on device')
+torch.save = full
+"""
     with pytest.raises(SystemExit, match='disk full') as e:
-        run(out, '--steps', '2', '--resume', 'auto')
-    monkeypatch.setattr(torch, 'save', real_save)
+        run(out, '--steps', '2', '--resume', 'auto', patch=full)
     assert 'still holds the previous checkpoint' in error_of(e)
-    assert not (out / 'ckpt.pt.tmp').exists() and step_of(out / 'ckpt.pt') == 1
+    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'log.png', 'samples_0000001.png'] and step_of(out / 'ckpt.pt') == 1
 
 
 def test_sample_output_paths_are_checked_before_sampling(tmp_path, ckpt, monkeypatch):
@@ -185,14 +176,14 @@ def test_sample_never_loses_computed_samples(tmp_path, ckpt, monkeypatch):
 # Silently wrong
 
 @pytest.mark.parametrize('flag,value', [('--split', 'test'), ('--seed', '1'), ('--batch-size', '4'), ('--lr', '1e-3')])
-def test_resume_with_changed_flags_is_refused_or_stated(tmp_path, flag, value, capsys):
+def test_resume_with_changed_flags_is_refused_or_stated(tmp_path, flag, value):
     out = tmp_path / 'run'
     run(out, '--steps', '1')
     with pytest.raises(SystemExit, match=f'{flag}: run had') as e:
         run(out, '--steps', '2', '--resume', 'auto', flag, value)
     assert '--allow-changes' in error_of(e)
-    run(out, '--steps', '2', '--resume', 'auto', flag, value, '--allow-changes')
-    assert 'no longer that of an uninterrupted run' in capsys.readouterr().out and step_of(out / 'ckpt.pt') == 2
+    said = run(out, '--steps', '2', '--resume', 'auto', flag, value, '--allow-changes').stdout
+    assert 'no longer that of an uninterrupted run' in said and step_of(out / 'ckpt.pt') == 2
 
 
 def test_sample_refuses_nan_weights_instead_of_writing_a_black_png(tmp_path, ckpt):
@@ -248,15 +239,15 @@ def test_sample_steps_zero_is_refused_not_replaced_by_18(tmp_path, ckpt, monkeyp
         sample.main(sample.parse_args(['--ckpt', str(ckpt), '--steps', '0', '--out', str(tmp_path / 'x.png')]))
 
 
-def test_tiny_folder_logs_no_nan_validation_loss(tmp_path, capsys):
+def test_tiny_folder_logs_no_nan_validation_loss(tmp_path):
     for i in range(5):
         Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(tmp_path / f'{i}.png')
     out = tmp_path / 'run'
-    run(out, '--steps', '2', '--dataset', f'folder:{tmp_path}', '--val-every', '1')
+    said = run(out, '--steps', '2', '--dataset', f'folder:{tmp_path}', '--val-every', '1').stdout
     with open(out / 'log.jsonl') as f:
         records = [json.loads(line) for line in f]
     assert not any('val_loss' in r for r in records) and all(np.isfinite(r['loss']) for r in records if 'loss' in r)
-    assert 'too few to hold any out' in capsys.readouterr().out
+    assert 'too few to hold any out' in said
 
 
 # ----------------------------------------------------------------------------------------------------
