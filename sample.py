@@ -28,7 +28,6 @@ and optionally an .npz of uint8 samples. With --inverse METHOD it instead solves
     python sample.py --ckpt runs/mnist/ckpt.pt --inverse dps --operator sr --image digit.png
 """
 import argparse
-import ast
 import json
 import math
 import os
@@ -44,44 +43,16 @@ import samplers
 from checkpoints import latent_decoder, load_model, sample_shape
 # Re-exported for code written against the old sample.py; the checkpoint format is checkpoints.py's.
 from checkpoints import build_diffusion, build_network, load_autoencoder, load_checkpoint  # noqa: F401
-from guidance import (Autoguidance, ClassifierFreeGuidance, ClassifierGuidance, IntervalSchedule, LinearSchedule,
-                      OscillatingSchedule, Thresholded, sample_with_rejection)
+from guidance import ClassifierFreeGuidance, sample_with_rejection
+# The sampling flags shared with evaluate.py (knobs.py), re-exported for code written against the old sample.py.
+from knobs import (add_sampling_flags, check_sampler_options, check_sampling_flags, describe_sampling,  # noqa: F401
+                   make_sigmas, parse_sampler_options, sampling_setup)
 from runs import atomic_write, check_output_path
 from video import extend_video
 
 # ----------------------------------------------------------------------------------------------------
-# Sampler options. A solver's options are its own keyword arguments (samplers.py); the network's conditioning
-# travels separately in `cond`, so a misspelt option is an error naming it, never something handed to the network.
-
-# Options are checked against the solver's signature (samplers.sampler_options), so a new solver's options
-# are accepted as soon as it is registered in SAMPLERS.
-def check_sampler_options(name, options=None):
-    """Validate a sampler name and its options before any work: unknown names are ValueErrors that list the valid ones."""
-    if name not in samplers.SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose from {', '.join(samplers.SAMPLERS)}")
-    known = samplers.sampler_options(name)
-    unknown = sorted(set(options or {}) - set(known))
-    if unknown:
-        raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
-                         + (', '.join(f'{k}={v!r}' for k, v in known.items()) or 'none'))
-    return dict(options or {})
-
-
-# The command lines pass options as KEY=VALUE strings; Python literals give numbers, booleans and None.
-def parse_sampler_options(items):
-    """['eta=0.5', 'S_churn=40'] (the --sampler-opt flags) -> {'eta': 0.5, 'S_churn': 40}; values are Python literals."""
-    # literal_eval, never eval: a value on the command line must not run code.
-    options = {}
-    for item in items or []:
-        key, sep, value = item.partition('=')
-        if not sep or not key.isidentifier():
-            raise ValueError(f'--sampler-opt expects KEY=VALUE (e.g. eta=0.5), got {item!r}')
-        try:
-            options[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key] = value                                 # a plain word: keep it as a string
-    return options
-
+# Generation: the one routine that draws n samples in seeded, labelled batches. Solver options are checked by
+# knobs.check_sampler_options; the network's conditioning travels separately in `cond`.
 
 # Only stochastic samplers take generator= (CONTRACTS.md): passing it to a deterministic one is a TypeError.
 def run_sampler(name, denoiser, x, sigmas, options, cond, generator=None, progress=False, callback=None):
@@ -90,9 +61,6 @@ def run_sampler(name, denoiser, x, sigmas, options, cond, generator=None, progre
     options = dict(options, generator=generator) if samplers.is_stochastic(name, options) else dict(options)
     return samplers.SAMPLERS[name](denoiser, x, sigmas, cond=cond, callback=callback, progress=progress, **options)
 
-
-# ----------------------------------------------------------------------------------------------------
-# Generation: the one routine that draws n samples in seeded, labelled batches.
 
 @torch.no_grad()
 def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampler='heun', steps=18, guidance=1.0,
@@ -206,214 +174,6 @@ def save_npz(images, labels, path):
     arr = data.to_uint8(images).movedim(1, -1).numpy()
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, samples=arr,
                                                        labels=labels.numpy() if labels is not None else np.zeros(0)))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Every sampling knob as a flag: the sigma schedule, the sampler's own options, the guidance weight's schedule,
-# thresholding, autoguidance, classifier guidance and rejection sampling. sample.py and evaluate.py share these
-# flags (add_sampling_flags) and this construction (sampling_setup), so a score names exactly what was sampled.
-
-# The sigma schedules sample.py offers by name; make_sigmas maps each to samplers.py's function.
-SCHEDULES = ('karras', 'loglinear', 'vp-leading', 'vp-trailing', 'vp-linspace', 'vp-continuous', 'flow')
-# Dedicated flags for the options the papers tune; each fills the sampler's own keyword (any other: --sampler-opt).
-OPTION_FLAGS = {'eta': ('eta',), 's_churn': ('S_churn',), 's_tmin': ('S_tmin',), 's_tmax': ('S_tmax',),
-                's_noise': ('S_noise', 's_noise'), 'snr': ('snr',), 'n_corrector': ('n_corrector',)}
-
-
-def add_sampling_flags(p):
-    """The sampler and guidance flag groups; defaults of None mean 'what the training run used for its grids'."""
-    g = p.add_argument_group('sampler')
-    g.add_argument('--sampler', default=None, choices=list(samplers.SAMPLERS), help="default: the training run's --sampler")
-    g.add_argument('--steps', type=int, default=None, help="noise levels of the schedule; default: the run's --sample-steps")
-    g.add_argument('--schedule', default='karras', choices=SCHEDULES,
-                   help="sigma schedule (samplers.py): karras (Karras et al. Eq. 5), loglinear, the model's own "
-                        "discrete steps vp-leading|vp-trailing|vp-linspace (DDPM/DDIM models; with --sampler ddpm and "
-                        "--steps T this is exactly the trained Markov chain), vp-continuous, flow")
-    g.add_argument('--rho', type=float, default=7.0, help='karras: the schedule exponent rho')
-    g.add_argument('--sigma-max', type=float, default=None, help="start of karras/loglinear; default: the model's "
-                   "sigma_max (a lower start is SDEdit/CCDF's shortcut: with --inverse ccdf the solve starts here)")
-    g.add_argument('--sigma-min', type=float, default=None, help="end of karras/loglinear; default: the model's")
-    g.add_argument('--flow-shift', type=float, default=1.0, help='flow: shift of the time steps (SD3 Eq. 23)')
-    g.add_argument('--eta', type=float, default=None, help='ddim / euler_ancestral / dpmpp_2m_sde: noise scale (0 = ODE)')
-    g.add_argument('--s-churn', type=float, default=None, help='heun: S_churn, stochasticity (Karras et al. Alg. 2)')
-    g.add_argument('--s-tmin', type=float, default=None, help='heun: S_tmin, churn only for sigma >= this')
-    g.add_argument('--s-tmax', type=float, default=None, help='heun: S_tmax, churn only for sigma <= this')
-    g.add_argument('--s-noise', type=float, default=None, help='heun / euler_ancestral / dpmpp_2m_sde: noise inflation')
-    g.add_argument('--snr', type=float, default=None, help='pc: signal-to-noise ratio of the Langevin corrector')
-    g.add_argument('--n-corrector', type=int, default=None, help='pc: Langevin corrector steps per noise level')
-    g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE',
-                   help="any other option of the sampler, e.g. order=3 for unipc_bh2 (repeatable)")
-    # Guidance methods compose as denoiser wrappers (sampling_setup), so each flag adds one wrapper.
-    g = p.add_argument_group('guidance (guidance.py)')
-    g.add_argument('--guidance', type=float, default=None, help="guidance weight w (1 = none): classifier-free, or "
-                   "autoguidance's with --autoguidance; default: the run's")
-    g.add_argument('--guidance-schedule', default='constant', choices=['constant', 'increasing', 'oscillating', 'interval'],
-                   help='w over the steps: constant; increasing from --guidance-start to w (Muse); oscillating '
-                        'between w and --guidance-low (Imagen Video); interval: w only inside --guidance-interval')
-    g.add_argument('--guidance-start', type=float, default=1.0, help='increasing: the weight at the first step')
-    g.add_argument('--guidance-low', type=float, default=1.0, help='oscillating: the low weight')
-    g.add_argument('--guidance-num-high', type=int, default=0, help='oscillating: steps at w before oscillating')
-    g.add_argument('--guidance-interval', type=float, nargs=2, default=(0.28, 5.42), metavar=('SIGMA_LO', 'SIGMA_HI'),
-                   help='interval: guide where SIGMA_LO < sigma <= SIGMA_HI (default: the EDM2 ImageNet-512 '
-                        'interval of Kynkaanniemi et al. 2024 as public ports use it; tune per model)')
-    g.add_argument('--threshold', default='none', choices=['none', 'static', 'dynamic'],
-                   help='clip the x0 estimate (Imagen Sec. 2.3): static to [-1, 1], dynamic at a percentile')
-    g.add_argument('--threshold-percentile', type=float, default=0.995, help='dynamic thresholding percentile (Imagen: 0.995)')
-    g.add_argument('--autoguidance', default=None, metavar='BAD_CKPT', help='guide with this worse model instead of the '
-                   "unconditional one (Karras et al. 2024), e.g. the early checkpoint of train.py --save-early")
-    g.add_argument('--classifier', default=None, metavar='CKPT', help='noise-conditional classifier of train.py --task '
-                   'classifier, for classifier guidance (--classifier-scale) and rejection (--reject)')
-    g.add_argument('--classifier-scale', type=float, default=0.0, help='classifier guidance scale s (ADM Alg. 1; 0 = none)')
-    g.add_argument('--reject', type=float, default=None, nargs='?', const=-1, metavar='TOP_FRACTION',
-                   help='rejection sampling with --classifier: keep samples it assigns to the requested class '
-                        '(or, given a fraction, the most confident fraction per class); prints the acceptance rate')
-
-
-def check_sampling_flags(args):
-    """Range checks of the sampling flags (no checkpoint needed): a list of problems, empty when all is well."""
-    problems = []
-    for flag in ('rho', 'sigma_max', 'sigma_min', 'flow_shift', 'guidance_start', 'guidance_low', 'classifier_scale'):
-        value = getattr(args, flag)
-        if value is not None and not math.isfinite(value):
-            problems.append(f"--{flag.replace('_', '-')} must be a finite number (got {value})")
-    # Noise levels and the Karras exponent are positive by definition; 0 would give log(0) or a division by 0.
-    for flag in ('sigma_max', 'sigma_min', 'rho', 'flow_shift'):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            problems.append(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
-    if args.sigma_max is not None and args.sigma_min is not None and args.sigma_min >= args.sigma_max:
-        problems.append(f'--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}')
-    if not 0 < args.threshold_percentile <= 1:
-        problems.append(f'--threshold-percentile must be in (0, 1] (got {args.threshold_percentile})')
-    lo, hi = args.guidance_interval
-    if not 0 <= lo < hi:
-        problems.append(f'--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI (got {lo} {hi})')
-    # Flags that only make sense together are checked here, before any checkpoint is read.
-    if (args.classifier_scale or args.reject is not None) and not args.classifier:
-        problems.append('--classifier-scale and --reject need --classifier CKPT (train one with train.py --task classifier)')
-    if args.reject is not None and args.reject != -1 and not 0 < args.reject <= 1:
-        problems.append(f'--reject TOP_FRACTION must be in (0, 1] (got {args.reject})')
-    for path, flag in ((args.autoguidance, '--autoguidance'), (args.classifier, '--classifier')):
-        if path and not os.path.isfile(path):
-            problems.append(f'{flag} {path!r} does not exist')
-    return problems
-
-
-def sampler_options_from_args(args, sampler):
-    """--sampler-opt KEY=VALUE plus the dedicated flags, mapped to this sampler's own option names."""
-    options = parse_sampler_options(args.sampler_opt)
-    # A dedicated flag maps to whichever spelling this sampler uses (Heun's S_noise, the others' s_noise).
-    known = samplers.sampler_options(sampler) if sampler in samplers.SAMPLERS else {}
-    for flag, names in OPTION_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is None:
-            continue
-        name = next((n for n in names if n in known), names[0])   # S_noise for heun, s_noise for the others
-        options[name] = value
-    return check_sampler_options(sampler, options)
-
-
-def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None, flow_shift=1.0):
-    """The descending noise levels (steps of them, then 0) of a named schedule for this model."""
-    # The model's own noise range unless overridden: sampling outside the trained range asks for what it never saw.
-    lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
-    if name == 'karras':
-        return samplers.karras_sigmas(steps, lo, hi, rho)
-    if name == 'loglinear':
-        return samplers.loglinear_sigmas(steps, lo, hi)
-    if name.startswith('vp-') and name != 'vp-continuous':
-        table = getattr(diffusion.schedule, 'sigmas', None)        # only discrete VP models have their own steps
-        if table is None:
-            raise ValueError(f"--schedule {name} uses the model's own discrete noise levels; this model's schedule "
-                             f'({type(diffusion.schedule).__name__}) has none: use karras or loglinear')
-        if steps > len(table):
-            raise ValueError(f'--steps {steps} is more than the model\'s {len(table)} discrete noise levels')
-        return samplers.vp_sigmas(table, steps, name[3:])
-    if name == 'vp-continuous':
-        return samplers.vp_continuous_sigmas(steps)
-    if name == 'flow':
-        return samplers.flow_sigmas(steps, shift=flow_shift)
-    raise ValueError(f"unknown --schedule {name!r}; choose from {', '.join(SCHEDULES)}")
-
-
-def guidance_weight(args, w, sigmas):
-    """The guidance weight as guidance.py takes it: a number, or a schedule over the sampler's sigmas."""
-    # w = 1 is no guidance at any step, whatever the schedule: keep it a plain number (the cheap path in CFG).
-    if args.guidance_schedule == 'constant' or w == 1:
-        return w
-    if args.guidance_schedule == 'increasing':
-        return LinearSchedule(sigmas, w_end=w, w_start=args.guidance_start)
-    if args.guidance_schedule == 'oscillating':
-        return OscillatingSchedule(sigmas, w_high=w, w_low=args.guidance_low, num_high=args.guidance_num_high)
-    return IntervalSchedule(w, *args.guidance_interval)
-
-
-# A classifier is a train.py checkpoint like any other; its task field says what it is.
-def load_classifier(path, device):
-    """(log p(y | x, sigma), log p(y | x) of clean samples, num_classes) from a train.py --task classifier checkpoint."""
-    import classifier as clf_lib
-    net, diffusion, config = load_model(path, device)
-    if config.get('task') != 'classifier':
-        raise SystemExit(f"error: {path!r} is not a classifier checkpoint (its task is {config.get('task', 'diffusion')!r}); "
-                         'train one with train.py --task classifier')
-    return (clf_lib.classifier_log_prob(net, diffusion), clf_lib.clean_log_prob(net, diffusion),
-            config['net']['num_classes'])
-
-
-def sampling_setup(args, config, diffusion, device, trained=None):
-    """Everything generate() needs from the flags: a dict of sampler, steps, sigmas, sampler_options, guidance,
-    guide (autoguidance, classifier guidance, thresholding, in that order around CFG) and, for --reject, the
-    clean classifier. Models are loaded here, after the flag checks, so a typo costs no loading time."""
-    # Defaults come from the training run's own grid settings, so a bare `sample.py --ckpt` reproduces its grids.
-    trained = trained if trained is not None else config.get('args', {})
-    sampler = args.sampler or trained.get('sampler', 'heun')
-    steps = args.steps or trained.get('sample_steps', 18)
-    w = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
-    options = sampler_options_from_args(args, sampler)
-    sigmas = make_sigmas(args.schedule, steps, diffusion, args.rho, args.sigma_min, args.sigma_max, args.flow_shift)
-    weight = guidance_weight(args, w, sigmas)
-    wrappers, cfg = [], weight
-    if args.autoguidance:
-        # Autoguidance replaces CFG's unconditional branch by the bad model, with the same condition (Karras 2024).
-        bad_net, bad_diffusion, _ = load_model(args.autoguidance, device)
-        bad = bad_diffusion.denoiser(bad_net)
-        wrappers.append(lambda d: Autoguidance(d, bad, w=weight))
-        cfg = 1.0
-    log_prob = clean_log_prob = None
-    if args.classifier:
-        log_prob, clean_log_prob, num_classes = load_classifier(args.classifier, device)
-        if config['data']['num_classes'] and num_classes != config['data']['num_classes']:
-            raise SystemExit(f"error: the classifier has {num_classes} classes, the model {config['data']['num_classes']}")
-        if args.classifier_scale:
-            conditional = bool(config['data']['num_classes'])   # guide the conditional model, else the unconditional
-            wrappers.append(lambda d: ClassifierGuidance(d, log_prob, scale=args.classifier_scale, pass_y=conditional))
-    # Thresholding is the outermost wrapper: it clips the final x0 estimate after every guidance term is added.
-    if args.threshold != 'none':
-        wrappers.append(lambda d: Thresholded(d, args.threshold, args.threshold_percentile))
-
-    # generate() applies this after classifier-free guidance: the wrappers in the order they were listed.
-    def guide(denoiser):
-        for wrap in wrappers:
-            denoiser = wrap(denoiser)
-        return denoiser
-    return dict(sampler=sampler, steps=steps, sigmas=sigmas, sampler_options=options, guidance=cfg,
-                guide=guide if wrappers else None, clean_log_prob=clean_log_prob, weight=w,
-                classifier_classes=None if not args.classifier else num_classes)
-
-
-def describe_sampling(args, setup):
-    """One line naming what was sampled, printed with the samples and stored with evaluate.py's scores."""
-    # The same words in the console and in evaluate.py's results: a score always names how it was sampled.
-    parts = [setup['sampler'], f"{setup['steps']} steps ({args.schedule})"]
-    parts += [f'{k}={v}' for k, v in setup['sampler_options'].items()]
-    if args.autoguidance:
-        parts.append(f"autoguidance w={setup['weight']:g} ({args.guidance_schedule})")
-    elif setup['weight'] != 1:
-        parts.append(f"CFG w={setup['weight']:g} ({args.guidance_schedule})")
-    if args.classifier_scale:
-        parts.append(f'classifier guidance s={args.classifier_scale:g}')
-    if args.threshold != 'none':
-        parts.append(f'{args.threshold} thresholding')
-    return ', '.join(parts)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -875,7 +635,6 @@ def main(args):
     else:
         net, diffusion, config = load_model(args.ckpt, device, use_ema=not args.raw)
         decode = latent_decoder(config, device)
-    trained = config['args']
     if args.inverse and config.get('autoencoder'):
         raise SystemExit('error: --inverse needs a pixel-space model: its operators act on pixels, and this model '
                          'samples latents of an autoencoder (a solver through the decoder is not implemented)')

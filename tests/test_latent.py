@@ -9,7 +9,6 @@ import torch
 
 import checkpoints
 import sample
-import vae
 from programs import run_program, weights
 
 # Tiny autoencoder (f = 2, 2 latent channels) and a micro U-Net on 16x16 shapes: seconds on a CPU.

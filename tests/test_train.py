@@ -2,7 +2,6 @@
 checkpoints written and read back, exact resume, the overfit check, clear errors, and a two-process DDP run."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
