@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data                                                   # noqa: E402
 import evaluate                                               # noqa: E402
+import checkpoints  # noqa: E402
 import sample                                                 # noqa: E402
 
 SOLVERS = [('euler', 10), ('euler', 20), ('heun', 5), ('heun', 10), ('dpmpp_2m', 10), ('dpmpp_2m', 20),
@@ -59,7 +60,7 @@ def score(images, labels, lenet, ref_feats, ref_stats):
 
 def main(args):
     torch.manual_seed(0)
-    net, diffusion, config = sample.load_model(args.ckpt)
+    net, diffusion, config = checkpoints.load_model(args.ckpt)
     d, trained = config['data'], config['args']
     dataset = data.load_dataset(d['dataset'], data_dir=args.data_dir or trained.get('data_dir'),
                                 split=trained.get('split', 'train'), resolution=d['resolution'])
@@ -77,7 +78,7 @@ def main(args):
         a = flags([e.format(early=args.early, classifier=args.classifier) for e in extra], sampler, steps)
         t = time.time()
         setup = sample.sampling_setup(a, config, diffusion, 'cpu')
-        images = sample.generate(net, diffusion, len(labels), sample.sample_shape(config), 'cpu', labels,
+        images = sample.generate(net, diffusion, len(labels), checkpoints.sample_shape(config), 'cpu', labels,
                                  d['num_classes'], setup['sampler'], setup['steps'], setup['guidance'], seed=args.seed,
                                  sampler_options=setup['sampler_options'], batch_size=args.batch, sigmas=setup['sigmas'],
                                  guide=setup['guide'])

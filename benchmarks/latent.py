@@ -138,6 +138,7 @@ def part_recon(args):
 
 def part_score(args):
     import evaluate
+    import checkpoints
     import sample
     dataset = data.load_dataset('emoji', data_dir=args.data_dir, resolution=64)
     _, val_index = data.holdout_split(len(dataset))                     # train.py's split (seed 0)
@@ -152,8 +153,8 @@ def part_score(args):
     print(f"{'checkpoint':40s} {'kind':4s} {'GAN':>4s} {'steps':>6s} {'PSNR dB':>8s} {'usage':>6s} {'perplexity':>10s} "
           f"{'FD_lenet':>9s}")
     for path in args.ckpts:
-        ckpt = sample.load_checkpoint(path)                             # the run's flags and step
-        ae = sample.load_autoencoder(path)                              # its EMA autoencoder, checked
+        ckpt = checkpoints.load_checkpoint(path)                             # the run's flags and step
+        ae = checkpoints.load_autoencoder(path)                              # its EMA autoencoder, checked
         x_hat, psnr_db, usage, perplexity, fd = score(ae, held_out, fd_net, real)
         rows.append(x_hat[:12])
         gan = 'yes' if ckpt['args'].get('disc_weight', 0) > 0 else 'no'
@@ -165,16 +166,17 @@ def part_score(args):
 
 
 def part_compare(args):
+    import checkpoints
     import sample
     if len(args.ckpts) != 2 or not args.png:
         raise SystemExit('--part compare needs --ckpts PIXEL_CKPT LATENT_CKPT and --png')
     halves = []
     for path in args.ckpts:
-        net, diffusion, config = sample.load_model(path)
+        net, diffusion, config = checkpoints.load_model(path)
         labels = torch.arange(args.num) % config['data']['num_classes']              # every class in turn
-        images = sample.generate(net, diffusion, args.num, sample.sample_shape(config), 'cpu', labels=labels,
+        images = sample.generate(net, diffusion, args.num, checkpoints.sample_shape(config), 'cpu', labels=labels,
                                  num_classes=config['data']['num_classes'], sampler='dpmpp_2m', steps=args.sample_steps,
-                                 guidance=args.guidance, seed=0, decode=sample.latent_decoder(config))
+                                 guidance=args.guidance, seed=0, decode=checkpoints.latent_decoder(config))
         halves.append(images)
     rows = [torch.cat([a, torch.ones(1, *a.shape[1:]), b])                           # a white square between
             for a, b in zip(halves[0].split(10), halves[1].split(10))]

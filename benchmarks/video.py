@@ -26,6 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import checkpoints  # noqa: E402
+import video  # noqa: E402
 import sample  # noqa: E402
 
 
@@ -92,9 +94,9 @@ def main():
 
     rows = []
     for (seed, share), path in runs.items():
-        net, diffusion, config = sample.load_model(os.path.join(path, 'ckpt.pt'))
+        net, diffusion, config = checkpoints.load_model(os.path.join(path, 'ckpt.pt'))
         labels = torch.arange(args.samples) % config['data']['num_classes']
-        videos = sample.generate(net, diffusion, args.samples, sample.sample_shape(config), 'cpu', labels,
+        videos = sample.generate(net, diffusion, args.samples, checkpoints.sample_shape(config), 'cpu', labels,
                                  config['data']['num_classes'], 'heun', 12, 1.0, seed=seed + 100)
         feats = evaluate.extract_features(data.to_uint8(videos), net_frames, progress=False)
         kd = evaluate.kid(feats, ref, num_subsets=50, subset_size=min(1000, len(feats) // 2))[0]
@@ -107,7 +109,7 @@ def main():
             test = data.load_dataset('video-shapes', split='test', resolution=args.resolution, num_videos=4, seed=0)
             clip, y = test.batch(torch.arange(4))
             sigmas = sample.samplers.karras_sigmas(24, diffusion.sigma_min, diffusion.sigma_max)
-            ext = sample.extend_video(diffusion.denoiser(net), clip[:, :, :4], config['data']['frames'], 8, sigmas,
+            ext = video.extend_video(diffusion.denoiser(net), clip[:, :, :4], config['data']['frames'], 8, sigmas,
                                       context=4, method_options={'w_r': 2.0},
                                       generator=torch.Generator().manual_seed(0), cond={'y': y}).clamp(-1, 1)
             sample.save_grid(torch.cat([clip, ext[:, :, :8]]), os.path.join(args.docs, 'video_extension.png'))
