@@ -118,11 +118,17 @@ def held_out_batch(dataset, val_index, diffusion, config, quiet=False):
 
 
 @torch.no_grad()
-def held_out_loss(run, batch, device):
-    """The EMA network's diffusion loss on a fixed batch (held_out_batch)."""
+def held_out_loss(run, batch, device, net=None):
+    """The EMA network's (or net's) diffusion loss on a fixed batch (held_out_batch)."""
+    return fixed_batch_loss(net or run.ema, run.diffusion, batch, device).mean().item()
+
+
+@torch.no_grad()
+def fixed_batch_loss(net, diffusion, batch, device):
+    """Per-sample diffusion loss of net on a fixed batch: its sigma and noise given, so nothing is drawn."""
     to = lambda v: v.to(device)
     cond = {k: to(v) for k, v in batch['cond'].items()}
-    return run.diffusion.loss(run.ema, to(batch['x0']), to(batch['sigma']), to(batch['noise']), **cond)[0].mean().item()
+    return diffusion.loss(net, to(batch['x0']), to(batch['sigma']), to(batch['noise']), **cond)[0]
 
 
 class Watcher:

@@ -20,7 +20,8 @@ What "trust" means here, and where each promise is kept:
     clipping, the optimizer step and the EMA update with warm-up
   - DDP through torchrun (NCCL on GPUs, gloo on CPU), one process otherwise (setup_distributed)
 
-Imports: torch and data.py (the loader) only; the checkpoint format itself is checkpoints.py's.
+Imports data.py (the loader), diffusion.py (the schedule names of the diffusion flags) and checkpoints.py (a
+resume reads a checkpoint through it); no command line.
 """
 import errno
 import json
@@ -34,7 +35,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+import checkpoints
 import data
+from diffusion import NOISE_SCHEDULES
 
 MAX_WEIGHT = 1e4                               # |weight| above this: the run has blown up (trained nets: |w| < 10)
 
@@ -155,7 +158,6 @@ def add_run_flags(p):
 
 def add_diffusion_flags(p):
     """What the network predicts and which noise levels it trains on (diffusion.py): config['diffusion']."""
-    from diffusion import NOISE_SCHEDULES
     g = p.add_argument_group('diffusion')
     g.add_argument('--prediction', default='edm', choices=['eps', 'x0', 'v', 'edm', 'flow'], help='parameterisation of the network output')
     g.add_argument('--schedule', default=None, choices=list(NOISE_SCHEDULES), help='training noise levels and c_noise; default: the natural one for --prediction')
@@ -491,8 +493,10 @@ def prepare_run_folder(args):
     return ckpt_path, resume
 
 
-def weights_problem(run):
-    """Why the weights must not be saved (non-finite, or exploded past MAX_WEIGHT), or None; raw and EMA."""
+@torch.no_grad()
+def weights_problem(run, probe_loss=None):
+    """Why the weights must not be saved, or None: non-finite, exploded past MAX_WEIGHT, or (with probe_loss, the
+    loss of a module on a fixed batch) finite weights that no longer compute a finite loss. Raw and EMA."""
     # Both the raw weights (resumed from) and the EMA (sampled): either one broken makes the checkpoint useless.
     for name, module in (('weights', run.net), ('EMA weights', run.ema)):
         for key, p in module.state_dict().items():
@@ -500,6 +504,13 @@ def weights_problem(run):
                 return f'the {name} are not finite ({key})'
             if p.is_floating_point() and p.numel() and p.abs().max() > MAX_WEIGHT:
                 return f'the {name} exploded (max |{key}| = {p.abs().max().item():.3g} > {MAX_WEIGHT:g})'
+        if probe_loss is not None:
+            # In eval mode: no dropout, so the probe draws nothing from the RNG an exact resume restores.
+            training = module.training
+            loss = probe_loss(module.eval())
+            module.train(training)
+            if not torch.isfinite(loss).all():
+                return f'the {name} are finite but give a non-finite loss on a fixed batch (they no longer compute)'
     return None
 
 
@@ -514,13 +525,19 @@ def write_checkpoint(path, state):
         raise SystemExit(f'error: cannot write checkpoint {path}: {e}') from None
 
 
-def save_checkpoint(run, config, args, setup, last_good):
-    """Save the run, unless its weights are not finite or exploded: then the last good checkpoint stays and the
-    run stops with the reason (every rank checks, so all stop together). Returns the step now saved."""
-    problem = weights_problem(run)
+def save_checkpoint(run, config, args, setup, last_good, probe_loss=None):
+    """Save the run, unless its weights are broken (weights_problem): then the last good checkpoint stays and the
+    run stops with the reason (every rank checks, so all stop together). While steps are being skipped (the loss
+    is not finite) a good checkpoint is never replaced: the run is not saved and goes on (skip_step stops it
+    after 10). Returns the step the checkpoint now holds (last_good: 0 while none has been written)."""
+    problem = weights_problem(run, probe_loss)
     if problem:
         raise SystemExit(f'error: step {run.step}: {problem}. Not saved: {setup.ckpt_path} still holds step {last_good}. '
                          'Lower --lr (or --warmup longer), then --resume auto --allow-changes.')
+    if run.skipped and last_good:
+        warnings.warn(f'step {run.step}: not saved: the last {run.skipped} step(s) had a non-finite loss, and '
+                      f'{setup.ckpt_path} holds step {last_good}, the last step known to be good')
+        return last_good
     # The RNG of every rank is gathered (a collective: all ranks call it), then rank 0 writes the file.
     rng = rng_states(setup.device, setup.world)
     if setup.is_main:
@@ -534,10 +551,9 @@ def save_checkpoint(run, config, args, setup, last_good):
 def resume_run(run, config, args, setup, resume_flags=RESUME_FLAGS):
     """Restore every owner's state from a checkpoint of the same configuration. Flags that change what an
     uninterrupted run would do (resume_flags, the number of processes) must match unless --allow-changes."""
-    from checkpoints import config_mismatch, load_checkpoint
     path = setup.resume
-    ckpt = load_checkpoint(path, setup.device)
-    diff = config_mismatch(ckpt['config'], config)
+    ckpt = checkpoints.load_checkpoint(path, setup.device)
+    diff = checkpoints.config_mismatch(ckpt['config'], config)
     if diff:
         raise SystemExit(f'error: {path} was trained with another configuration:\n  ' + '\n  '.join(diff) +
                          '\nUse the same flags as that run, or a new --out.')
@@ -644,7 +660,7 @@ def check_replicas(run, world, log, is_main):
             warnings.warn(f'DDP replicas diverged: parameter checksums {sums}')
 
 
-def finish_run(run, setup, log):
+def finish_run(run, setup, log, last_good=None):
     """DDP replica check and shutdown, the log closed; a run whose last steps were all skipped fails loudly."""
     if setup.world > 1:
         check_replicas(run, setup.world, log, setup.is_main)
@@ -653,9 +669,10 @@ def finish_run(run, setup, log):
     if log:
         log.close()
     if run.skipped:
+        held = (f'holds the weights from before them (step {run.step - run.skipped} of training)'
+                if last_good in (None, run.step) else f'holds step {last_good}, the last good one')
         raise SystemExit(f'error: the last {run.skipped} step(s) had a non-finite loss and were skipped; the checkpoint '
-                         f'holds the weights from before them (step {run.step - run.skipped} of training). Lower --lr '
-                         'or check the data.')
+                         f'{held}. Lower --lr or check the data, then --resume auto --allow-changes.')
 
 
 def run_command(main, parse_args):

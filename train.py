@@ -90,7 +90,7 @@ def main(args):
                             checkpoints.build_diffusion(config))
     if setup.resume:
         runs.resume_run(run, config, args, setup, RESUME_FLAGS)
-    last_good = run.step                        # the step ckpt.pt holds: a blow-up never replaces it
+    last_good = run.step                        # the step ckpt.pt holds (0: none yet): a blow-up never replaces it
     log = runs.open_log(run, setup, args)
     if is_main:
         describe_run(args, config, run, dataset, train_index, val_index, setup)
@@ -113,6 +113,9 @@ def main(args):
     if is_main and args.task == 'superres':
         probe = runs.load_batch(dataset, (val_index if len(val_index) else train_index)[:8])
     tracker = reports.LossByNoiseLevel(run.diffusion.sigma_min, run.diffusion.sigma_max)
+    # Every rank checks, before each checkpoint, that the weights still give a finite loss on 16 fixed images.
+    fixed = reports.held_out_batch(dataset, train_index[:16], run.diffusion, config, quiet=True)
+    probe_loss = lambda net: reports.fixed_batch_loss(net, run.diffusion, fixed, device)
     bar = tqdm(total=args.steps, initial=run.step, disable=not is_main or args.no_progress, desc='train', dynamic_ncols=True)
 
     while run.step < args.steps:
@@ -137,9 +140,10 @@ def main(args):
             done = reports.evaluate_and_watch(args, run, config, eval_state, watcher, log, bar, device) or done
 
         # Save checkpoint: only weights known to be good replace the previous checkpoint (runs.save_checkpoint
-        # refuses non-finite or exploded weights and says which step ckpt.pt still holds).
+        # refuses non-finite or exploded weights, weights that no longer compute, and saving while steps are
+        # being skipped; it says which step ckpt.pt still holds).
         if run.step % args.ckpt_every == 0 or done or run.step == args.save_early:
-            last_good = runs.save_checkpoint(run, config, args, setup, last_good)
+            last_good = runs.save_checkpoint(run, config, args, setup, last_good, probe_loss)
 
         # Sample grid: a picture of the EMA model now, always from the same seed, so successive grids show the
         # same noise maturing.
@@ -153,7 +157,7 @@ def main(args):
         write_grid(run, config, args, probe, run.step, device, bar)
     if is_main:
         reports.final_reports(args, run, config, dataset, train_index, val_index, log, device)
-    runs.finish_run(run, setup, log)
+    runs.finish_run(run, setup, log, last_good)
     return run.net, run.ema
 
 

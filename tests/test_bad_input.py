@@ -27,6 +27,19 @@ def run(out, *extra, patch=None):
     return run_program('train.py', FAST + ['--out', str(out)] + list(extra), patch=patch)
 
 
+# Planted in the run's process: the training loss of every step from the third on is NaN (one grad-enabled call per
+# step with --grad-accum 1); losses computed without gradients (held-out batch, the checkpoint's probe) stay finite.
+NAN_FROM_STEP_3 = """
+import diffusion, torch
+real_loss, calls = diffusion.Diffusion.loss, []
+def loss(self, net, x0, *a, **k):
+    calls.append(1) if torch.is_grad_enabled() else None
+    out, sigma = real_loss(self, net, x0, *a, **k)
+    return (out * float('nan') if torch.is_grad_enabled() and len(calls) > 2 else out), sigma
+diffusion.Diffusion.loss = loss
+"""
+
+
 def step_of(path):
     return torch.load(path, weights_only=True)['step']
 
@@ -85,22 +98,40 @@ def test_blown_up_weights_never_replace_the_last_good_checkpoint(tmp_path):
 
 def test_non_finite_last_steps_exit_with_an_error_after_saving_the_good_weights(tmp_path):
     """Issue 11 #4: when the last steps' losses were NaN the run exited 0 with no checkpoint and no grid."""
-    nan_from_step_3 = """
-import diffusion, torch
-real_loss, calls = diffusion.Diffusion.loss, []
-def loss(self, net, x0, *a, **k):                                       # steps 3 and 4 (of 4) give NaN
-    calls.append(1) if torch.is_grad_enabled() else None
-    out, sigma = real_loss(self, net, x0, *a, **k)
-    return (out * float('nan') if len(calls) > 2 else out), sigma
-diffusion.Diffusion.loss = loss
-"""
     out = tmp_path / 'run'
     with pytest.raises(SystemExit, match='last 2 step') as e:
-        run(out, '--steps', '4', '--ckpt-every', '100', patch=nan_from_step_3)
+        run(out, '--steps', '4', '--ckpt-every', '100', patch=NAN_FROM_STEP_3)
     assert 'non-finite loss' in error_of(e)                             # each skipped step was warned about
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
     assert ckpt['step'] == 4 and all(torch.isfinite(v).all() for v in ckpt['ema'].values())
     assert (out / 'samples_0000004.png').exists()
+
+
+def test_a_blow_up_with_finite_weights_never_replaces_the_good_checkpoint(tmp_path):
+    """Issue 23 #1, its own command: the loss is NaN from step 12 while the weights stay finite (max ~4), and the
+    checkpoints of steps 15 and 20 replaced step 10 with weights that give NaN on every input. Now a checkpoint is
+    written only if the raw and EMA weights still give a finite loss on a fixed batch."""
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match='still holds step 10') as e:
+        run(out, '--steps', '60', '--ckpt-every', '5', '--lr', '1', '--warmup', '20')
+    assert 'no longer compute' in error_of(e) or 'not finite' in error_of(e)
+    assert step_of(out / 'ckpt.pt') == 10
+    import checkpoints                                                  # the kept weights compute
+    for ema in (True, False):
+        net, diffusion, config = checkpoints.load_model(str(out / 'ckpt.pt'), use_ema=ema)
+        x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(diffusion.denoiser(net)(x, torch.full((4,), 1.0), y=torch.zeros(4, dtype=torch.long))).all()
+
+
+def test_no_checkpoint_over_a_good_one_while_steps_are_skipped(tmp_path):
+    """Issue 23 #1: never checkpoint over a good state while steps are being skipped. Steps 3 and 4 (of 4) have a
+    NaN loss (planted; the weights themselves stay those of step 2 and compute): --ckpt-every 1 used to write
+    steps 3 and 4 over step 2; now ckpt.pt keeps step 2 and the run says so."""
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match='last 2 step') as e:
+        run(out, '--steps', '4', '--ckpt-every', '1', patch=NAN_FROM_STEP_3)
+    assert 'not saved' in error_of(e) and 'holds step 2, the last good one' in error_of(e)
+    assert step_of(out / 'ckpt.pt') == 2
 
 
 def test_kill_during_the_final_grid_then_resume_auto_writes_it(tmp_path):
