@@ -77,12 +77,13 @@ def main():
                 ours = unet.load_diffusers_unet(path)
                 report(f'network output (eps), {layout}', ours(x, t.float()), ref_eps)
         print(f'{sum(p.numel() for p in ours.parameters()):,} parameters, {len(state)} official keys')
-        # In float64 the gap shrinks by orders of magnitude if the float32 one above is only round-off. Both
-        # compute the sinusoidal features in float32; our MLP input is cast up (diffusers casts to the input dtype).
-        hook = ours.time_mlp.register_forward_pre_hook(lambda module, inputs: (inputs[0].double(),))
+        # In float64 the gap shrinks by orders of magnitude if the float32 one above is only round-off. diffusers
+        # computes the sinusoidal features in float32 even in a float64 model; ours would use float64, so for this
+        # comparison ours is told to do as diffusers does (unet.feature_dtype), then restored.
+        feature_dtype, unet.feature_dtype = unet.feature_dtype, lambda dtype: torch.float32
         report('network output (eps), both in float64', ours.double()(x.double(), t.double()),
                ref.double()(x.double(), t).sample)
-        hook.remove()
+        unet.feature_dtype = feature_dtype
         ours, ref = ours.float(), ref.float()
 
         # The x0 estimate: DDPMScheduler's schedule and eps -> x0 formula vs our sigma-frame denoiser.

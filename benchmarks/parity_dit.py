@@ -88,14 +88,15 @@ def main():
         our_out = ours(x, t.float(), y)
         report('network output, eps channels', our_out[:, :4], ref_out[:, :4])
         report('network output, variance channels', our_out[:, 4:], ref_out[:, 4:])
-        # In float64 the gap stays at round-off. Both compute the sinusoidal features in float32 (official:
-        # t.float()), so their MLP inputs are cast up here.
-        hooks = [m.register_forward_pre_hook(lambda module, inputs: (inputs[0].double(),))
-                 for m in (ours.t_embedder, official.t_embedder.mlp)]
+        # In float64 the gap stays at round-off. The official DiT computes the sinusoidal features in float32
+        # (t.float()) and feeds them to a float64 MLP, so its MLP input is cast up here; ours is told to compute them
+        # in float32 too (dit.feature_dtype), then restored.
+        hook = official.t_embedder.mlp.register_forward_pre_hook(lambda module, inputs: (inputs[0].double(),))
+        feature_dtype, dit.feature_dtype = dit.feature_dtype, lambda dtype: torch.float32
         report('network output, both in float64', ours.double()(x.double(), t.double(), y),
                official.double()(x.double(), t, y))
-        for h in hooks:
-            h.remove()
+        dit.feature_dtype = feature_dtype
+        hook.remove()
         ours, official = ours.float(), official.float()
 
         # The denoiser: official pred_xstart vs our sigma-frame D, through pretrained.py's wrapper and schedule.
