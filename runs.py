@@ -27,6 +27,8 @@ import errno
 import json
 import math
 import os
+import re
+import socket
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -248,6 +250,8 @@ class Setup:
     micro_batch: int                            # images per micro-batch on this process
     ckpt_path: str                              # OUT/ckpt.pt
     resume: str = None                          # checkpoint to continue from, or None
+    replaces: bool = False                      # OUT holds a previous run that this one replaces (set aside)
+    lock: object = None                         # the open OUT/.lock (rank 0), held until the process ends
 
     @property
     def is_main(self):
@@ -262,12 +266,13 @@ def start_run(args):
     # The global batch splits evenly over processes and accumulation steps, or the effective batch would differ.
     if args.batch_size % (world * args.grad_accum):
         raise SystemExit(f'error: --batch-size {args.batch_size} must be divisible by processes x --grad-accum = {world * args.grad_accum}')
-    ckpt_path, resume = prepare_run_folder(args) if rank == 0 else (os.path.join(args.out, 'ckpt.pt'), None)
+    ckpt_path, resume, replaces, lock = (prepare_run_folder(args) if rank == 0 else
+                                         (os.path.join(args.out, 'ckpt.pt'), None, False, None))
     if world > 1:
         resume = [resume]
         dist.broadcast_object_list(resume)
         resume = resume[0]
-    return Setup(rank, world, device, args.batch_size // (world * args.grad_accum), ckpt_path, resume)
+    return Setup(rank, world, device, args.batch_size // (world * args.grad_accum), ckpt_path, resume, replaces, lock)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -475,22 +480,60 @@ def prepare_run_folder(args):
             pass
     except OSError as e:
         raise SystemExit(f'error: cannot write to --out {args.out!r}: {e.strerror or e}') from None
+    lock = lock_run_folder(args.out)
     # --resume auto means: this folder's checkpoint if there is one, else a fresh start in this folder.
     ckpt_path = os.path.join(args.out, 'ckpt.pt')
     resume = ckpt_path if args.resume == 'auto' and os.path.exists(ckpt_path) else (None if args.resume == 'auto' else args.resume)
     has_run = os.path.exists(ckpt_path) or os.path.exists(os.path.join(args.out, 'log.jsonl'))
     continues_it = resume is not None and os.path.abspath(resume) == os.path.abspath(ckpt_path)
     # A folder with a checkpoint or a log holds someone's run: a new run there would replace its checkpoint
-    # and mix two runs in one log. Only an explicit --overwrite (or continuing it) may touch it.
-    if has_run and not continues_it and args.resume != 'auto':
-        if not args.overwrite:
-            raise SystemExit(f'error: {args.out} already holds a run (ckpt.pt / log.jsonl). Use --resume auto to continue '
-                             f'it, a new --out for a new run, or --overwrite to replace it.')
-        for name in os.listdir(args.out):                               # --overwrite: the old run's own files go
-            if name in ('ckpt.pt', 'log.jsonl') or (name.endswith(('.png', '.pt')) and name.startswith(('samples_', 'ckpt_'))):
-                os.remove(os.path.join(args.out, name))
-        print(f'--overwrite: removed the previous run in {args.out}')
-    return ckpt_path, resume
+    # and mix two runs in one log. Only an explicit --overwrite, or --resume auto in a folder whose run never
+    # reached its first checkpoint, starts afresh there; the previous run's files are then set aside, not deleted,
+    # once the new run has its data and model (set_aside_previous_run), so a typo in a flag loses nothing.
+    if has_run and not continues_it and args.resume != 'auto' and not args.overwrite:
+        raise SystemExit(f'error: {args.out} already holds a run (ckpt.pt / log.jsonl). Use --resume auto to continue '
+                         f'it, a new --out for a new run, or --overwrite to replace it (its files are kept aside).')
+    return ckpt_path, resume, has_run and not continues_it, lock
+
+
+# The files a run writes in its folder, by exact name: --overwrite sets aside these and nothing else.
+RUN_FILES = re.compile(r'(ckpt\.pt|log\.jsonl|log\.png|nearest_pairs\.png|samples_\d{7}\.(png|gif)|ckpt_\d{7}\.pt)')
+
+
+def set_aside_previous_run(out):
+    """Move the previous run's files (RUN_FILES, nothing else) into a new subfolder of `out`, deleting nothing."""
+    names = sorted(n for n in os.listdir(out) if RUN_FILES.fullmatch(n))
+    if not names:
+        return None
+    folder = tempfile.mkdtemp(prefix='previous_run_', dir=out)
+    for name in names:
+        os.replace(os.path.join(out, name), os.path.join(folder, name))
+    print(f'the previous run in {out} ({len(names)} files) was moved to {folder}; delete it when no longer needed')
+    return folder
+
+
+def lock_run_folder(out):
+    """An exclusive lock on OUT/.lock for the life of the process (released by the OS even on kill -9), so a
+    second run started into the same folder is refused instead of mixing its checkpoint and log with the first's.
+    Returns the open lock file (keep it), or None where fcntl does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    f = open(os.path.join(out, '.lock'), 'a+')
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip()
+        f.close()
+        raise SystemExit(f'error: another run is using {out} ({holder or "a running process"}); wait for it to end, or '
+                         'give a new --out') from None
+    f.seek(0)
+    f.truncate()
+    f.write(f'process {os.getpid()} on {socket.gethostname()}')
+    f.flush()
+    return f
 
 
 @torch.no_grad()
@@ -640,8 +683,13 @@ class RunLog:
 
 
 def open_log(run, setup, args):
-    """The run's log (rank 0 only; None on the other ranks)."""
-    return RunLog(os.path.join(args.out, 'log.jsonl'), run.step) if setup.is_main else None
+    """The run's log (rank 0 only; None on the other ranks). Called once data and model are ready: a run that
+    replaces a previous one (--overwrite) sets that run's files aside here, not before its flags have proved good."""
+    if not setup.is_main:
+        return None
+    if setup.replaces:
+        set_aside_previous_run(args.out)
+    return RunLog(os.path.join(args.out, 'log.jsonl'), run.step)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -668,6 +716,8 @@ def finish_run(run, setup, log, last_good=None):
         dist.destroy_process_group()
     if log:
         log.close()
+    if setup.lock:
+        setup.lock.close()                                  # the folder is free for the next run
     if run.skipped:
         held = (f'holds the weights from before them (step {run.step - run.skipped} of training)'
                 if last_good in (None, run.step) else f'holds step {last_good}, the last good one')

@@ -134,6 +134,67 @@ def test_no_checkpoint_over_a_good_one_while_steps_are_skipped(tmp_path):
     assert step_of(out / 'ckpt.pt') == 2
 
 
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """Issue 23 #4: two runs started into one folder while the first loads its data were both accepted (neither had
+    written ckpt.pt or log.jsonl yet); one run's checkpoint and log vanished. Now the folder is locked for the life
+    of a run: the second is refused at once, the first ends with its own checkpoint and log."""
+    import subprocess
+    import sys
+    from programs import ROOT
+    out = tmp_path / 'run'
+    slow_data = ('import runs, sys, time\nload = runs.load_training_data\n'
+                 'def slow(args):\n    print("loading", flush=True)\n    time.sleep(4)\n    return load(args)\n'
+                 'runs.load_training_data = slow\n')
+    first = subprocess.Popen([sys.executable, '-c', slow_data + 'import runpy\nsys.argv = ' +
+                              repr(['train.py'] + FAST + ['--out', str(out), '--steps', '3']) +
+                              '\nrunpy.run_path("train.py", run_name="__main__")'],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS='1'))
+    try:
+        assert first.stdout.readline().strip() == 'loading'            # the first run holds the folder
+        with pytest.raises(SystemExit, match='another run is using'):
+            run(out, '--steps', '1')
+    finally:
+        first.communicate(timeout=300)
+    assert first.returncode == 0
+    assert step_of(out / 'ckpt.pt') == 3 and log_steps(out / 'log.jsonl') == [1, 2, 3]
+    run(out, '--steps', '4', '--resume', 'auto')                        # free again once the first has ended
+    assert step_of(out / 'ckpt.pt') == 4
+
+
+def test_overwrite_keeps_the_previous_run_until_the_new_one_starts_and_then_sets_it_aside(tmp_path):
+    """Issue 23 #5 and #6: --overwrite deleted the old run before the new one could start (a typo in --dataset left
+    nothing), and deleted by name pattern files the run never wrote. Now nothing is deleted: the run's own files
+    (by exact name) move to a previous_run_* subfolder once the new run has its data and model."""
+    out = tmp_path / 'run'
+    run(out, '--steps', '2')
+    (out / 'samples_best.png').write_bytes(b'mine')                     # the user's files beside the run
+    (out / 'ckpt_good.pt').write_bytes(b'mine too')
+    with pytest.raises(SystemExit, match='nonexistent'):
+        run(out, '--steps', '1', '--overwrite', '--dataset', 'nonexistent')
+    assert step_of(out / 'ckpt.pt') == 2 and log_steps(out / 'log.jsonl') == [1, 2]   # a typo loses nothing
+    said = run(out, '--steps', '1', '--overwrite').stdout
+    assert step_of(out / 'ckpt.pt') == 1 and log_steps(out / 'log.jsonl') == [1] and 'was moved to' in said
+    kept = [p for p in out.iterdir() if p.name.startswith('previous_run_')]
+    assert len(kept) == 1 and step_of(kept[0] / 'ckpt.pt') == 2 and log_steps(kept[0] / 'log.jsonl') == [1, 2]
+    assert (kept[0] / 'samples_0000002.png').exists()
+    assert (out / 'samples_best.png').read_bytes() == b'mine' and (out / 'ckpt_good.pt').read_bytes() == b'mine too'
+
+
+def test_resume_auto_without_a_checkpoint_keeps_the_old_log(tmp_path):
+    """Issue 23 #7: --resume auto in a folder whose run never reached a checkpoint silently started afresh and
+    replaced its log. Now the fresh start is stated and the old log is kept aside."""
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match='KeyboardInterrupt'):          # killed before its first checkpoint
+        run(out, '--steps', '4', '--ckpt-every', '4',
+            patch='import runs\nreal = runs.get_lr\nruns.get_lr = lambda step, args: kill() if step == 2 else real(step, args)')
+    assert not (out / 'ckpt.pt').exists() and log_steps(out / 'log.jsonl') == [1, 2]
+    said = run(out, '--steps', '1', '--resume', 'auto').stdout
+    assert 'was moved to' in said and log_steps(out / 'log.jsonl') == [1]
+    kept = [p for p in out.iterdir() if p.name.startswith('previous_run_')]
+    assert len(kept) == 1 and log_steps(kept[0] / 'log.jsonl') == [1, 2]
+
+
 def test_kill_during_the_final_grid_then_resume_auto_writes_it(tmp_path):
     """Issue 11 #4: the checkpoint of the last step exists, so --resume auto had nothing to do and exited 0."""
     out = tmp_path / 'run'
@@ -171,7 +232,8 @@ torch.save = full
     with pytest.raises(SystemExit, match='disk full') as e:
         run(out, '--steps', '2', '--resume', 'auto', patch=full)
     assert 'still holds the previous checkpoint' in error_of(e)
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'log.png', 'samples_0000001.png'] and step_of(out / 'ckpt.pt') == 1
+    assert sorted(n for n in os.listdir(out) if n != '.lock') == ['ckpt.pt', 'log.jsonl', 'log.png', 'samples_0000001.png']
+    assert step_of(out / 'ckpt.pt') == 1
 
 
 def test_sample_output_paths_are_checked_before_sampling(tmp_path, ckpt, monkeypatch):

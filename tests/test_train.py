@@ -33,7 +33,7 @@ def test_train_writes_checkpoint_log_and_grid_then_sample_reads_them(tmp_path):
     out = tmp_path / 'run'
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)            # loads without pickled code
     assert ckpt['step'] == 4 and ckpt['config']['data']['num_classes'] == 6
-    assert sorted(os.listdir(out)) == ['ckpt.pt', 'log.jsonl', 'log.png', 'samples_0000004.png']   # no temp files
+    assert sorted(n for n in os.listdir(out) if n != '.lock') == ['ckpt.pt', 'log.jsonl', 'log.png', 'samples_0000004.png']   # no temp files
     records = read_log(out / 'log.jsonl')
     assert [r['step'] for r in records if 'loss' in r] == [2, 4]
     assert any('val_loss' in r for r in records) and all(len(r['loss_by_sigma']) > 0 for r in records if 'loss' in r)
