@@ -22,7 +22,7 @@ leaves half a file):
     args        the flags of the run (sample.py takes its grid settings as defaults)
 
 Writers: network_config, classifier_config, superres_config, autoencoder_config -> (config_name, net kwargs);
-make_config(...) -> the config dict; latent_record(...). Readers: load_checkpoint, build_network, build_diffusion,
+diffusion_config, data_config, make_config(...) -> the config dict; latent_record(...). Readers: load_checkpoint, build_network, build_diffusion,
 load_model, sample_shape, load_autoencoder, latent_decoder. Every reading failure is a SystemExit that says what
 the file is and what to do, never a KeyError from deep inside: a checkpoint is user input.
 
@@ -141,14 +141,19 @@ def diffusion_config(args):
             'sigma_data': args.sigma_data, **({'T': args.T} if schedule in ('linear', 'cosine') else {})}
 
 
-def make_config(task, model, config_name, net, dataset_name, dataset, num_classes, diffusion=None, **extra):
-    """The config stored in every checkpoint (schema in the module docstring). dataset: what the images are (for
-    latent diffusion, the images, not the latents); extra: 'superres' or 'autoencoder' records."""
+def data_config(dataset_name, dataset):
+    """config['data']: what the images are (for latent diffusion the images, not the latents). dataset: anything
+    with resolution, channels, num_classes (0: unconditional), and optionally class_names and frames."""
+    return {'dataset': dataset_name, 'resolution': dataset.resolution, 'channels': dataset.channels,
+            'num_classes': dataset.num_classes, 'class_names': list(getattr(dataset, 'class_names', None) or []),
+            'frames': getattr(dataset, 'frames', 0)}
+
+
+def make_config(task, model, config_name, net, data, diffusion=None, **extra):
+    """The config stored in every checkpoint (schema in the module docstring). data: data_config(...); extra:
+    'superres' or 'autoencoder' records (pretrained.py: 'pretrained', the published model's name)."""
     return {'task': task, 'model': model, 'config_name': config_name, 'net': net, **extra,
-            'diffusion': diffusion or {},
-            'data': {'dataset': dataset_name, 'resolution': dataset.resolution, 'channels': dataset.channels,
-                     'num_classes': num_classes, 'class_names': list(getattr(dataset, 'class_names', None) or []),
-                     'frames': getattr(dataset, 'frames', 0)}}
+            'diffusion': diffusion or {}, 'data': data}
 
 
 def latent_record(path, autoencoder, latent_shape):

@@ -262,8 +262,8 @@ def make_config(args, dataset, latents=None):
     else:
         name, net = checkpoints.network_config(args, latents[0] if latents else dataset, num_classes,
                                                AUG_DIM if args.aug_p > 0 else 0)
-    return checkpoints.make_config(args.task, args.model, name, net, args.dataset, dataset, num_classes,
-                                   checkpoints.diffusion_config(args), **extra)
+    data = dict(checkpoints.data_config(args.dataset, dataset), num_classes=num_classes)   # 0 with --unconditional
+    return checkpoints.make_config(args.task, args.model, name, net, data, checkpoints.diffusion_config(args), **extra)
 
 
 class LatentDataset:

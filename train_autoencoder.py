@@ -56,7 +56,7 @@ def main(args):
     device, is_main = setup.device, setup.is_main
     dataset, train_index, val_index = runs.load_training_data(args)
     name, net = checkpoints.autoencoder_config(args, dataset)
-    config = checkpoints.make_config('autoencoder', 'autoencoder', name, net, args.dataset, dataset, 0)
+    config = checkpoints.make_config('autoencoder', 'autoencoder', name, net, checkpoints.data_config(args.dataset, dataset))
 
     # Setup model: the autoencoder and its EMA, Adam with betas (0.5, 0.9) as LDM/VQGAN (momentum fights the
     # discriminator's moving target), and the loss module holding the PatchGAN discriminator with its own Adam.

@@ -41,7 +41,7 @@ def main(args):
     device, is_main = setup.device, setup.is_main
     dataset, train_index, val_index = runs.load_training_data(args)
     name, net = checkpoints.classifier_config(args, dataset)
-    config = checkpoints.make_config('classifier', 'classifier', name, net, args.dataset, dataset, dataset.num_classes,
+    config = checkpoints.make_config('classifier', 'classifier', name, net, checkpoints.data_config(args.dataset, dataset),
                                      checkpoints.diffusion_config(args))
     run = runs.make_trainee(args, checkpoints.build_network(config), checkpoints.build_network(config), setup,
                             checkpoints.build_diffusion(config))

@@ -25,7 +25,7 @@ def test_a_config_rebuilds_the_same_network_and_diffusion(tmp_path):
     dataset = data.load_dataset('shapes', resolution=16, num_images=10)
     args = diffusion_args()
     name, net = checkpoints.network_config(args, dataset, dataset.num_classes, 0)
-    config = checkpoints.make_config('diffusion', 'unet', name, net, 'shapes', dataset, dataset.num_classes,
+    config = checkpoints.make_config('diffusion', 'unet', name, net, checkpoints.data_config('shapes', dataset),
                                      checkpoints.diffusion_config(args))
     # the schema the docstring promises
     assert set(config) == {'task', 'model', 'config_name', 'net', 'diffusion', 'data'}
