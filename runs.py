@@ -7,9 +7,11 @@ shares, so each of them shows only its own algorithm and loop.
     check_output_path(path, exts, flag)     THE one output-path check, before any long work (ValueError naming flag)
 
 What "trust" means here, and where each promise is kept:
-  - nothing lost: a run folder is never silently reused (prepare_run_folder); checkpoints are written atomically,
-    and weights that are non-finite or exploded never replace the last good checkpoint (save_checkpoint); a full
-    disk is reported as such, with what survived
+  - nothing lost: a run folder is never silently reused, and is locked while a run uses it (prepare_run_folder,
+    lock_run_folder); a replaced run's files are moved aside, never deleted (set_aside_previous_run); checkpoints
+    are written atomically, and weights that are non-finite, exploded or no longer compute never replace the last
+    good checkpoint, nor does a step while steps are being skipped (save_checkpoint); a full disk or a file-size
+    limit is reported as such, with what survived
   - exact resume: every piece of state lives in an owner with a state_dict() (Trainee), the dropout RNG of every
     rank is saved (rng_states), and each micro-batch draws from a generator seeded by (seed, step, rank, micro)
     (step_generator), so a resumed run is bit-identical to an uninterrupted one; flags that change the result

@@ -2,9 +2,10 @@
 Sample a trained model: `python sample.py --ckpt runs/default/ckpt.pt`.
 
 This file is the one place that turns a model into pictures. The training programs (grids, through
-reports.py), evaluate.py and the benchmarks import it; it never imports a training program. The model is rebuilt
-from the checkpoint's config by checkpoints.py (as nanoGPT's and DiT's sample.py rebuild it and import only the
-model file), files are written by runs.atomic_write, and a video is extended by video.extend_video.
+reports.py), evaluate.py and the benchmarks import it; it never imports a training program. What it builds on:
+checkpoints.py rebuilds the model from the checkpoint's config (as nanoGPT's and DiT's sample.py rebuild it and
+import only the model file), knobs.py turns the sampling flags (shared with evaluate.py) into sigmas and guided
+denoisers, runs.atomic_write writes every file, video.extend_video continues clips, cascade.py runs SR stages.
 
     load_model(path, device, use_ema=True) -> (network in eval mode, Diffusion, config)     (checkpoints.py)
     generate(net, diffusion, n, shape, device, labels, num_classes, sampler, steps, guidance, seed, ...)
