@@ -377,6 +377,7 @@ def total_variation(p, q):
 
 DISCRETE_CONFIGS = {
     'tiny': dict(dim=32, depth=1, heads=2),          # tests (milliseconds)
+    'XS': dict(dim=96, depth=2, heads=4),            # MNIST tokens on a shared CPU core, about 0.3M parameters
     'S': dict(dim=128, depth=4, heads=4),            # MNIST tokens on a CPU, about 0.9M parameters with 512 codes
     'B': dict(dim=256, depth=8, heads=8),
 }

@@ -61,6 +61,15 @@ def is_discrete_checkpoint(path):
     return isinstance(config, dict) and config.get('task') == 'discrete'
 
 
+def is_discrete_argv(argv):
+    """Whether a command line's --ckpt names a discrete checkpoint (sample.py's hook hands those to this program)."""
+    for i, a in enumerate(argv):
+        path = argv[i + 1] if a == '--ckpt' and i + 1 < len(argv) else a[len('--ckpt='):] if a.startswith('--ckpt=') else None
+        if path is not None:
+            return is_discrete_checkpoint(path)
+    return False
+
+
 def check_discrete_config(config, path):
     """The config keys this program reads, each checked: a damaged or foreign file is a message, not a KeyError."""
     problems = []
@@ -150,6 +159,29 @@ def default_labels(config, n, label=None):
     if label is not None:
         return torch.full((n,), int(label), dtype=torch.long)
     return torch.arange(n) % num_classes
+
+
+def sample_for_evaluate(args):
+    """evaluate.py's hook for a discrete checkpoint: (uint8 images, labels) of --num-gen samples, classes by its
+    --conditions (uniform or fixed; data/real need reference labels, as evaluate.sample_checkpoint), decoded with the
+    run's --sample-decoder, --steps (else the run's) and --guidance (else the run's)."""
+    import evaluate
+    net, process, config, decode = load_discrete_model(args.generated, args.device)
+    n, num_classes = args.num_gen or 2000, config['net']['num_classes']
+    labels = None
+    if num_classes:
+        mode = args.conditions or 'uniform'
+        reference = evaluate.load_labels(args.reference) if mode in ('data', 'real') else None
+        labels = torch.from_numpy(evaluate.choose_conditions(mode, n, num_classes, reference, args.fixed_class,
+                                                             args.seed))
+    run = config['args']
+    options = dict(decoder=run.get('sample_decoder', 'maskgit'), steps=getattr(args, 'steps', None) or run.get('sample_steps', 12),
+                   guidance=run.get('guidance', 1.0) if getattr(args, 'guidance', None) is None else args.guidance)
+    images = evaluate.samples_to_uint8(generate(net, process, decode, n, labels, args.batch_size, seed=args.seed,
+                                                device=args.device, **options), args.generated)
+    args.sampling = f"{options['decoder']}, {options['steps']} steps, guidance {options['guidance']:g}"
+    print(f'sampled {n} images from {args.generated} ({args.sampling})')
+    return images, labels
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -173,8 +173,8 @@ def make_config(args, dataset, ae, grid):
                seq_len=int(grid[0] * grid[1]), num_classes=num_classes)
     net = discrete.TokenTransformer(**net).config
     diffusion = {'process': args.process, 'schedule': args.schedule, 'T': args.T, 'hybrid_lambda': args.hybrid_lambda}
-    return checkpoints.make_config('discrete', 'token_transformer', args.config, net, args.dataset, dataset,
-                                   num_classes, diffusion,
+    data = dict(checkpoints.data_config(args.dataset, dataset), num_classes=num_classes)
+    return checkpoints.make_config('discrete', 'token_transformer', args.config, net, data, diffusion,
                                    autoencoder=checkpoints.latent_record(args.autoencoder, ae, list(grid)))
 
 

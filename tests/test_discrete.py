@@ -280,3 +280,48 @@ def test_token_transformer_learns_a_joint_distribution():
     with torch.no_grad():
         bound = exact_elbo(p, process, L, 16, lambda x, t, **c: net(x, t.float()).double())
     assert nll <= bound < nll + 0.25 * (independent - nll), (bound, nll, independent)
+
+
+# ----------------------------------------------------------------------------
+# The VQ token path and the command lines
+
+def test_tokens_decode_as_the_autoencoder_reconstructs():
+    """decode_tokens(encode_tokens(x)) is the VQ autoencoder's own reconstruction (quantise inside decode_raw)."""
+    import sample_discrete
+    import vae
+    torch.manual_seed(0)
+    ae = vae.Autoencoder('tiny-vq').eval()
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    tokens = sample_discrete.encode_tokens(ae, x)
+    assert tokens.shape == (3, 8, 8) and tokens.max() < ae.config['codebook_size']
+    with torch.no_grad():
+        assert torch.allclose(sample_discrete.decode_tokens(ae, tokens), ae.decode_raw(ae.encode_raw(x)), atol=1e-5)
+
+
+def test_train_then_sample_through_the_command_lines(tmp_path):
+    """train_autoencoder.py --vq, train_discrete.py on its tokens (cached once), sample_discrete.py with both
+    decoders: the checkpoint records the autoencoder and the token grid, the log the bits per token."""
+    import json
+    import numpy as np
+    from programs import run_program
+    ae, run = tmp_path / 'ae', tmp_path / 'discrete'
+    fast = ['--resolution', '16', '--batch-size', '8', '--no-progress', '--sample-every', '0']
+    run_program('train_autoencoder.py', fast + ['--vq', '--vae-config', 'tiny-vq', '--steps', '2', '--disc-weight', '0',
+                                                '--lpips', 'off', '--val-every', '0', '--out', ae])
+    argv = fast + ['--autoencoder', ae / 'ckpt.pt', '--config', 'tiny', '--steps', '3', '--log-every', '1',
+                   '--val-every', '3', '--sample-steps', '2', '--out', run]
+    first = run_program('train_discrete.py', argv)
+    assert 'cached in' in first.stdout and list(ae.glob('tokens_shapes_train_16_*.pt'))
+    ckpt = torch.load(run / 'ckpt.pt', weights_only=True)
+    assert ckpt['config']['task'] == 'discrete' and ckpt['config']['autoencoder']['latent_shape'] == [8, 8]
+    assert ckpt['config']['net']['vocab_size'] == 16 and ckpt['step'] == 3
+    log = [json.loads(line) for line in open(run / 'log.jsonl')]
+    assert [r['step'] for r in log if 'bits_per_token' in r] == [1, 2, 3]
+    assert any('val_bits_per_token' in r for r in log) and (run / 'samples_0000003.png').exists()
+    second = run_program('train_discrete.py', argv[:-2] + ['--steps', '1', '--out', tmp_path / 'again'])
+    assert 'read from' in second.stdout                                  # the tokens were encoded once
+    run_program('sample_discrete.py', ['--ckpt', run / 'ckpt.pt', '--decoder', 'maskgit', '--steps', '3', '-n', '5',
+                                       '--out', tmp_path / 'maskgit.png', '--npz', tmp_path / 'maskgit.npz'])
+    out = np.load(tmp_path / 'maskgit.npz')
+    assert out['samples'].shape == (5, 16, 16, 3) and out['samples'].dtype == np.uint8
+    assert list(out['labels']) == [i % ckpt['config']['net']['num_classes'] for i in range(5)]   # classes cycling
