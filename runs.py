@@ -593,6 +593,12 @@ def save_checkpoint(run, config, args, setup, last_good, probe_loss=None):
     return run.step
 
 
+def saved_step(run, setup):
+    """The step OUT/ckpt.pt holds at the start: the resumed step when continuing it, else 0 (none written yet)."""
+    continues = setup.resume and os.path.abspath(setup.resume) == os.path.abspath(setup.ckpt_path)
+    return run.step if continues else 0
+
+
 def resume_run(run, config, args, setup, resume_flags=RESUME_FLAGS):
     """Restore every owner's state from a checkpoint of the same configuration. Flags that change what an
     uninterrupted run would do (resume_flags, the number of processes) must match unless --allow-changes."""

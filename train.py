@@ -90,7 +90,7 @@ def main(args):
                             checkpoints.build_diffusion(config))
     if setup.resume:
         runs.resume_run(run, config, args, setup, RESUME_FLAGS)
-    last_good = run.step                        # the step ckpt.pt holds (0: none yet): a blow-up never replaces it
+    last_good = runs.saved_step(run, setup)     # the step ckpt.pt holds (0: none yet): a blow-up never replaces it
     log = runs.open_log(run, setup, args)
     if is_main:
         describe_run(args, config, run, dataset, train_index, val_index, setup)

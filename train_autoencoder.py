@@ -66,7 +66,7 @@ def main(args):
                             extras={'discriminator': gan.discriminator, 'gan_optimizer': gan_optimizer})
     if setup.resume:
         runs.resume_run(run, config, args, setup, RESUME_FLAGS)
-    last_good, log = run.step, runs.open_log(run, setup, args)
+    last_good, log = runs.saved_step(run, setup), runs.open_log(run, setup, args)
     if is_main:
         print(f"autoencoder '{name}' {sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M parameters, "
               f'downsampling {run.net.downsample_factor}; {args.dataset}: {len(train_index)} training images; '

@@ -47,7 +47,7 @@ def main(args):
                             checkpoints.build_diffusion(config))
     if setup.resume:
         runs.resume_run(run, config, args, setup)
-    last_good, log = run.step, runs.open_log(run, setup, args)
+    last_good, log = runs.saved_step(run, setup), runs.open_log(run, setup, args)
     if is_main:
         print(f"classifier '{name}' {sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M parameters; "
               f'{args.dataset}: {len(train_index)} training + {len(val_index)} held-out images, '
