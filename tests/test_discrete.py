@@ -52,7 +52,9 @@ def test_marginals_are_products_of_transition_matrices(kind, schedule):
         step = process.transition_matrix(process.alpha(ts[i - 1]), process.alpha(ts[i]))
         # The one-step matrix from its definition: keep with prob 1 - beta, else jump to the stationary law
         beta = 1 - process.alpha(ts[i]) / process.alpha(ts[i - 1]) if process.alpha(ts[i - 1]) > 0 else 1.0
-        target = process.stationary()
+        # where a corrupted token goes: the mask (index K), or any of the K tokens uniformly (D3PM Sec. 3.1)
+        target = (F.one_hot(torch.tensor(K), K + 1).double() if kind == 'absorbing'
+                  else torch.full((K,), 1 / K, dtype=torch.float64))
         assert torch.allclose(step, (1 - beta) * torch.eye(process.num_states, dtype=torch.float64)
                               + beta * target[None].expand_as(step), atol=1e-12)
         product = product @ step
@@ -137,24 +139,54 @@ def test_maskgit_random_order_is_exact_with_one_token_per_iteration():
     assert tv_of(x, p) > TV_TOL                                      # 2 iterations: two tokens drawn independently
 
 
-def test_maskgit_reveals_tokens_on_the_cosine_schedule():
+@pytest.mark.parametrize('Lbig,T,expected', [(16, 6, [15, 13, 11, 8, 4]), (4, 8, [3, 2, 1, 1, 1, 1, 1])])
+def test_maskgit_reveals_tokens_on_the_cosine_schedule(Lbig, T, expected):
     """Masked tokens after iteration k: clip(floor(L cos(pi k / 2T)), 1, masked - 1) (MaskGIT Sec. 3.2-3.3 and its
-    reference code), none at the end; tokens once revealed never change."""
-    Lbig, T = 16, 6
+    reference code; the clip matters in the second case), none at the end; revealed tokens never change."""
     process = DiscreteProcess('absorbing', K, 'cosine')
     history = []
     denoiser = lambda x, t, **c: torch.zeros(*x.shape, K)
     x = discrete.sample_maskgit(denoiser, process, (2, Lbig), T, generator=torch.Generator().manual_seed(0),
                                 callback=lambda k, t, x, p: history.append(x.clone()))
-    masked, expected = Lbig, []
+    masked, by_formula = Lbig, []
     for k in range(1, T):
         masked = max(1, min(masked - 1, math.floor(Lbig * math.cos(math.pi / 2 * k / T))))
-        expected.append(masked)
-    assert [int((h == process.mask_id).sum(1)[0]) for h in history] == expected == [15, 13, 11, 8, 4]
+        by_formula.append(masked)
+    assert [int((h == process.mask_id).sum(1)[0]) for h in history] == by_formula == expected
     for before, after in zip(history, history[1:] + [x]):
         known = before != process.mask_id
         assert torch.equal(after[known], before[known])
     assert (x != process.mask_id).all()
+
+
+@pytest.mark.parametrize('schedule', ['linear', 'cosine'])
+def test_ancestral_unmasking_follows_the_forward_marginal(schedule):
+    """After the step to time s the share of still-masked tokens is 1 - alpha(s) (the reverse chain has the forward
+    process's marginals, MD4 Sec. 3), within 4 sigma on 4000 x 16 tokens; unmasked tokens never change."""
+    process = DiscreteProcess('absorbing', K, schedule)
+    shares, history = [], []
+    logits = torch.randn(1, 16, K, generator=torch.Generator().manual_seed(1))
+    denoiser = lambda x, t, **c: logits.expand(x.shape[0], -1, -1)
+    discrete.sample_ancestral(denoiser, process, (4000, 16), 8, generator=torch.Generator().manual_seed(0),
+                              callback=lambda i, t, x, p: history.append(x.clone()))
+    for i, x in enumerate(history):
+        s = torch.tensor(1 - (i + 1) / 8, dtype=torch.float64)
+        expected = 1 - process.alpha(s).item()
+        assert abs((x == process.mask_id).double().mean().item() - expected) < 4 * math.sqrt(0.25 / x.numel()) + 1e-12
+    for before, after in zip(history, history[1:]):
+        known = before != process.mask_id
+        assert torch.equal(after[known], before[known])
+
+
+def test_x0_probs_carry_over_unmasked_tokens():
+    """SUBS (MDLM Sec. 3.2.1): whatever the network says, an unmasked token's p(x0 | x_t) is one-hot on itself;
+    masked tokens get the softmax of the logits."""
+    process = DiscreteProcess('absorbing', K)
+    x_t = torch.tensor([[K, 2, 0]])
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [5.0, 0.0, 0.0], [0.0, 0.0, 5.0]]])
+    probs = process.x0_probs(x_t, logits)
+    assert torch.allclose(probs[0, 0], torch.softmax(logits[0, 0].double(), -1))
+    assert torch.equal(probs[0, 1:], F.one_hot(torch.tensor([2, 0]), K).double())
 
 
 def test_maskgit_confidence_order_favours_likely_tokens():
