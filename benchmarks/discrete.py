@@ -8,7 +8,8 @@ held-out real images (as benchmarks/class_accuracy.py), then for each decoder an
   - FD_lenet: the Frechet distance (evaluate.frechet_distance) between the LeNet features of the samples and of the
     held-out real images (evaluate.py's LeNet-feature Frechet distance; not FID, and biased upwards at few samples:
     compare rows, not papers),
-  - images/s on this machine with the thread count it runs with (the decoder's network calls and the VQ decoder).
+  - images per CPU-second of this process (time.process_time: the decoder's network calls and the VQ decoder), with
+    the thread count it runs with; CPU time rather than wall time, so other programs on the machine do not count.
 Optionally (--latent CKPT) the same numbers for a continuous latent diffusion model of train.py (sample.generate,
 its own sampler), e.g. on the same autoencoder's continuous latents, and (--vq-recon) for the VQ autoencoder's own
 reconstructions of the held-out images (the ceiling any token model can reach).
@@ -67,29 +68,29 @@ def main(args):
                                                                         clf, real_stats), float('nan')))
     for decoder in args.decoders:
         for steps in args.steps:
-            t0 = time.time()
+            t0 = time.process_time()                  # CPU time of this process: robust to other load
             images = sample_discrete.generate(net, process, decode, len(labels), labels, args.batch, decoder=decoder,
                                               steps=steps, guidance=args.guidance, seed=args.seed,
                                               choice_temperature=args.choice_temperature)
-            rate = len(labels) / (time.time() - t0)
+            rate = len(labels) / (time.process_time() - t0)
             rows.append((f'discrete, {decoder}', steps, *lenet_scores(images, labels, clf, real_stats), rate))
             print(f'{rows[-1][0]:<28} steps {steps:>3}: class accuracy {rows[-1][2]:.3f}, FD_lenet {rows[-1][3]:.2f}, '
-                  f'{rate:.1f} images/s', flush=True)
+                  f'{rate:.1f} images per CPU-second', flush=True)
             if steps in args.grid_steps:
                 grid.append(images.reshape(d['num_classes'], args.n_per_class, *images.shape[1:])[:, :args.grid_cols])
     if args.latent:
         lnet, diffusion, lconfig = sample.load_model(args.latent)
         ldecode = sample.latent_decoder(lconfig)
         for steps in args.latent_steps:
-            t0 = time.time()
+            t0 = time.process_time()
             images = sample.generate(lnet, diffusion, len(labels), sample.sample_shape(lconfig), 'cpu', labels,
                                      d['num_classes'], args.latent_sampler, steps, args.guidance, seed=args.seed,
                                      batch_size=args.batch, decode=ldecode).clamp(-1, 1)
-            rate = len(labels) / (time.time() - t0)
+            rate = len(labels) / (time.process_time() - t0)
             rows.append((f'continuous latent, {args.latent_sampler}', steps, *lenet_scores(images, labels, clf, real_stats), rate))
             print(f'{rows[-1][0]:<28} steps {steps:>3}: class accuracy {rows[-1][2]:.3f}, FD_lenet {rows[-1][3]:.2f}, '
-                  f'{rate:.1f} images/s', flush=True)
-    print(f'\n| model, decoder | steps | class accuracy | FD_lenet | images/s ({torch.get_num_threads()} thread) |')
+                  f'{rate:.1f} images per CPU-second', flush=True)
+    print(f'\n| model, decoder | steps | class accuracy | FD_lenet | images per CPU-second ({torch.get_num_threads()} thread) |')
     print('|---|---|---|---|---|')
     for name, steps, acc, fd, rate in rows:
         print(f'| {name} | {steps} | {acc:.3f} | {fd:.2f} | {rate:.1f} |')
