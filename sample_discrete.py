@@ -175,7 +175,8 @@ def sample_for_evaluate(args):
         labels = torch.from_numpy(evaluate.choose_conditions(mode, n, num_classes, reference, args.fixed_class,
                                                              args.seed))
     run = config['args']
-    options = dict(decoder=run.get('sample_decoder', 'maskgit'), steps=getattr(args, 'steps', None) or run.get('sample_steps', 12),
+    options = dict(decoder=run.get('sample_decoder', 'maskgit'),
+                   steps=getattr(args, 'steps', None) or run.get('sample_steps', 12),
                    guidance=run.get('guidance', 1.0) if getattr(args, 'guidance', None) is None else args.guidance)
     images = evaluate.samples_to_uint8(generate(net, process, decode, n, labels, args.batch_size, seed=args.seed,
                                                 device=args.device, **options), args.generated)
@@ -195,7 +196,8 @@ def parse_args(argv=None):
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) with labels')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
     p.add_argument('--batch', type=int, default=256, help='samples per batch')
-    p.add_argument('--class', dest='label', default=None, help="class index; default: cycle through the classes ('none': unconditional)")
+    p.add_argument('--class', dest='label', default=None,
+                   help="class index; default: cycle through the classes ('none': unconditional)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--raw', action='store_true', help='use the raw weights instead of the EMA')
     p.add_argument('--device', default='cpu')
@@ -203,9 +205,11 @@ def parse_args(argv=None):
     g.add_argument('--decoder', '--sampler', dest='decoder', default=None, choices=DECODERS,
                    help="maskgit (confidence-ordered parallel decoding) or ancestral; default: the run's")
     g.add_argument('--steps', type=int, default=None, help="decoding steps / MaskGIT iterations; default: the run's")
-    g.add_argument('--guidance', type=float, default=None, help="classifier-free guidance scale on logits (1 = none); default: the run's")
+    g.add_argument('--guidance', type=float, default=None,
+                   help="classifier-free guidance scale on logits (1 = none); default: the run's")
     g.add_argument('--temperature', type=float, default=1.0, help='token sampling temperature (MaskGIT)')
-    g.add_argument('--choice-temperature', type=float, default=4.5, help="MaskGIT's Gumbel noise on the confidences (reference: 4.5)")
+    g.add_argument('--choice-temperature', type=float, default=4.5,
+                   help="MaskGIT's Gumbel noise on the confidences (reference: 4.5)")
     return p.parse_args(argv)
 
 

@@ -66,7 +66,8 @@ def main(args):
     tokens, labels = tokens.flatten(1), labels if config['net']['num_classes'] else torch.zeros_like(labels)
     if is_main:
         print(f"discrete diffusion ({args.process}, {args.schedule}) '{config['config_name']}' "
-              f'{sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M parameters on {tuple(config["autoencoder"]["latent_shape"])} '
+              f'{sum(p.numel() for p in run.net.parameters()) / 1e6:.2f}M parameters on '
+              f'{tuple(config["autoencoder"]["latent_shape"])} '
               f"tokens of {process.K} codes; {len(train_index)} training + {len(val_index)} held-out images; device {device}")
     bar = tqdm(total=args.steps, initial=run.step, disable=not is_main or args.no_progress, desc='train', dynamic_ncols=True)
     sums, count = [0.0, 0.0], 0
@@ -92,7 +93,8 @@ def main(args):
             bar.set_postfix(bpt=f'{bpt:.4f}')
             sums, count = [0.0, 0.0], 0
         if is_main and args.val_every and len(val_index) and (run.step % args.val_every == 0 or done):
-            log.write({'step': run.step, 'val_bits_per_token': held_out_bits(run, process, tokens, labels, val_index, args, device)})
+            bits = held_out_bits(run, process, tokens, labels, val_index, args, device)
+            log.write({'step': run.step, 'val_bits_per_token': bits})
 
         # Save checkpoint: only weights known to be good replace the previous one.
         if run.step % args.ckpt_every == 0 or done:
@@ -162,7 +164,8 @@ def cached_tokens(args, ae, dataset, device, chunk=256):
     tokens, labels = torch.cat(parts), torch.cat(labels)
     runs.atomic_write(path, lambda tmp: torch.save({'sha256': sha, 'tokens': tokens, 'labels': labels}, tmp))
     used = torch.unique(tokens).numel()
-    print(f'tokens: {tuple(tokens.shape)} from {len(dataset)} images, {used} of {ae.config["codebook_size"]} codes used; cached in {path}')
+    print(f'tokens: {tuple(tokens.shape)} from {len(dataset)} images, {used} of {ae.config["codebook_size"]} codes '
+          f'used; cached in {path}')
     return tokens, labels
 
 
@@ -187,7 +190,8 @@ def parse_args(argv=None):
     runs.add_run_flags(p)
     g = p.add_argument_group('discrete diffusion (discrete.py)')
     g.add_argument('--autoencoder', required=True, help='VQ autoencoder checkpoint (train.py --task autoencoder --vq)')
-    g.add_argument('--process', default='absorbing', choices=['absorbing', 'uniform'], help='corruption: masking or uniform resampling (D3PM)')
+    g.add_argument('--process', default='absorbing', choices=['absorbing', 'uniform'],
+                   help='corruption: masking or uniform resampling (D3PM)')
     g.add_argument('--schedule', default='cosine', choices=list(discrete.SCHEDULES), help='alpha(t), the share of clean tokens')
     g.add_argument('--config', default='S', choices=list(discrete.DISCRETE_CONFIGS), help='transformer size')
     g.add_argument('--T', type=int, default=1000, help='uniform process: steps of the D3PM ELBO (hybrid loss)')
@@ -195,7 +199,8 @@ def parse_args(argv=None):
     g.add_argument('--p-uncond', type=float, default=0.1, help='class dropout, for classifier-free guidance')
     g.add_argument('--unconditional', action='store_true', help='ignore the class labels')
     g = p.add_argument_group('grids')
-    g.add_argument('--sample-decoder', default='maskgit', choices=sample_discrete.DECODERS, help='decoder of the grids (the default of sample_discrete.py)')
+    g.add_argument('--sample-decoder', default='maskgit', choices=sample_discrete.DECODERS,
+                   help='decoder of the grids (the default of sample_discrete.py)')
     g.add_argument('--sample-steps', type=int, default=12, help='decoding steps of the grids')
     g.add_argument('--guidance', type=float, default=1.0, help='classifier-free guidance scale of the grids')
     return p.parse_args(argv)

@@ -87,7 +87,8 @@ def main(args):
                                      d['num_classes'], args.latent_sampler, steps, args.guidance, seed=args.seed,
                                      batch_size=args.batch, decode=ldecode).clamp(-1, 1)
             rate = len(labels) / (time.process_time() - t0)
-            rows.append((f'continuous latent, {args.latent_sampler}', steps, *lenet_scores(images, labels, clf, real_stats), rate))
+            scores = lenet_scores(images, labels, clf, real_stats)
+            rows.append((f'continuous latent, {args.latent_sampler}', steps, *scores, rate))
             print(f'{rows[-1][0]:<28} steps {steps:>3}: class accuracy {rows[-1][2]:.3f}, FD_lenet {rows[-1][3]:.2f}, '
                   f'{rate:.1f} images per CPU-second', flush=True)
     print(f'\n| model, decoder | steps | class accuracy | FD_lenet | images per CPU-second ({torch.get_num_threads()} thread) |')
