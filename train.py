@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import cascade
 import checkpoints
+import knobs
 import reports
 import runs
 import video
@@ -405,9 +406,8 @@ def check_diffusion_args(args, need):
         need(os.path.isfile(args.autoencoder), f'--autoencoder {args.autoencoder!r} does not exist')
         need(args.aug_p == 0, '--aug-p augments pixels; latent diffusion (--autoencoder) cannot use it')
     # Sampler options of the grids: an unknown one is reported now, not after the whole run at the first grid.
-    import sample
     try:
-        args.sampler_options = sample.check_sampler_options(args.sampler, sample.parse_sampler_options(args.sampler_opt))
+        args.sampler_options = knobs.check_sampler_options(args.sampler, knobs.parse_sampler_options(args.sampler_opt))
     except ValueError as e:
         need(False, str(e))
 
