@@ -176,7 +176,9 @@ def make_config(args, dataset, ae, grid):
                seq_len=int(grid[0] * grid[1]), num_classes=num_classes)
     net = discrete.TokenTransformer(**net).config
     diffusion = {'process': args.process, 'schedule': args.schedule, 'T': args.T, 'hybrid_lambda': args.hybrid_lambda}
-    data = dict(checkpoints.data_config(args.dataset, dataset), num_classes=num_classes)
+    data = checkpoints.data_config(args.dataset, dataset)
+    if args.unconditional:                      # the classes exist but the model does not see them
+        data.update(num_classes=0, class_names=[])
     return checkpoints.make_config('discrete', 'token_transformer', args.config, net, data, diffusion,
                                    autoencoder=checkpoints.latent_record(args.autoencoder, ae, list(grid)))
 
