@@ -29,13 +29,16 @@ the file is and what to do, never a KeyError from deep inside: a checkpoint is u
     net, diffusion, config = load_model('runs/default/ckpt.pt')
 """
 import hashlib
+import inspect
+import math
 import os
+import pickle
 
 import torch
 
 import vae
 from classifier import CLASSIFIER_CONFIGS, NoiseConditionalClassifier
-from diffusion import NOISE_SCHEDULES, Diffusion
+from diffusion import NOISE_SCHEDULES, PREDICTIONS, Diffusion
 from dit import DIT_CONFIGS, DiT
 from unet import UNET_CONFIGS, UNet
 
@@ -179,17 +182,151 @@ def config_mismatch(a, b, prefix=''):
 # ----------------------------------------------------------------------------------------------------
 # Reading.
 
+# What a file is, from its first bytes: a wrong file is named ("a PNG image"), never torch's unpickling advice.
+FILE_SIGNATURES = ((b'\x89PNG', 'a PNG image'), (b'\xff\xd8\xff', 'a JPEG image'), (b'GIF8', 'a GIF image'),
+                   (b'BM', 'a BMP image'), (b'RIFF', 'a RIFF (WebP/WAV/AVI) file'), (b'%PDF', 'a PDF document'),
+                   (b'\x93NUMPY', 'a NumPy .npy array'), (b'\x1f\x8b', 'a gzip archive'), (b'{', 'a JSON/text file'))
+# Which task a caller may expect (load_checkpoint / load_model expect=), and which program writes each task.
+EXPECT = {'diffusion': ('diffusion', 'superres'), 'base': ('diffusion',), 'superres': ('superres',),
+          'classifier': ('classifier',), 'autoencoder': ('autoencoder',), 'discrete': ('discrete',)}
+WRITTEN_BY = {'diffusion': 'a diffusion model (train.py)', 'superres': 'a super-resolution stage (train.py --task superres)',
+              'classifier': 'a classifier checkpoint (train_classifier.py)',
+              'autoencoder': 'an autoencoder checkpoint (train_autoencoder.py)',
+              'discrete': 'a discrete token model (train_discrete.py)'}
+WANTED = {'diffusion': 'a diffusion model', 'base': 'a diffusion model that samples from noise alone',
+          'superres': 'a super-resolution stage', 'classifier': 'a classifier', 'autoencoder': 'an autoencoder',
+          'discrete': 'a discrete token model'}
+TASK_MODELS = {'diffusion': ('unet', 'dit'), 'superres': ('unet', 'dit'), 'classifier': ('classifier',),
+               'autoencoder': ('autoencoder',)}   # 'discrete' is checked by sample_discrete.check_discrete_config
+# A config is refused before anything is built when its network would exceed this many parameters (8 GB of
+# float32 weights; DiT-XL/2, the largest published model here, has 675M): a hand-edited width is not a 43 s build.
+MAX_PARAMETERS = 2 * 10 ** 9
+MAX_RESOLUTION = 4096   # pixels per side of config.data (the image a sampler writes)
+MAX_STEP = 10 ** 9        # a training step beyond this (or below 0) is a damaged or edited file
+
+
+def describe_file(path):
+    """'a PNG image', 'a NumPy .npz archive', ... for a file that is not a checkpoint, else None."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(8)
+    except OSError:
+        return None
+    if not head:
+        return 'an empty file'
+    for magic, what in FILE_SIGNATURES:
+        if head.startswith(magic):
+            return what
+    if head.startswith(b'PK'):                                   # torch.save and np.savez both write zips
+        import zipfile
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = z.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if names and all(n.endswith('.npy') for n in names):
+            return 'a NumPy .npz archive'
+        if not any(n.endswith('data.pkl') for n in names):
+            return 'a zip archive'
+    return None
+
+
+def _number(v, integer=False):
+    return not isinstance(v, bool) and isinstance(v, (int,) if integer else (int, float)) and math.isfinite(v)
+
+
+def config_problem(config, ckpt=None):
+    """Why a checkpoint's config (and step) cannot be used, naming the field, or None. Checked before anything is
+    built: the file is user input (a hand-edited key must be a message, not a TypeError from UNet.__init__)."""
+    if not isinstance(config, dict):
+        return f'config is a {type(config).__name__}, not a dict'
+    task = config.get('task', 'diffusion')
+    if task not in WRITTEN_BY:
+        return f"config.task is {task!r}; known: {', '.join(WRITTEN_BY)}"
+    if ckpt is not None and 'step' in ckpt and not (_number(ckpt['step'], True) and 0 <= ckpt['step'] <= MAX_STEP):
+        return f"step is {ckpt['step']!r}; a training step is a whole number from 0 to {MAX_STEP:.0e}"
+    if task == 'discrete':
+        return None                                              # sample_discrete.check_discrete_config reads the rest
+    model, net = config.get('model'), config.get('net')
+    if model not in TASK_MODELS[task]:
+        return f"config.model is {model!r}, but a {task} checkpoint holds a {' or '.join(TASK_MODELS[task])}"
+    if not isinstance(net, dict):
+        return f'config.net is a {type(net).__name__}, not a dict of constructor arguments'
+    cls = vae.Autoencoder if model == 'autoencoder' else NETWORKS[model]
+    if model != 'autoencoder':          # Autoencoder(config, **overrides) checks its own keys (built below)
+        params = inspect.signature(cls.__init__).parameters
+        unknown = sorted(k for k in net if k not in params or k == 'self')
+        if unknown:
+            return f"config.net has {', '.join(map(repr, unknown))}, not arguments of {cls.__name__}"
+        missing = [k for k, p in params.items() if k != 'self' and p.default is p.empty and k not in net
+                   and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if missing:
+            return f"config.net lacks {', '.join(map(repr, missing))} ({cls.__name__} needs them)"
+    # Sizes, counts and widths are never negative (num_classes -1 would index the label table from its end).
+    negative = [k for k, v in net.items() if _number(v) and v < 0]
+    if negative:
+        return f'config.net.{negative[0]} is {net[negative[0]]!r}; it must be >= 0'
+    d = config.get('data')
+    if not isinstance(d, dict):
+        return 'config.data is missing or not a dict'
+    for key, low, high in (('resolution', 1, MAX_RESOLUTION), ('channels', 1, 4), ('num_classes', 0, 10 ** 6),
+                           ('frames', 0, 10 ** 4)):
+        if (key in d or key != 'frames') and not (_number(d.get(key), True) and low <= d[key] <= high):
+            return f'config.data.{key} is {d.get(key)!r}; it must be a whole number from {low} to {high}'
+    names = d.get('class_names') or []   # an unconditional run on labelled data keeps the names: compared when conditional
+    if not isinstance(names, list) or (names and d['num_classes'] and len(names) != d['num_classes']):
+        return (f"config.data.class_names has {len(names) if isinstance(names, list) else repr(names)} names for "
+                f"{d['num_classes']} classes")
+    if task != 'autoencoder':
+        diff = config.get('diffusion')
+        if not isinstance(diff, dict):
+            return 'config.diffusion is missing or not a dict'
+        if diff.get('prediction') not in PREDICTIONS:
+            return f"config.diffusion.prediction is {diff.get('prediction')!r}; known: {', '.join(PREDICTIONS)}"
+        if diff.get('schedule') not in NOISE_SCHEDULES:
+            return f"config.diffusion.schedule is {diff.get('schedule')!r}; known: {', '.join(NOISE_SCHEDULES)}"
+        if diff.get('t_sampler', 'uniform') not in ('uniform', 'low_discrepancy', 'importance'):
+            return f"config.diffusion.t_sampler is {diff.get('t_sampler')!r}; known: uniform, low_discrepancy, importance"
+        if not (_number(diff.get('sigma_data')) and diff['sigma_data'] > 0):
+            return f"config.diffusion.sigma_data is {diff.get('sigma_data')!r}; it must be a number > 0"
+        if diff.get('T') is not None and not (_number(diff['T'], True) and 2 <= diff['T'] <= 10 ** 6):
+            return f"config.diffusion.T is {diff['T']!r}; it must be a whole number from 2 to 1e6"
+    # Built on the 'meta' device: shapes only, no memory and no time, so a 8192-wide edit is refused here.
+    try:
+        with torch.device('meta'):
+            size = sum(p.numel() for p in cls(**net).parameters())
+    except Exception as e:                                       # a value the constructor refuses or cannot use
+        return f'config.net does not describe a {cls.__name__} ({type(e).__name__}: {str(e)[:200]})'
+    if size > MAX_PARAMETERS:
+        return (f'config.net describes a {cls.__name__} of {size / 1e9:.1f} billion parameters (over the bound of '
+                f'{MAX_PARAMETERS / 1e9:.0f} billion, {4 * size / 2 ** 30:.0f} GiB of weights): an edited or damaged file')
+    return None
+
+
 # weights_only=True refuses pickled code: a downloaded checkpoint can hold tensors, numbers, strings, lists
 # and dicts, nothing that runs when loaded. map_location lets a GPU checkpoint load on a CPU-only machine.
-def load_checkpoint(path, device='cpu'):
-    """Load with weights_only=True (a checkpoint cannot run code) and check that it is a training checkpoint."""
+def load_checkpoint(path, device='cpu', expect=None):
+    """Load with weights_only=True (a checkpoint cannot run code), check that it is a training checkpoint with a
+    usable config (config_problem), and, given expect (a key of EXPECT: 'diffusion', 'base', 'superres',
+    'classifier', 'autoencoder', 'discrete'), that it is that kind of checkpoint."""
+    if os.path.isdir(path):
+        raise SystemExit(f'error: checkpoint {path!r} is a folder; give the ckpt.pt file inside a run folder')
     if not os.path.isfile(path):
         raise SystemExit(f'error: checkpoint {path!r} does not exist')
+    what = describe_file(path)
+    if what:
+        raise SystemExit(f'error: {path!r} is not a checkpoint ({what}); give a ckpt.pt written by train.py')
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:                                       # truncated, not a checkpoint, or unsafe content
-        raise SystemExit(f'error: cannot read checkpoint {path!r} ({type(e).__name__}: {e}). '
-                         'Is it a file written by train.py, and complete?') from None
+        # torch's own text suggests weights_only=False (running the file's code): it is never shown.
+        if isinstance(e, pickle.UnpicklingError) and 'global' in str(e).lower():
+            raise SystemExit(f'error: {path!r} holds Python objects beyond tensors, numbers and strings, which could '
+                             'run code when loaded; it is not a train.py checkpoint and is not read') from None
+        first = str(e).splitlines()[0].split('. ')[0][:200] if str(e) else ''
+        reason = '' if isinstance(e, pickle.UnpicklingError) else f' ({type(e).__name__}: {first})'
+        raise SystemExit(f'error: cannot read {path!r} as a checkpoint{reason}: it is not a file written by '
+                         'train.py, or it is incomplete') from None
     # A state_dict saved alone, or a list: readable by torch, but not something we can rebuild a model from.
     # Messages name the file and what it holds instead, so a wrong file is recognised at once.
     if not isinstance(ckpt, dict):
@@ -205,16 +342,26 @@ def load_checkpoint(path, device='cpu'):
         raise SystemExit(f'error: {path!r} is not a complete train.py checkpoint: missing {", ".join(missing)}'
                          + (' (it looks like a bare state_dict: save the dict train.py writes)' if 'config' in
                             ', '.join(missing) and all(torch.is_tensor(v) for v in ckpt.values()) else ''))
+    task = config.get('task', 'diffusion')
+    if expect is not None and task in WRITTEN_BY and task not in EXPECT[expect]:
+        raise SystemExit(f'error: {path!r} is {WRITTEN_BY[task]}, not {WANTED[expect]}')
+    problem = config_problem(config, ckpt)
+    if problem:
+        raise SystemExit(f'error: {path!r} has an unusable config: {problem}')
     return ckpt
 
 
 # config['net'] is exactly the constructor's keyword arguments (UNet.config / DiT.config), so a checkpoint
 # rebuilds the same architecture without any flag.
 def build_network(config):
-    """Rebuild a network from the config stored in a checkpoint (its class and constructor arguments)."""
+    """Rebuild a network from the config stored in a checkpoint (its class and constructor arguments), after
+    config_problem (a config from a file is user input; a clear SystemExit instead of a TypeError)."""
     # The class comes from a fixed table, never from a name in the file: a checkpoint cannot pick code to run.
-    if config['model'] not in NETWORKS:
-        raise SystemExit(f"error: unknown network {config['model']!r} in the checkpoint; known: {', '.join(NETWORKS)}")
+    if config.get('model') not in NETWORKS:
+        raise SystemExit(f"error: unknown network {config.get('model')!r} in the checkpoint; known: {', '.join(NETWORKS)}")
+    problem = config_problem(config)
+    if problem:
+        raise SystemExit(f'error: unusable checkpoint config: {problem}')
     return NETWORKS[config['model']](**config['net'])
 
 
@@ -229,14 +376,19 @@ def build_diffusion(config):
 
 # The EMA weights are what one samples (Karras et al. 2022 and DDPM sample the EMA); --raw reads the
 # optimised weights, e.g. to see how much the average helps.
-def load_model(path, device='cpu', use_ema=True):
+def load_model(path, device='cpu', use_ema=True, expect='diffusion'):
     """(network in eval mode, Diffusion, config) from a training checkpoint; config['args'] holds the run's flags.
+    expect: the kind of checkpoint the caller needs (EXPECT; 'diffusion' takes a base model or an SR stage,
+    'base' only a base model, 'classifier' a noise-conditional classifier, None any network); another kind is
+    refused naming what the file is ("a classifier checkpoint (train_classifier.py), not a diffusion model").
 
     Weights that are not finite are refused here: sampling them gives NaN images that would be written as
     black PNGs."""
-    ckpt = load_checkpoint(path, device)
+    ckpt = load_checkpoint(path, device, expect)
     config = dict(ckpt['config'], args=ckpt.get('args', {}))
-    net = build_network(config).to(device)
+    if config['model'] not in NETWORKS:            # expect=None let an autoencoder through: it has its own loader
+        raise SystemExit(f"error: {path!r} is {WRITTEN_BY[config.get('task', 'diffusion')]}; load it with load_autoencoder")
+    net = NETWORKS[config['model']](**config['net']).to(device)
     # strict loading: a missing or extra key means the file and its config disagree, never silently ignored.
     weights = ckpt['ema' if use_ema else 'model']
     try:
@@ -266,10 +418,7 @@ def sample_shape(config):
 
 def load_autoencoder(path, device='cpu', use_ema=True):
     """The (EMA) autoencoder of a train.py --task autoencoder checkpoint, frozen, in eval mode."""
-    ckpt = load_checkpoint(path, device)
-    if ckpt['config'].get('task') != 'autoencoder':
-        raise SystemExit(f"error: {path!r} is a {ckpt['config'].get('task', 'diffusion')} checkpoint, not an "
-                         'autoencoder; train one with train.py --task autoencoder')
+    ckpt = load_checkpoint(path, device, expect='autoencoder')
     # Rebuilt from its own stored config, like build_network; the EMA weights unless asked for the raw ones.
     ae = vae.Autoencoder(**ckpt['config']['net']).to(device)
     ae.load_state_dict(ckpt['ema' if use_ema else 'model'])
