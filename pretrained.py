@@ -38,10 +38,12 @@ import shutil
 import sys
 import tempfile
 import urllib.request
+from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
 
+import checkpoints
 import dit
 import unet
 import vae
@@ -353,11 +355,12 @@ def load_pretrained(name, device='cpu', weights_dir=None, download=True):
         vae_model = load_sd_vae(paths[entry['vae']], device)
         # as sample.py reads a latent model's config: the network sees latent_shape; data is the decoded image
         autoencoder = {'pretrained': entry['vae'], 'latent_shape': list(shape), 'config': vae_model.config}
-    config = {'model': entry['kind'], 'config_name': model_name, 'net': net.config, 'pretrained': name,
-              'diffusion': {'prediction': 'eps', 'schedule': 'linear', 't_sampler': 'uniform', 'sigma_data': 0.5},
-              'data': {'dataset': entry['dataset'], 'channels': entry['channels'], 'resolution': entry['resolution'],
-                       'num_classes': entry['num_classes'], 'class_names': []},
-              'autoencoder': autoencoder}
+    # The one schema of checkpoints.py (make_config): the published model reads like a train.py checkpoint.
+    data = checkpoints.data_config(entry['dataset'], SimpleNamespace(
+        resolution=entry['resolution'], channels=entry['channels'], num_classes=entry['num_classes']))
+    diffusion = {'prediction': 'eps', 'schedule': 'linear', 't_sampler': 'uniform', 'sigma_data': 0.5, 'T': 1000}
+    config = checkpoints.make_config('diffusion', entry['kind'], model_name, net.config, data, diffusion,
+                                     pretrained=name, autoencoder=autoencoder)
     return net.eval().requires_grad_(False), ddpm_linear_diffusion(), config, vae_model
 
 

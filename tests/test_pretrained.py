@@ -114,6 +114,11 @@ def test_learned_sigma_dit_becomes_an_eps_denoiser_on_ddpms_linear_schedule(tmp_
                                                                 num_classes=1000))
     net, diffusion, config, vae = pretrained.load_pretrained('test-dit', weights_dir=str(tmp_path), download=False)
     assert vae is None and config['autoencoder'] is None and config['data']['num_classes'] == 1000
+    # checkpoints.py's one schema (make_config), readable by its readers as a train.py checkpoint's config
+    assert set(config) == {'task', 'model', 'config_name', 'net', 'diffusion', 'data', 'pretrained', 'autoencoder'}
+    assert config['task'] == 'diffusion' and config['data']['frames'] == 0 and config['pretrained'] == 'test-dit'
+    assert pretrained.checkpoints.config_problem(config) is None
+    assert pretrained.checkpoints.build_diffusion(config).schedule.T == 1000
     official = pretrained.dit.load_official_dit(sd)
     # DDPM's linear schedule, written out: beta_t = 1e-4 + (0.02 - 1e-4) t / 999, abar_t = prod (1 - beta_s)
     betas = torch.tensor([1e-4 + (0.02 - 1e-4) * t / 999 for t in range(1000)], dtype=torch.float64)
