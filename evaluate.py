@@ -34,6 +34,7 @@ import json
 import math
 import os
 import pickle
+import sys
 import zipfile
 
 import numpy as np
@@ -55,6 +56,7 @@ from metrics import (METRICS, check_statistics_match, clip_rounding_noise, compu
 from runs import atomic_write, check_output_path  # the command layer's one atomic write and one output-path check
 
 VIDEO_METRICS = ('fvd', 'kvd') + METRICS   # with --video: fid, kid, is, pr are frame-wise
+MAX_NUM_GEN = 10 ** 6                      # --num-gen: 20x the 50,000 of a headline FID
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -208,6 +210,8 @@ def float_images_to_uint8(x, source):
         raise ValueError(f'{source}: float pixel values in [{low:.4g}, {high:.4g}]; float images must be in '
                          '[0, 1] or [-1, 1] (save 0..255 values as uint8)')
     signed = x if low < 0 else 2 * np.asarray(x, np.float64) - 1  # [0, 1] -> [-1, 1], data.py's range
+    print(f"note: {source} holds {x.dtype} values in [{low:.3g}, {high:.3g}]: read as images in "
+          f"{'[-1, 1]' if low < 0 else '[0, 1]'} and quantized to uint8 (as a PNG of them would be)")
     return data.to_uint8(torch.from_numpy(signed)).numpy()  # the one [-1, 1] -> uint8 conversion
 
 
@@ -347,6 +351,9 @@ def load_videos(path, limit=None, frames=None, resolution=None):
             if key is None:
                 raise ValueError(f'{path} holds no arrays')
             x = npz[key][:limit]
+        if x.ndim == 4 and (x.shape[-1] in (1, 3) or x.shape[1] in (1, 3)):   # (N, H, W, C) or (N, C, H, W)
+            raise ValueError(f'{path}: array {key!r} of shape {x.shape} holds images, not videos (N, F, H, W, C); score '
+                             'them without --video (grey videos: store them as (N, F, H, W, 1))')
         if x.ndim == 4:
             x = x[:, None]                                # (N, F, H, W) grey
         if x.ndim != 5:
@@ -504,6 +511,8 @@ def parse_args(argv=None):
     s.add_argument('--npz', default=None, help='also save the samples (uint8 NHWC and labels, as sample.py --npz)')
     import sample  # the sampler, schedule and guidance flags are sample.py's own, so a score names what sample.py does
     sample.add_sampling_flags(p)
+    sample.add_sampling_flags(sampling := argparse.ArgumentParser(add_help=False))   # defaults: given for images, refused
+    sampling_defaults = dict(vars(sampling.parse_args([])), fixed_class=0, seed=0)
     v = p.add_argument_group('videos (--video)')
     v.add_argument('--video', action='store_true', help='GENERATED and REFERENCE are videos (.npz or clip folders): '
                    'FVD/KVD with I3D, frame-wise scores with --network')
@@ -535,6 +544,13 @@ def parse_args(argv=None):
                              ('--video-resolution', args.video_resolution, 8)):
         if value is not None and value < low:
             p.error(f'{flag} must be at least {low}, got {value}')
+    if (args.num_gen or 0) > MAX_NUM_GEN:   # labels and images are allocated for all of them before the first batch
+        p.error(f'--num-gen must be at most {MAX_NUM_GEN:,} (got {args.num_gen:,}); 50,000 make a headline FID')
+    given = [('--class' if k == 'fixed_class' else '--' + k.replace('_', '-')) for k, v in sampling_defaults.items()
+             if getattr(args, k) != v]
+    if given and args.generated and not args.generated.endswith('.pt'):
+        p.error(f"{', '.join(given)} set how a checkpoint is sampled; GENERATED {args.generated} holds images "
+                'already (give a train.py ckpt.pt to sample it)')
     if args.guidance is not None and not math.isfinite(args.guidance):
         p.error(f'--guidance must be a finite number, got {args.guidance}')
     problems = sample.check_sampling_flags(args)
@@ -565,6 +581,12 @@ def check_paths(args):
     for flag, path in inputs:
         if path is not None and not os.path.exists(path):
             raise FileNotFoundError(f'{flag} {path} does not exist')
+        if path and flag != '--lenet-weights' and not (os.path.isdir(path) or path.endswith(('.npz', '.pt'))):
+            raise ValueError(f'{flag} {path} is neither a folder of images nor an .npz file'
+                             + (' nor a train.py checkpoint (.pt)' if flag == 'GENERATED' else ''))
+    if args.conditions in ('data', 'real') and not args.generated.endswith('.pt') and load_labels(args.generated) is None:
+        raise ValueError(f'--conditions {args.conditions}: GENERATED {args.generated} holds no labels, so its classes '
+                         'cannot have been drawn from the reference labels (leave --conditions out)')
     for flag, path, extensions in (('--save-stats', args.save_stats, ('.npz',)), ('--out', args.out, ('.json',)),
                                    ('--npz', args.npz, ('.npz',)),
                                    ('--pairs-png', args.pairs_png if args.memorization else None, ('.png',))):
@@ -623,16 +645,12 @@ def train_lenet_command(args):
 def load_checkpoint_model(path, device):
     """(net, diffusion, config) of a train.py image checkpoint via checkpoints.load_model, or a clear error."""
     import checkpoints  # only the command line reads models; the metrics need no model code
-    try:
-        net, diffusion, config = checkpoints.load_model(path, device)
-        d = config['data']
-        # The fields sampling reads must be present and numbers: a damaged config is the message below, not a KeyError.
-        [int(v) for v in (d['channels'], d['resolution'], d['num_classes'], config['net'].get('aug_dim', 0) or 0)]
-        frames = d.get('frames')
-    except (KeyError, IndexError, AttributeError, TypeError, RuntimeError, pickle.UnpicklingError, EOFError) as e:
-        raise ValueError(f'{path} is not a usable train.py checkpoint ({type(e).__name__}: {e}). Pass a ckpt.pt '
-                         'written by train.py, or images/.npz of samples (sample.py --npz).') from None
-    if frames:
+    try:   # checkpoints.py checks the config; expect='base' names a classifier, an autoencoder or an SR stage
+        net, diffusion, config = checkpoints.load_model(path, device, expect='base')
+    except SystemExit as e:   # an SR stage needs a low-res image to upsample: scored only in its cascade
+        raise ValueError(str(e).removeprefix('error: ') + ('; sample the cascade (sample.py --cascade ... --npz) and '
+                         'score that .npz' if 'super-resolution' in str(e) else '')) from None
+    if config['data'].get('frames'):
         raise ValueError(f'{path} is a video model; these image metrics score images (sample it with sample.py)')
     return net, diffusion, config
 
@@ -815,8 +833,16 @@ def main(args):
     return results
 
 
-if __name__ == '__main__':
+def cli(argv=None):
+    """main, ending in a message, not a traceback: bad input, a full disk or size limit (OSError), Ctrl-C (130)."""
     try:
-        main(parse_args())
-    except (FileNotFoundError, ValueError) as e:  # missing/wrong weights, bad inputs: the message, no traceback
-        raise SystemExit(f'error: {e}')
+        return main(parse_args(argv))
+    except KeyboardInterrupt:
+        print('\ninterrupted (Ctrl-C): no score written', file=sys.stderr)
+        raise SystemExit(130) from None
+    except (OSError, ValueError) as e:  # missing/wrong weights, bad inputs, disk full: the message, no traceback
+        raise SystemExit(f'error: {e}') from None
+
+
+if __name__ == '__main__':
+    cli()

@@ -277,3 +277,136 @@ def test_nan_samples_are_an_error_not_a_score():
     with pytest.raises(ValueError, match='NaN'):                      # the in-training path (train.py)
         evaluate.evaluate_generator(lambda n: x[:n], stats, model, num_samples=4, batch_size=4)
     assert torch.equal(evaluate.samples_to_uint8(torch.nan_to_num(x), 'ok'), data.to_uint8(torch.nan_to_num(x)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The attack of issue 23 (second round): each case failed as quoted before its fix
+
+def tiny_checkpoint(path, task='diffusion'):
+    """A train.py-layout checkpoint of a micro U-Net (8 channels, 8x8 gray, 2 classes) with its real weights."""
+    import argparse
+    from types import SimpleNamespace
+
+    import checkpoints
+    dataset = SimpleNamespace(resolution=8, channels=1, num_classes=2, class_names=['a', 'b'])
+    flags = argparse.Namespace(model='unet', config=None, dropout=None, model_channels=8, prediction='eps',
+                               schedule=None, t_sampler='uniform', sigma_data=0.5, T=50, low_res=4, noise_aug_max=0.0,
+                               noise_aug_dim=0, upsample='bicubic')
+    flags.unconditional, model, extra = False, 'unet', {}
+    if task == 'superres':
+        name, net, sr = checkpoints.superres_config(flags, dataset, 2)
+        extra = {'superres': sr}
+    elif task == 'classifier':
+        (name, net), model = checkpoints.classifier_config(flags, dataset), 'classifier'
+    else:
+        name, net = checkpoints.network_config(flags, dataset, 2, 0)
+    config = checkpoints.make_config(task, model, name, net, checkpoints.data_config('gray', dataset),
+                                     checkpoints.diffusion_config(flags), **extra)
+    weights = checkpoints.build_network(config).state_dict()
+    torch.save({'config': config, 'model': weights, 'ema': weights, 'step': 1}, path)
+
+
+def test_a_superres_stage_or_another_kind_of_checkpoint_is_not_scored(lenet_run, monkeypatch):
+    # Before: W-eval-sr-ckpt exit 0 with scores of an SR stage sampled from an all-zero condition;
+    # W-eval-ckpt-classifier TypeError: forward() got an unexpected keyword argument 'y'.
+    args, root = lenet_run
+    monkeypatch.setattr(evaluate, 'extract_features', lambda *a, **k: pytest.fail('scored'))
+    tiny_checkpoint(root / 'sr.pt', 'superres')
+    with pytest.raises(ValueError, match=r"sr.pt' is a super-resolution stage .*sample the cascade"):
+        evaluate.main(args('sr.pt', 'ref.npz', '--num-gen', '2', '--steps', '1'))
+    tiny_checkpoint(root / 'cls.pt', 'classifier')
+    with pytest.raises(ValueError, match=r'cls.pt.* is a classifier checkpoint \(train_classifier.py\)'):
+        evaluate.main(args('cls.pt', 'ref.npz', '--num-gen', '2', '--steps', '1'))
+
+
+def test_sampling_flags_on_images_and_conditions_without_labels_are_refused(lenet_run, capsys):
+    # Before: M-eval-sampler-flag-on-npz, M-eval-class-on-npz exit 0 with the flag ignored;
+    # M-eval-conditions-real-no-labels printed 'conditions=real' for an .npz without labels.
+    args, root = lenet_run
+    for flags in (['--sampler', 'ddim'], ['--class', '1'], ['--guidance', '3'], ['--seed', '4']):
+        with pytest.raises(SystemExit):
+            args('gen.npz', 'ref.npz', *flags)
+        assert f'{flags[0]} set how a checkpoint is sampled' in capsys.readouterr().err
+    args('gen.npz', 'ref.npz', '--num-gen', '10')                       # not a sampling flag: accepted
+    tiny_checkpoint(root / 'ckpt.pt')
+    assert args('ckpt.pt', 'ref.npz', '--sampler', 'ddim', '--class', '1').fixed_class == 1   # they apply to a .pt
+    with pytest.raises(ValueError, match='--conditions real: GENERATED .*gen.npz holds no labels'):
+        evaluate.main(args('gen.npz', 'ref.npz', '--conditions', 'real'))
+
+
+def test_num_gen_beyond_the_bound_is_refused_naming_the_flag(lenet_run, capsys):
+    # Before: M-eval-num-gen-huge-ckpt: _ArrayMemoryError: Unable to allocate 745. GiB.
+    args, root = lenet_run
+    with pytest.raises(SystemExit):
+        args('gen.npz', 'ref.npz', '--num-gen', str(10 ** 11))
+    assert '--num-gen must be at most 1,000,000' in capsys.readouterr().err
+
+
+def test_a_bad_memorization_input_is_refused_before_any_score(lenet_run, count_feature_passes):
+    # Before: W-eval-memorization-png: every score computed, then 'fx/img.png is neither a folder ...' (scores lost).
+    args, root = lenet_run
+    Image.new('L', (8, 8)).save(root / 'img.png')
+    with pytest.raises(ValueError, match='--memorization .*img.png is neither a folder of images nor an .npz'):
+        evaluate.main(args('gen.npz', 'ref.npz', '--memorization', str(root / 'img.png')))
+    with pytest.raises(ValueError, match='GENERATED .*img.png is neither .* nor a train.py checkpoint'):
+        evaluate.main(args('img.png', 'ref.npz'))
+    assert count_feature_passes == []
+
+
+def test_video_on_an_image_array_says_it_holds_images(lenet_run, monkeypatch):
+    # Before: W-eval-video-on-images read (N, H, W, C) images as grey videos and went on to download I3D.
+    args, root = lenet_run
+    np.savez(root / 'nhwc.npz', np.zeros((4, 16, 16, 3), np.uint8))
+    monkeypatch.setattr(evaluate, 'load_i3d', lambda *a, **k: pytest.fail('I3D loaded'))
+    with pytest.raises(ValueError, match=r'holds images, not videos .*without --video'):
+        evaluate.load_videos(str(root / 'nhwc.npz'))
+    with pytest.raises(ValueError, match='holds images, not videos'):
+        evaluate.main(args('nhwc.npz', 'ref.npz', '--video'))
+    np.savez(root / 'grey.npz', np.zeros((2, 5, 16, 16), np.uint8))       # grey videos (N, F, H, W) still read
+    assert evaluate.load_videos(str(root / 'grey.npz')).shape == (2, 1, 5, 16, 16)
+
+
+def test_float_images_are_read_with_a_statement_of_their_range(tmp_path, capsys):
+    # Before: W-eval-float-npz: a float32 [0, 1] .npz scored without a word.
+    np.savez(tmp_path / 'f.npz', np.full((2, 1, 4, 4), 0.5, np.float32))
+    assert evaluate.load_images(str(tmp_path / 'f.npz')).dtype == torch.uint8
+    assert 'holds float32 values in [0.5, 0.5]: read as images in [0, 1]' in capsys.readouterr().out
+
+
+def test_ctrl_c_is_one_line_and_exit_130(lenet_run, monkeypatch, capsys):
+    # Before: I-eval-sigint: a KeyboardInterrupt traceback.
+    args, root = lenet_run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, 'extract_features', interrupted)
+    argv = [str(root / 'gen.npz'), str(root / 'ref.npz'), '--network', 'lenet', '--lenet-weights', str(root / 'lenet.pth')]
+    try:
+        with pytest.raises(SystemExit) as e:
+            evaluate.cli(argv)
+    except KeyboardInterrupt:                # escaping, it would stop this pytest session, not fail one test
+        pytest.fail('Ctrl-C reached the user as a KeyboardInterrupt traceback')
+    assert e.value.code == 130 and 'interrupted (Ctrl-C)' in capsys.readouterr().err
+
+
+def test_a_file_size_limit_on_out_is_a_message_not_a_traceback(lenet_run, monkeypatch, capsys):
+    # Before: F-eval-out-fsize: 'Traceback ... OSError: [Errno 27] disk full while writing o.json' under a real
+    # RLIMIT_FSIZE. A real limit here too (Python ignores SIGXFSZ: the write fails with EFBIG), not a mocked OSError,
+    # held only while the .json is written so that pytest's own output is not limited.
+    import resource
+    args, root = lenet_run
+    real_write_json, limits = evaluate.write_json, resource.getrlimit(resource.RLIMIT_FSIZE)
+
+    def limited(path, record):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50, limits[1]))
+        try:
+            return real_write_json(path, record)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+    monkeypatch.setattr(evaluate, 'write_json', limited)
+    argv = [str(root / 'gen.npz'), str(root / 'ref.npz'), '--network', 'lenet', '--lenet-weights',
+            str(root / 'lenet.pth'), '--metrics', 'fid', '--out', str(root / 'o.json')]
+    with pytest.raises(SystemExit) as e:
+        evaluate.cli(argv)
+    assert str(e.value).startswith('error: ') and 'o.json' in str(e.value), e.value
+    assert not (root / 'o.json').exists() and resource.getrlimit(resource.RLIMIT_FSIZE) == limits
