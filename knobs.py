@@ -39,7 +39,42 @@ def check_sampler_options(name, options=None):
     if unknown:
         raise ValueError(f"sampler {name!r} has no option {', '.join(map(repr, unknown))}; its options: "
                          + (', '.join(f'{k}={v!r}' for k, v in known.items()) or 'none'))
+    for key, value in (options or {}).items():
+        # A number's option takes a number (--sampler-opt S_churn=x would be a TypeError deep in the solver).
+        default = known[key]
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and (
+                isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f'sampler {name!r} option {key} must be a number (got {value!r})')
+        problem = option_range_problem(key, value)
+        if problem:
+            raise ValueError(f'sampler {name!r} option {key} {problem}')
+    o = {**known, **(options or {})}
+    if isinstance(o.get('S_tmin'), (int, float)) and isinstance(o.get('S_tmax'), (int, float)) and o['S_tmin'] > o['S_tmax']:
+        raise ValueError(f"sampler {name!r}: S_tmin {o['S_tmin']} is above S_tmax {o['S_tmax']}, so churn never applies")
     return dict(options or {})
+
+
+# The ranges the papers define: noise scales and churn are amounts (>= 0; eta = 0 is the ODE), the corrector's
+# signal-to-noise ratio is positive (Song et al. 2021, Alg. 5), a step count is a whole number >= 0.
+OPTION_RANGES = {'eta': 'nonneg', 'S_churn': 'nonneg', 'S_noise': 'nonneg', 's_noise': 'nonneg', 'S_tmin': 'nonneg',
+                 'S_tmax': 'nonneg_inf', 'snr': 'positive', 'n_corrector': 'count'}
+
+
+def option_range_problem(key, value):
+    """What is wrong with a sampler option's value ('must be ...'), or None; options without a known range pass.
+    Needs no sampler name, so the command lines check --sampler-opt before the checkpoint names the sampler."""
+    kind = OPTION_RANGES.get(key)
+    if kind is None:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return f'must be a number (got {value!r})'
+    if kind == 'count':
+        return None if float(value).is_integer() and value >= 0 else f'must be a whole number >= 0 (got {value})'
+    if kind == 'nonneg_inf':
+        return None if value >= 0 else f'must be >= 0 (got {value})'     # S_tmax = inf: churn at every level
+    if not math.isfinite(value) or value < 0 or (kind == 'positive' and value == 0):
+        return f"must be a finite number {'> 0' if kind == 'positive' else '>= 0'} (got {value})"
+    return None
 
 
 # The command lines pass options as KEY=VALUE strings; Python literals give numbers, booleans and None.
@@ -64,6 +99,8 @@ def parse_sampler_options(items):
 # flags (add_sampling_flags) and this construction (sampling_setup), so a score names exactly what was sampled.
 
 # The sigma schedules sample.py offers by name; make_sigmas maps each to samplers.py's function.
+# The EDM2 ImageNet-512 guidance interval of Kynkaanniemi et al. 2024 as public ports use it (--guidance-interval).
+GUIDANCE_INTERVAL = (0.28, 5.42)
 SCHEDULES = ('karras', 'loglinear', 'vp-leading', 'vp-trailing', 'vp-linspace', 'vp-continuous', 'flow')
 # Dedicated flags for the options the papers tune; each fills the sampler's own keyword (any other: --sampler-opt).
 OPTION_FLAGS = {'eta': ('eta',), 's_churn': ('S_churn',), 's_tmin': ('S_tmin',), 's_tmax': ('S_tmax',),
@@ -79,11 +116,11 @@ def add_sampling_flags(p):
                    help="sigma schedule (samplers.py): karras (Karras et al. Eq. 5), loglinear, the model's own "
                         "discrete steps vp-leading|vp-trailing|vp-linspace (DDPM/DDIM models; with --sampler ddpm and "
                         "--steps T this is exactly the trained Markov chain), vp-continuous, flow")
-    g.add_argument('--rho', type=float, default=7.0, help='karras: the schedule exponent rho')
+    g.add_argument('--rho', type=float, default=None, help='karras: the schedule exponent rho (default 7)')
     g.add_argument('--sigma-max', type=float, default=None, help="start of karras/loglinear; default: the model's "
                    "sigma_max (a lower start is SDEdit/CCDF's shortcut: with --inverse ccdf the solve starts here)")
     g.add_argument('--sigma-min', type=float, default=None, help="end of karras/loglinear; default: the model's")
-    g.add_argument('--flow-shift', type=float, default=1.0, help='flow: shift of the time steps (SD3 Eq. 23)')
+    g.add_argument('--flow-shift', type=float, default=None, help='flow: shift of the time steps (SD3 Eq. 23; default 1)')
     g.add_argument('--eta', type=float, default=None, help='ddim / euler_ancestral / dpmpp_2m_sde: noise scale (0 = ODE)')
     g.add_argument('--s-churn', type=float, default=None, help='heun: S_churn, stochasticity (Karras et al. Alg. 2)')
     g.add_argument('--s-tmin', type=float, default=None, help='heun: S_tmin, churn only for sigma >= this')
@@ -100,15 +137,15 @@ def add_sampling_flags(p):
     g.add_argument('--guidance-schedule', default='constant', choices=['constant', 'increasing', 'oscillating', 'interval'],
                    help='w over the steps: constant; increasing from --guidance-start to w (Muse); oscillating '
                         'between w and --guidance-low (Imagen Video); interval: w only inside --guidance-interval')
-    g.add_argument('--guidance-start', type=float, default=1.0, help='increasing: the weight at the first step')
-    g.add_argument('--guidance-low', type=float, default=1.0, help='oscillating: the low weight')
-    g.add_argument('--guidance-num-high', type=int, default=0, help='oscillating: steps at w before oscillating')
-    g.add_argument('--guidance-interval', type=float, nargs=2, default=(0.28, 5.42), metavar=('SIGMA_LO', 'SIGMA_HI'),
-                   help='interval: guide where SIGMA_LO < sigma <= SIGMA_HI (default: the EDM2 ImageNet-512 '
+    g.add_argument('--guidance-start', type=float, default=None, help='increasing: the weight at the first step (default 1)')
+    g.add_argument('--guidance-low', type=float, default=None, help='oscillating: the low weight (default 1)')
+    g.add_argument('--guidance-num-high', type=int, default=None, help='oscillating: steps at w before oscillating (default 0)')
+    g.add_argument('--guidance-interval', type=float, nargs=2, default=None, metavar=('SIGMA_LO', 'SIGMA_HI'),
+                   help='interval: guide where SIGMA_LO < sigma <= SIGMA_HI (default 0.28 5.42: the EDM2 ImageNet-512 '
                         'interval of Kynkaanniemi et al. 2024 as public ports use it; tune per model)')
     g.add_argument('--threshold', default='none', choices=['none', 'static', 'dynamic'],
                    help='clip the x0 estimate (Imagen Sec. 2.3): static to [-1, 1], dynamic at a percentile')
-    g.add_argument('--threshold-percentile', type=float, default=0.995, help='dynamic thresholding percentile (Imagen: 0.995)')
+    g.add_argument('--threshold-percentile', type=float, default=None, help='dynamic thresholding percentile (default: Imagen\'s 0.995)')
     g.add_argument('--autoguidance', default=None, metavar='BAD_CKPT', help='guide with this worse model instead of the '
                    "unconditional one (Karras et al. 2024), e.g. the early checkpoint of train.py --save-early")
     g.add_argument('--classifier', default=None, metavar='CKPT', help='noise-conditional classifier of train.py --task '
@@ -132,11 +169,34 @@ def check_sampling_flags(args):
             problems.append(f"--{flag.replace('_', '-')} must be positive (got {getattr(args, flag)})")
     if args.sigma_max is not None and args.sigma_min is not None and args.sigma_min >= args.sigma_max:
         problems.append(f'--sigma-min {args.sigma_min} must be below --sigma-max {args.sigma_max}')
-    if not 0 < args.threshold_percentile <= 1:
+    if args.threshold_percentile is not None and not 0 < args.threshold_percentile <= 1:
         problems.append(f'--threshold-percentile must be in (0, 1] (got {args.threshold_percentile})')
-    lo, hi = args.guidance_interval
+    lo, hi = args.guidance_interval or GUIDANCE_INTERVAL
     if not 0 <= lo < hi:
         problems.append(f'--guidance-interval needs 0 <= SIGMA_LO < SIGMA_HI (got {lo} {hi})')
+    # The solver options' ranges (option_range_problem), named by their flags, before anything is loaded.
+    for flag, names in OPTION_FLAGS.items():
+        value = getattr(args, flag, None)
+        problem = option_range_problem(names[0], value) if value is not None else None
+        if problem:
+            problems.append(f"--{flag.replace('_', '-')} {problem}")
+    if args.s_tmin is not None and args.s_tmax is not None and args.s_tmin > args.s_tmax:
+        problems.append(f'--s-tmin {args.s_tmin} is above --s-tmax {args.s_tmax}: churn would never apply')
+    if args.guidance_num_high is not None and args.guidance_num_high < 0:
+        problems.append(f'--guidance-num-high must be at least 0 (got {args.guidance_num_high})')
+    # A flag of a mode that is not selected would be ignored without a word: refused, naming what it applies to.
+    applies = [('rho', args.schedule == 'karras', '--schedule karras'),
+               ('flow_shift', args.schedule == 'flow', '--schedule flow'),
+               ('sigma_min', args.schedule in ('karras', 'loglinear'), '--schedule karras or loglinear'),
+               ('sigma_max', args.schedule in ('karras', 'loglinear'), '--schedule karras or loglinear'),
+               ('guidance_start', args.guidance_schedule == 'increasing', '--guidance-schedule increasing'),
+               ('guidance_low', args.guidance_schedule == 'oscillating', '--guidance-schedule oscillating'),
+               ('guidance_num_high', args.guidance_schedule == 'oscillating', '--guidance-schedule oscillating'),
+               ('guidance_interval', args.guidance_schedule == 'interval', '--guidance-schedule interval'),
+               ('threshold_percentile', args.threshold == 'dynamic', '--threshold dynamic')]
+    for flag, used, mode in applies:
+        if getattr(args, flag) is not None and not used:
+            problems.append(f"--{flag.replace('_', '-')} applies to {mode}")
     # Flags that only make sense together are checked here, before any checkpoint is read.
     if (args.classifier_scale or args.reject is not None) and not args.classifier:
         problems.append('--classifier-scale and --reject need --classifier CKPT (train one with train.py --task classifier)')
@@ -163,7 +223,8 @@ def sampler_options_from_args(args, sampler):
 
 
 def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None, flow_shift=1.0):
-    """The descending noise levels (steps of them, then 0) of a named schedule for this model."""
+    """The descending noise levels (steps of them, then 0) of a named schedule for this model (None: the default)."""
+    rho, flow_shift = 7.0 if rho is None else rho, 1.0 if flow_shift is None else flow_shift
     # The model's own noise range unless overridden: sampling outside the trained range asks for what it never saw.
     lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
     if name == 'karras':
@@ -191,20 +252,61 @@ def guidance_weight(args, w, sigmas):
     if args.guidance_schedule == 'constant' or w == 1:
         return w
     if args.guidance_schedule == 'increasing':
-        return LinearSchedule(sigmas, w_end=w, w_start=args.guidance_start)
+        return LinearSchedule(sigmas, w_end=w, w_start=1.0 if args.guidance_start is None else args.guidance_start)
     if args.guidance_schedule == 'oscillating':
-        return OscillatingSchedule(sigmas, w_high=w, w_low=args.guidance_low, num_high=args.guidance_num_high)
-    return IntervalSchedule(w, *args.guidance_interval)
+        return OscillatingSchedule(sigmas, w_high=w, w_low=1.0 if args.guidance_low is None else args.guidance_low,
+                                   num_high=args.guidance_num_high or 0)
+    return IntervalSchedule(w, *(args.guidance_interval or GUIDANCE_INTERVAL))
+
+
+# Autoguidance's bad model answers the same question as the good one (Karras et al. 2024, Sec. 3): a denoiser of
+# the same kind of data (size, channels, frames, the same latent space) with the same classes. Checked from the
+# stored config before its weights are built, naming both files.
+def check_guiding_model(path, config, model_path):
+    """SystemExit unless the checkpoint at `path` can serve as autoguidance's bad model for the model `config`."""
+    import checkpoints
+    bad = checkpoints.load_checkpoint(path)['config']
+    task = bad.get('task', 'diffusion') if isinstance(bad, dict) else None
+
+    def kind(c):
+        d, ae = c.get('data', {}), c.get('autoencoder') or {}
+        return {'data': f"{d.get('channels')}x{d.get('resolution')}px" + (f", {d['frames']} frames" if d.get('frames') else ''),
+                'space': f"latents {ae.get('latent_shape')} of autoencoder {str(ae.get('sha256'))[:12]}" if ae else 'pixels',
+                'classes': d.get('num_classes'), 'dataset': d.get('dataset')}
+    if task != 'diffusion':
+        why = {'superres': 'a super-resolution stage (it needs a low-res image)', 'classifier': 'a classifier',
+               'autoencoder': 'an autoencoder'}.get(task, f'a {task!r} checkpoint')
+        raise SystemExit(f'error: --autoguidance {path} is {why}, not a diffusion model like {model_path}')
+    mine, theirs = kind(config), kind(bad)
+    diff = [f'{k}: {model_path} has {mine[k]}, {path} has {theirs[k]}' for k in mine if mine[k] != theirs[k]]
+    if diff:
+        raise SystemExit(f'error: --autoguidance {path} is not a model of the same data as {model_path}:\n       '
+                         + '\n       '.join(diff))
+
+
+# Classifier guidance differentiates log p(y | x_t) at the sampler's x_t (ADM Alg. 1): the classifier must read that x_t.
+def check_classifier(config, path, model_config):
+    """SystemExit unless the classifier (config, at path) reads the images the model (model_config) samples."""
+    if model_config.get('autoencoder'):
+        raise SystemExit(f'error: --classifier {path} reads pixels; this model samples latents of an autoencoder, '
+                         'which a pixel classifier cannot read')
+    d, m = config['data'], model_config['data']
+    if (d['channels'], d['resolution'], d.get('frames') or 0) != (m['channels'], m['resolution'], m.get('frames') or 0):
+        raise SystemExit(f"error: --classifier {path} reads {d['channels']}x{d['resolution']}px images, the model "
+                         f"samples {m['channels']}x{m['resolution']}px" + (f", {m['frames']} frames" if m.get('frames') else ''))
 
 
 # A classifier is a train.py checkpoint like any other; its task field says what it is.
-def load_classifier(path, device):
-    """(log p(y | x, sigma), log p(y | x) of clean samples, num_classes) from a train.py --task classifier checkpoint."""
+def load_classifier(path, device, model_config=None):
+    """(log p(y | x, sigma), log p(y | x) of clean samples, num_classes) from a train.py --task classifier checkpoint;
+    with model_config, checked to read the sampled model's images (pixels of its size and channels)."""
     import classifier as clf_lib
-    net, diffusion, config = load_model(path, device)
+    net, diffusion, config = load_model(path, device, expect='classifier')
     if config.get('task') != 'classifier':
         raise SystemExit(f"error: {path!r} is not a classifier checkpoint (its task is {config.get('task', 'diffusion')!r}); "
                          'train one with train.py --task classifier')
+    if model_config is not None:
+        check_classifier(config, path, model_config)
     return (clf_lib.classifier_log_prob(net, diffusion), clf_lib.clean_log_prob(net, diffusion),
             config['net']['num_classes'])
 
@@ -218,19 +320,26 @@ def sampling_setup(args, config, diffusion, device, trained=None):
     sampler = args.sampler or trained.get('sampler', 'heun')
     steps = args.steps or trained.get('sample_steps', 18)
     w = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
+    # Classifier-free guidance contrasts the class with "no class": an unconditional model has nothing to contrast.
+    if not config['data']['num_classes'] and not args.autoguidance:
+        if args.guidance not in (None, 1.0):
+            raise ValueError(f'--guidance {args.guidance:g} is classifier-free guidance, which needs a class-conditional '
+                             'model; this one has no classes (--autoguidance BAD_CKPT guides an unconditional model)')
+        w = 1.0
     options = sampler_options_from_args(args, sampler)
     sigmas = make_sigmas(args.schedule, steps, diffusion, args.rho, args.sigma_min, args.sigma_max, args.flow_shift)
     weight = guidance_weight(args, w, sigmas)
     wrappers, cfg = [], weight
     if args.autoguidance:
         # Autoguidance replaces CFG's unconditional branch by the bad model, with the same condition (Karras 2024).
+        check_guiding_model(args.autoguidance, config, getattr(args, 'ckpt', None) or 'the sampled model')
         bad_net, bad_diffusion, _ = load_model(args.autoguidance, device)
         bad = bad_diffusion.denoiser(bad_net)
         wrappers.append(lambda d: Autoguidance(d, bad, w=weight))
         cfg = 1.0
     log_prob = clean_log_prob = None
     if args.classifier:
-        log_prob, clean_log_prob, num_classes = load_classifier(args.classifier, device)
+        log_prob, clean_log_prob, num_classes = load_classifier(args.classifier, device, config)
         if config['data']['num_classes'] and num_classes != config['data']['num_classes']:
             raise SystemExit(f"error: the classifier has {num_classes} classes, the model {config['data']['num_classes']}")
         if args.classifier_scale:
@@ -238,7 +347,7 @@ def sampling_setup(args, config, diffusion, device, trained=None):
             wrappers.append(lambda d: ClassifierGuidance(d, log_prob, scale=args.classifier_scale, pass_y=conditional))
     # Thresholding is the outermost wrapper: it clips the final x0 estimate after every guidance term is added.
     if args.threshold != 'none':
-        wrappers.append(lambda d: Thresholded(d, args.threshold, args.threshold_percentile))
+        wrappers.append(lambda d: Thresholded(d, args.threshold, args.threshold_percentile or 0.995))
 
     # generate() applies this after classifier-free guidance: the wrappers in the order they were listed.
     def guide(denoiser):

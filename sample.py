@@ -21,7 +21,9 @@ Karras noise levels sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - 
 The checkpoint carries the model configuration and the flags it was trained with (parameterisation, schedule,
 image size, classes), so a model is never sampled with settings that do not match its training; sampler, steps,
 guidance, class and seed are yours to choose. Writes a PNG grid (videos: one row of frames per sample, and a GIF)
-and optionally an .npz of uint8 samples. With --inverse METHOD it instead solves an inverse problem on an image
+and optionally an .npz of uint8 samples. No existing file is replaced without --overwrite (every file a call
+writes is checked before sampling); without --out the grid goes next to the checkpoint as samples.png, or
+samples_1.png, samples_2.png, ... when taken. Ctrl-C writes the batches already finished. With --inverse METHOD it instead solves an inverse problem on an image
 (inpainting or super-resolution, inverse.py) and writes a strip: measurement, reconstruction, original.
 
     python sample.py --ckpt runs/mnist/ckpt.pt --sampler dpmpp_3m --steps 20 --class 3 --guidance 2
@@ -47,7 +49,8 @@ from checkpoints import build_diffusion, build_network, load_autoencoder, load_c
 from guidance import ClassifierFreeGuidance, sample_with_rejection
 # The sampling flags shared with evaluate.py (knobs.py), re-exported for code written against the old sample.py.
 from knobs import (add_sampling_flags, check_sampler_options, check_sampling_flags, describe_sampling,  # noqa: F401
-                   make_sigmas, parse_sampler_options, sampling_setup)
+                   make_sigmas, option_range_problem, parse_sampler_options, sampler_options_from_args,
+                   sampling_setup)
 from runs import atomic_write, check_output_path
 from video import extend_video
 
@@ -90,6 +93,25 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
     # One schedule for every batch; a batch of all n when no batch size is given.
     sigmas, batch_size = sigmas.to(device), batch_size or n
     out = []
+    try:
+        return _generate_batches(out, net, diffusion, n, shape, device, labels, num_classes, sampler, guidance, seed,
+                                 progress, aug_dim, options, batch_size, sigmas, cond, guide, callback, decode)
+    except KeyboardInterrupt:
+        # Ctrl-C: the finished batches travel with the interrupt, so the caller can still write them.
+        raise SamplingInterrupted(torch.cat(out) if out else None) from None
+
+
+class SamplingInterrupted(KeyboardInterrupt):
+    """Ctrl-C inside generate(): .samples holds the batches finished before it (in order), or None."""
+
+    def __init__(self, samples):
+        super().__init__()
+        self.samples = samples
+
+
+def _generate_batches(out, net, diffusion, n, shape, device, labels, num_classes, sampler, guidance, seed, progress,
+                      aug_dim, options, batch_size, sigmas, cond, guide, callback, decode):
+    """generate()'s loop; each finished batch is appended to `out` at once (what Ctrl-C keeps)."""
     for start in range(0, n, batch_size):
         b = min(batch_size, n - start)
         # The batch's own generator: its initial noise and, for stochastic samplers, every noise draw inside it.
@@ -127,15 +149,51 @@ def generate(net, diffusion, n, shape, device, labels=None, num_classes=0, sampl
 # to a temporary name and renamed (runs.atomic_write), so an interrupted write never leaves half a file under the
 # final name.
 
-# Every output flag of sample.py goes through here before the first sample is drawn.
-def check_outputs(*paths):
+# Every file sample.py writes goes through here before the first sample is drawn.
+def check_outputs(*paths, overwrite=False):
     """runs.check_output_path for each (path, extensions, flag); a problem is the command line's error message.
-    Existing files are replaced, as sample.py always has (a second run without --out rewrites samples.png)."""
+    An existing file is refused unless overwrite (--overwrite): a grid, a dataset .npz or a run's log.png is
+    never replaced by accident."""
     try:
         for path, extensions, flag in paths:
-            check_output_path(path, extensions, flag, overwrite=True)
+            check_output_path(path, extensions, flag, overwrite=overwrite)
     except ValueError as e:
-        raise SystemExit(f'error: {e}') from None
+        raise SystemExit(f"error: {e}{'; or pass --overwrite' if 'already exists' in str(e) else ''}") from None
+
+
+def planned_outputs(args, out, config):
+    """[(path, extensions, flag)] of every file this call will write: the grid, a video's GIF beside it, --npz,
+    and --save-stages' OUT_stageK.png."""
+    stem = os.path.splitext(out)[0]
+    paths = [(out, ('.png',), '--out')]
+    if not args.inverse and config['data'].get('frames'):
+        paths.append((stem + '.gif', ('.gif',), "--out's .gif"))
+    if args.npz and not args.inverse:
+        paths.append((args.npz, ('.npz',), '--npz'))
+    if args.save_stages:
+        paths += [(f'{stem}_stage{k}.png', ('.png',), '--save-stages') for k in range(len(args.cascade_stages))]
+    return paths
+
+
+def resolve_outputs(args, config):
+    """The --out path, with every file the call writes checked (existing ones refused without --overwrite). Without
+    --out: samples.png (inverse_METHOD_OP.png) next to the checkpoint, or the first of NAME_1.png, NAME_2.png, ...
+    whose files are all free: a default name never replaces an earlier result."""
+    if args.out:
+        check_outputs(*planned_outputs(args, args.out, config), overwrite=args.overwrite)
+        return args.out
+    folder = '.' if args.pretrained else os.path.dirname(args.ckpt) or '.'
+    name = (f'inverse_{args.inverse}_{args.operator}' if args.inverse else
+            f'samples_{args.pretrained}' if args.pretrained else 'samples')
+    for k in range(100_000):
+        out = os.path.join(folder, f"{name}{f'_{k}' if k else ''}.png")
+        planned = [p for p in planned_outputs(args, out, config) if p[2] != '--npz']
+        if not any(os.path.exists(path) for path, _, _ in planned):
+            break
+    if k:
+        print(f'{os.path.join(folder, name)}.png exists: writing to {out} (--out names the file)')
+    check_outputs(*planned_outputs(args, out, config), overwrite=args.overwrite)
+    return out
 
 
 # Grids are for looking at; numbers for metrics go through save_npz (uint8, exactly what a PNG would hold).
@@ -186,6 +244,7 @@ def parse_args(argv=None):
     p.add_argument('--ckpt', default=None, help='checkpoint written by train.py (or --pretrained NAME)')
     p.add_argument('--out', default=None, help='PNG path; default: next to the checkpoint')
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) in this .npz')
+    p.add_argument('--overwrite', action='store_true', help='replace existing output files (else they are refused)')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
     p.add_argument('--batch', type=int, default=256, help='samples per batch')
     p.add_argument('--class', dest='label', default=None, help="class index or name; default: cycle through all classes ('none': unconditional)")
@@ -256,6 +315,7 @@ def check_args(args):
         except ValueError as e:
             problems.append(str(e))
     problems += check_pretrained_args(args)
+    problems += mode_flag_problems(args)
     try:
         torch.device(args.device) if args.device else None
     except RuntimeError:
@@ -264,8 +324,43 @@ def check_args(args):
         raise SystemExit('error: ' + '\n       '.join(problems))
     try:
         args.sampler_options = parse_sampler_options(args.sampler_opt)
+        for key, value in args.sampler_options.items():          # S_churn=x or eta=-1: before the model loads
+            if option_range_problem(key, value):
+                raise ValueError(f'--sampler-opt {key} {option_range_problem(key, value)}')
+        if args.sampler:
+            check_sampler_options(args.sampler, args.sampler_options)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
+    # An explicit --out / --npz that exists is refused before the model is loaded (resolve_outputs checks them all).
+    check_outputs(*[(path, ext, flag) for path, ext, flag in ((args.out, ('.png',), '--out'), (args.npz, ('.npz',), '--npz'))
+                    if path and not (flag == '--npz' and args.inverse)], overwrite=args.overwrite)
+
+
+# Flags each mode reads; any other flag given with it would be ignored without a word, so it is refused by name.
+MODE_FLAGS = {'inverse': ('operator', 'factor', 'noise_std', 'image', 'inverse_opt'),
+              'extend': ('context', 'new_frames', 'w_r', 'continuations'), 'cascade': ('save_stages',),
+              'pretrained': ('weights_dir', 'no_download')}
+# Sampling flags a mode does not read (its own solver, schedule or conditioning).
+UNUSED = {'inverse': ('sampler', 'sampler_opt', 'eta', 's_churn', 's_tmin', 's_tmax', 's_noise', 'snr', 'n_corrector',
+                      'guidance', 'guidance_schedule', 'threshold', 'autoguidance', 'classifier', 'classifier_scale',
+                      'reject', 'npz', 'num', 'batch', 'label', 'cascade', 'extend'),
+          'extend': ('schedule', 'rho', 'sigma_min', 'sigma_max', 'flow_shift', 'guidance_schedule', 'threshold',
+                     'autoguidance', 'classifier', 'classifier_scale', 'reject', 'num', 'batch', 'cascade'),
+          'cascade': ('schedule', 'rho', 'sigma_min', 'sigma_max', 'flow_shift', 'guidance_schedule', 'threshold',
+                      'autoguidance', 'classifier', 'classifier_scale', 'reject')}
+
+
+def mode_flag_problems(args):
+    """'--X applies to --MODE' for a mode's own flag given without the mode, and '--X does not apply to --MODE' for a
+    flag the chosen mode never reads. A flag counts as given when it differs from the parser's default."""
+    defaults = vars(parse_args([]))
+    given = {k for k, v in vars(args).items() if k in defaults and v != defaults[k]}
+    name = lambda k: {'num': '-n', 'label': '--class'}.get(k, '--' + k.replace('_', '-'))
+    mode = next((m for m in ('inverse', 'extend', 'cascade') if m in given), None)
+    problems = [f'{name(k)} applies to --{owner}' for owner, flags in MODE_FLAGS.items() if owner not in given
+                for k in flags if k in given]
+    problems += [f'{name(k)} does not apply to --{mode}' for k in UNUSED.get(mode, ()) if k in given]
+    return problems
 
 
 # Class names come from the checkpoint (folder names, shape names), so --class circle works without an index.
@@ -322,7 +417,7 @@ def inverse_options(method, items):
     return options
 
 
-def run_inverse(args, net, diffusion, config, device):
+def run_inverse(args, net, diffusion, config, device, out):
     """Measure one image, reconstruct it with the chosen method, save measurement | reconstruction | original."""
     import inverse
     c, r = config['data']['channels'], config['data']['resolution']
@@ -333,8 +428,6 @@ def run_inverse(args, net, diffusion, config, device):
         raise SystemExit(f"error: unknown --inverse {args.inverse!r}; choose from {', '.join(inverse.INVERSE_METHODS)}")
     if args.operator == 'sr' and (args.factor < 2 or r % args.factor):
         raise SystemExit(f'error: --factor must be at least 2 and divide the model resolution {r} (got {args.factor})')
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', f'inverse_{args.inverse}_{args.operator}.png')
-    check_outputs((out, ('.png',), '--out'))
     if args.image:
         x0 = read_image(args.image, c, r)
     else:
@@ -411,15 +504,19 @@ def write_samples(images, labels, out, npz):
         save_grid(images, out)
         if images.ndim == 5:
             save_gif(images[:8], os.path.splitext(out)[0] + '.gif')
-    except OSError as e:
+    except (OSError, RuntimeError) as e:            # torch.save at a size limit raises RuntimeError ('unexpected pos')
         # The temporary folder is usually on another file system than the output: the best place left to try.
-        rescue = os.path.join(tempfile.gettempdir(), f'samples_rescued_{os.getpid()}.pt')
+        # A fresh unique name (mkstemp): a predictable name in a shared folder could be someone else's file.
+        fd, rescue = tempfile.mkstemp(prefix='samples_rescued_', suffix='.pt')
+        os.close(fd)
         try:
             torch.save({'samples': images, 'labels': labels}, rescue)
             kept = f'the samples are kept in {rescue} (torch.load it)'
-        except OSError:
-            kept = 'and they could not be kept anywhere'
-        raise SystemExit(f'error: {e.strerror if e.strerror else e}; {kept}') from None
+        except (OSError, RuntimeError):
+            os.remove(rescue)                          # half a file would only keep the disk full
+            kept = f'the rescue copy in {tempfile.gettempdir()} failed too (full as well?), so they are lost'
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise SystemExit(f'error: writing the samples failed ({reason}; a full disk or a file-size limit?); {kept}') from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -494,7 +591,11 @@ def load_cascade(args, net, diffusion, config, device):
     trained = config.get('args', {})                             # a --pretrained base has no training flags
     base = {'sampler': args.sampler or trained.get('sampler', 'heun'), 'steps': args.steps or trained.get('sample_steps', 18),
             'guidance': args.guidance if args.guidance is not None else trained.get('guidance', 1.0),
-            'sampler_opt': args.sampler_options}
+            'sampler_opt': None}
+    try:                                                      # --sampler-opt and --eta, --s-churn, ... for the base
+        base['sampler_opt'] = sampler_options_from_args(args, base['sampler'])
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
     # Every stage must take the previous stage's output: same channels, its resolution as the low-res input.
     models = [(net, diffusion, config, base)]
     for k, spec in enumerate(args.cascade_stages, start=1):
@@ -527,15 +628,19 @@ def run_cascade(args, net, diffusion, config, device, out):
     # Batches seeded seed + start as in generate, so a cascade sample is reproducible from (seed, batch size, index).
     outputs = [[] for _ in models]
     try:
-            # Stages are rebuilt per batch: their conditioning tensors (labels, aug_cond) have the batch's size.
+        # Stages are rebuilt per batch: their conditioning tensors (labels, aug_cond) have the batch's size.
         for start in range(0, args.num, args.batch):
             n = min(args.batch, args.num - start)
             y = labels[start:start + n] if labels is not None else None
             stages = [cascade_stage(m, d, c, s, n, y if c['data']['num_classes'] else None, device) for m, d, c, s in models]
-            for k, x in enumerate(cascade.run_cascade(stages, n, seed=args.seed + start, device=device, progress=True)):
-                outputs[k].append(x.cpu())
+            batch = [x.cpu() for x in cascade.run_cascade(stages, n, seed=args.seed + start, device=device, progress=True)]
+            for k, x in enumerate(batch):                 # a batch counts once every stage has finished it
+                outputs[k].append(x)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
+    except KeyboardInterrupt:                             # Ctrl-C: the finished batches' final images are written
+        done = torch.cat(outputs[-1]).clamp(-1, 1) if outputs[-1] else None
+        keep_interrupted(done, labels, out, args.npz, args.num)
     # Every stage's output is kept: --save-stages writes the intermediate resolutions too.
     images = [torch.cat(o) for o in outputs]
     if not torch.isfinite(images[-1]).all():
@@ -569,7 +674,8 @@ def read_clip(source, config):
         try:
             video = data.load_clip(source, args.get('context') or 1, d['resolution'])[None]
         except (ValueError, FileNotFoundError) as e:
-            raise SystemExit(f'error: {e}') from None
+            # data.py's advice is train.py's (--frames); here the number of given frames is --context.
+            raise SystemExit(f"error: {str(e).replace('lower --frames or remove the clip', 'give a clip with more frames or a lower --context')}") from None
     # Channel count follows the model: grey averages RGB, RGB repeats grey.
     if video.shape[1] != d['channels']:                                     # RGB <-> grey to match the model
         video = video.float().mean(1, keepdim=True).round().byte() if d['channels'] == 1 else video.expand(-1, 3, -1, -1, -1)
@@ -604,18 +710,22 @@ def run_extend(args, net, diffusion, config, device, out):
     # Reconstruction guidance needs a sampler that re-noises (Ho et al. 2022 use ancestral sampling): the default.
     sampler = args.sampler or 'euler_ancestral'
     sigmas = samplers.karras_sigmas(args.steps or 50, diffusion.sigma_min, diffusion.sigma_max).to(device)
-    # The inverse method runs an ordinary sampler inside; its options pass through unchanged.
-    options = dict(w_r=args.w_r, sampler=sampler, sampler_options=getattr(args, 'sampler_options', None) or {})
+    # The inverse method runs an ordinary sampler inside; its options (--sampler-opt, --eta, ...) pass through.
+    try:
+        sampler_options = sampler_options_from_args(args, sampler)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    options = dict(w_r=args.w_r, sampler=sampler, sampler_options=sampler_options)
     g = torch.Generator().manual_seed(args.seed)
     try:
         video = extend_video(denoiser, given, window, num_new, sigmas, context, method_options=options, generator=g,
                              cond=cond).clamp(-1, 1).cpu()
     except (ValueError, TypeError) as e:
         raise SystemExit(f'error: {e}') from None
-    save_grid(video, out)
-    save_gif(video, os.path.splitext(out)[0] + '.gif')
-    print(f'wrote {out} and its .gif: {args.continuations} continuations, each {context} given frames then {num_new} '
-          f'generated ({sampler}, {len(sigmas) - 1} steps, reconstruction guidance w_r={args.w_r})')
+    # The videos as write_samples writes them: --npz (readable by --extend again), the grid, the GIF.
+    write_samples(video, labels, out, args.npz)
+    print(f"wrote {out} and its .gif{f' and {args.npz}' if args.npz else ''}: {args.continuations} continuations, "
+          f'each {context} given frames then {num_new} generated ({sampler}, {len(sigmas) - 1} steps, reconstruction guidance w_r={args.w_r})')
     return video
 
 
@@ -625,23 +735,20 @@ def main(args):
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cuda' and not torch.cuda.is_available():
         raise SystemExit(f'error: --device {args.device} but this machine has no CUDA GPU; use --device cpu')
-    # Output paths before the model: a typo in --out must not cost the sampling time.
-    out = args.out or (f'samples_{args.pretrained}.png' if args.pretrained else
-                       os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png'))
-    if not args.inverse:
-        check_outputs((out, ('.png',), '--out'), *([(args.npz, ('.npz',), '--npz')] if args.npz else []))
     # The model: a published one (pretrained.py) or a train.py checkpoint; latent models come with their decoder.
     if args.pretrained:
         net, diffusion, config, decode = load_pretrained_model(args, device)
     else:
         net, diffusion, config = load_model(args.ckpt, device, use_ema=not args.raw)
         decode = latent_decoder(config, device)
+    # Every file this call writes (a video's GIF, --save-stages' files too), checked before any sampling.
+    out = resolve_outputs(args, config)
     if args.inverse and config.get('autoencoder'):
         raise SystemExit('error: --inverse needs a pixel-space model: its operators act on pixels, and this model '
                          'samples latents of an autoencoder (a solver through the decoder is not implemented)')
     # The other modes, each one function: inverse problems, video extension, cascades. Plain generation follows.
     if args.inverse:
-        return run_inverse(args, net, diffusion, config, device)
+        return run_inverse(args, net, diffusion, config, device, out)
     if args.extend is not None:
         return run_extend(args, net, diffusion, config, device, out)
     if args.cascade or config.get('task') == 'superres':
@@ -655,6 +762,12 @@ def main(args):
     classes = config['data']['num_classes'] or setup['classifier_classes'] or 0
     labels = resolve_label(args.label, {'data': dict(config['data'], num_classes=classes)}, args.num)
     extra = {'y': labels} if labels is not None and not config['data']['num_classes'] else None
+    # --class none draws unconditional samples: classifier-free guidance has no class to guide toward.
+    if args.label == 'none' and setup['weight'] != 1 and not args.autoguidance:
+        if args.guidance not in (None, 1.0):
+            raise SystemExit(f'error: --guidance {args.guidance:g} applies to class-conditional samples; --class none '
+                             'draws unconditional ones (no class to guide toward)')
+        setup = dict(setup, guidance=1.0, weight=1.0)              # the run's grid weight: not applied, not printed
 
     # One closure for plain sampling and for rejection sampling's repeated rounds (each with its own seed).
     def make(seed):
@@ -670,11 +783,23 @@ def main(args):
             images, labels, rate = reject_samples(args, make, labels, setup['clean_log_prob'])
     except (ValueError, FloatingPointError, RuntimeError) as e:
         raise SystemExit(f'error: {e}') from None
+    except SamplingInterrupted as e:                # Ctrl-C: the finished batches are written, then one line
+        keep_interrupted(e.samples if args.reject is None else None, labels, out, args.npz, args.num)
     # Written only now, once every sample exists; the paths were checked at the start.
     write_samples(images, labels, out, args.npz)
     print(f"wrote {out}: {args.num} samples, {describe_sampling(args, setup)}"
           + (f', class {args.label}' if args.label is not None else '')
           + (f'; rejection sampling accepted {rate:.1%} of the samples drawn' if args.reject is not None else ''))
+
+
+def keep_interrupted(samples, labels, out, npz, n):
+    """After Ctrl-C: write the finished samples (the first len(samples) of n) to the requested files, then exit with
+    one line saying how many were kept."""
+    if samples is None or not len(samples):
+        raise SystemExit('interrupted (Ctrl-C) before a batch was finished: nothing written')
+    k = len(samples)
+    write_samples(samples, labels[:k] if labels is not None else None, out, npz)
+    raise SystemExit(f"interrupted (Ctrl-C): wrote the {k} finished samples of {n} to {out}{f' and {npz}' if npz else ''}")
 
 
 def reject_samples(args, make, labels, clean_log_prob):
@@ -690,4 +815,7 @@ def reject_samples(args, make, labels, clean_log_prob):
     return x, y, rate
 
 if __name__ == '__main__':
-    main(parse_args())
+    try:
+        main(parse_args())
+    except KeyboardInterrupt:                    # Ctrl-C outside the sampling loop (loading, writing): one line
+        raise SystemExit('interrupted (Ctrl-C): no samples were written') from None

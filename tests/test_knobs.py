@@ -159,7 +159,7 @@ def test_autoguidance_uses_the_bad_checkpoint_instead_of_cfg(runs, tmp_path):
 def test_classifier_guidance_uses_the_trained_classifier(runs, tmp_path):
     cli = run_cli(runs, tmp_path, '--sampler', 'euler', '--steps', '8', '--guidance', '1', '--classifier', runs['clf'],
                   '--classifier-scale', '4')
-    clf_net, clf_diffusion, config = sample.load_model(runs['clf'])
+    clf_net, clf_diffusion, config = sample.load_model(runs['clf'], expect='classifier')
     assert config['task'] == 'classifier'
     log_prob = classifier.classifier_log_prob(clf_net, clf_diffusion)
     d = model_diffusion(runs)
@@ -178,7 +178,7 @@ def test_rejection_keeps_what_the_classifier_accepts_and_reports_the_rate(runs, 
 def test_sampling_flag_mistakes_are_messages(runs, tmp_path):
     for flags, message in ((['--reject'], 'need --classifier'), (['--sampler', 'euler', '--eta', '1'], "no option 'eta'"),
                            (['--schedule', 'vp-trailing', '--steps', str(T + 1)], 'discrete noise levels'),
-                           (['--classifier', runs['model'], '--classifier-scale', '1'], 'not a classifier checkpoint'),
+                           (['--classifier', runs['model'], '--classifier-scale', '1'], 'not a classifier'),
                            (['--guidance-interval', '3', '1'], 'SIGMA_LO < SIGMA_HI')):
         with pytest.raises(SystemExit, match=message):
             run_cli(runs, tmp_path, *flags)
@@ -279,4 +279,4 @@ def test_inverse_step_size_and_start_level_flags_match_the_library(runs, tmp_pat
     np.testing.assert_array_equal(np.asarray(Image.open(cli_png)), np.asarray(Image.open(tmp_path / 'lib.png')))
     with pytest.raises(SystemExit, match="options: zeta=0.5"):
         sample.main(sample.parse_args(['--ckpt', runs['model'], '--inverse', 'dps', '--inverse-opt', 'w_r=1',
-                                       '--out', str(cli_png)]))
+                                       '--out', str(tmp_path / 'unknown_option.png')]))
