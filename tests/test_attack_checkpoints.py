@@ -133,3 +133,18 @@ def test_a_pickled_object_is_refused_without_the_weights_only_advice(tmp_path):
     with pytest.raises(SystemExit, match='could run code') as e:
         checkpoints.load_checkpoint(str(tmp_path / 'p.pt'))
     assert 'weights_only' not in str(e.value)
+
+
+def test_the_meta_parameter_count_equals_the_built_networks():
+    """The bound is checked on a 'meta' build whose initialisers are skipped (_ShapesOnly): its count must be the
+    real one for every network a checkpoint can hold."""
+    import vae
+    from classifier import NoiseConditionalClassifier
+    from dit import DiT
+    from unet import UNet
+    _, unet_net = checkpoints.network_config(args(), DATA, 6, 0)
+    _, dit_net = checkpoints.network_config(args(model='dit', config='DiT-S/4'), DATA, 6, 0)
+    _, cls_net = checkpoints.classifier_config(args(), DATA)
+    _, ae_net = checkpoints.autoencoder_config(args(), DATA)
+    for cls, net in ((UNet, unet_net), (DiT, dit_net), (NoiseConditionalClassifier, cls_net), (vae.Autoencoder, ae_net)):
+        assert checkpoints.parameter_count(cls, net) == sum(p.numel() for p in cls(**net).parameters()), cls.__name__
