@@ -415,8 +415,9 @@ def load_model(path, device='cpu', use_ema=True, expect='diffusion'):
     black PNGs."""
     ckpt = load_checkpoint(path, device, expect)
     config = dict(ckpt['config'], args=ckpt.get('args', {}))
-    if config['model'] not in NETWORKS:            # expect=None let an autoencoder through: it has its own loader
-        raise SystemExit(f"error: {path!r} is {WRITTEN_BY[config.get('task', 'diffusion')]}; load it with load_autoencoder")
+    if config['model'] not in NETWORKS:            # expect=None let an autoencoder or token model through: own loaders
+        raise SystemExit(f"error: {path!r} is {WRITTEN_BY[config.get('task', 'diffusion')]}, not a network load_model "
+                         'builds (load_autoencoder, sample_discrete.load_discrete_model read those)')
     net = NETWORKS[config['model']](**config['net']).to(device)
     # strict loading: a missing or extra key means the file and its config disagree, never silently ignored.
     weights = ckpt['ema' if use_ema else 'model']
