@@ -753,6 +753,12 @@ DATASETS = ('shapes', 'video-shapes', 'moving-mnist', 'mnist', 'fashion-mnist', 
 DEFAULT_MEMORY_BUDGET = 4 << 30   # bytes of decoded uint8 images a folder may take in memory (4 GiB)
 
 
+def is_video_dataset(name):
+    """Whether load_dataset(name) gives videos (N, C, F, H, W), known from the name alone (before any reading)."""
+    key = name.lower().replace('_', '-')
+    return key in ('video-shapes', 'videoshapes', 'moving-mnist', 'movingmnist') or key.startswith('clips:')
+
+
 def load_dataset(name='shapes', data_dir=None, split='train', resolution=None, download=True, seed=0,
                  memory_budget=DEFAULT_MEMORY_BUDGET, **kw):
     """Build a dataset by name (see DATASETS). data_dir defaults to ./data; resolution to 32.

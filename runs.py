@@ -31,6 +31,7 @@ import math
 import os
 import re
 import socket
+import sys
 import tempfile
 import warnings
 from contextlib import nullcontext
@@ -43,6 +44,8 @@ import checkpoints
 import data
 from diffusion import NOISE_SCHEDULES
 
+MAX_RESOLUTION = 1024                          # --resolution above this: refused (memory), see check_run_args
+MAX_BATCH = 65536                              # --batch-size above this: refused
 MAX_WEIGHT = 1e4                               # |weight| above this: the run has blown up (trained nets: |w| < 10)
 
 
@@ -166,8 +169,9 @@ def add_diffusion_flags(p):
     g.add_argument('--prediction', default='edm', choices=['eps', 'x0', 'v', 'edm', 'flow'], help='parameterisation of the network output')
     g.add_argument('--schedule', default=None, choices=list(NOISE_SCHEDULES), help='training noise levels and c_noise; default: the natural one for --prediction')
     g.add_argument('--t-sampler', default='low_discrepancy', choices=['uniform', 'low_discrepancy', 'importance'], help='how the batch\'s noise levels are drawn')
-    g.add_argument('--sigma-data', type=float, default=0.5, help='data standard deviation for EDM preconditioning')
-    g.add_argument('--T', type=int, default=1000, help='steps of the discrete schedules linear and cosine (DDPM: 1000)')
+    # None = not given (then 0.5 and 1000, set by check_run_args), so a value given where it does nothing is refused.
+    g.add_argument('--sigma-data', type=float, default=None, help='data standard deviation for EDM preconditioning (--prediction edm; default 0.5)')
+    g.add_argument('--T', type=int, default=None, help='steps of the discrete schedules linear and cosine (DDPM: 1000)')
     return g
 
 
@@ -187,13 +191,42 @@ def check_run_args(args, need):
     need(args.resolution is None or args.resolution >= 1, f'--resolution must be a positive size (got {args.resolution})')
     need(args.split in ('train', 'test'), f"--split must be 'train' or 'test' (got {args.split!r})")
     if hasattr(args, 'sigma_data'):                                  # the diffusion flags, where the program has them
-        need(finite(args.sigma_data) and args.sigma_data > 0, f'--sigma-data must be > 0 (got {args.sigma_data})')
-        need(args.T > 20, f'--T must be more than 20 (got {args.T})')
+        check_diffusion_flags(args, need)
+    # Sizes that cannot be allocated end in an allocator error naming nothing (20,000 shapes at 4096^2 are 938 GB):
+    # stated bounds, far above what this code trains on, name the flag instead.
+    need(args.resolution is None or args.resolution <= MAX_RESOLUTION,
+         f'--resolution must be at most {MAX_RESOLUTION} (got {args.resolution}): larger images do not fit in memory here')
+    need(args.batch_size <= MAX_BATCH, f'--batch-size must be at most {MAX_BATCH} (got {args.batch_size})')
+    need(0 <= args.seed < 2 ** 63, f'--seed must be an integer in [0, 2^63) (got {args.seed})')
+    need(not (args.resume == 'auto' and args.overwrite), '--resume auto continues the run in --out and --overwrite replaces '
+                                                         'it: give one of them')
+    # A run folder inside the training images: the next run would train on this run's grids and plots.
+    if args.dataset.startswith('folder:'):
+        images = os.path.realpath(args.dataset[len('folder:'):])
+        out = os.path.realpath(args.out)
+        need(os.path.commonpath([images, out]) != images,
+             f'--out {args.out} is inside the training data folder {images}: the next run would train on its grids; '
+             'give an --out outside it')
     # A device string torch cannot parse; whether CUDA exists is checked in setup_distributed.
     try:
         args.device_obj = torch.device(args.device) if args.device else None
     except RuntimeError:
         need(False, f"--device {args.device!r} is not a device (cpu, cuda, cuda:1, mps)")
+
+
+def check_diffusion_flags(args, need):
+    """--sigma-data and --T: their ranges, and refused where they do nothing; then their defaults."""
+    schedule = args.schedule or checkpoints.DEFAULT_SCHEDULE.get(args.prediction)
+    if args.sigma_data is not None:
+        need(math.isfinite(args.sigma_data) and args.sigma_data > 0, f'--sigma-data must be > 0 (got {args.sigma_data})')
+        need(args.prediction == 'edm', f'--sigma-data applies to --prediction edm (its preconditioning); '
+                                       f'--prediction {args.prediction} does not use it')
+    if args.T is not None:
+        need(args.T > 20, f'--T must be more than 20 (got {args.T})')
+        need(schedule in ('linear', 'cosine'), f'--T applies to the discrete schedules linear and cosine; '
+                                               f'--schedule {schedule} is continuous')
+    args.sigma_data = 0.5 if args.sigma_data is None else args.sigma_data
+    args.T = 1000 if args.T is None else args.T
 
 
 def check_flags(args, *checks):
@@ -220,6 +253,7 @@ def setup_distributed(args):
         if device.type == 'cuda' and not torch.cuda.is_available():
             raise SystemExit(f'error: --device {args.device} but this machine has no CUDA GPU; use --device cpu')
         return 0, 1, device
+    check_distributed_env(os.environ)
     # NCCL between GPUs; gloo lets the same script run several CPU processes (and the DDP test).
     backend = 'nccl' if torch.cuda.is_available() and args.device != 'cpu' else 'gloo'
     dist.init_process_group(backend)
@@ -230,6 +264,25 @@ def setup_distributed(args):
     else:
         device = torch.device('cpu')
     return rank, world, device
+
+
+def check_distributed_env(env):
+    """torchrun's variables, each named when wrong (init_process_group said only 'MASTER_ADDR expected')."""
+    values = {}
+    for name in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK'):
+        value = env.get(name, '0' if name == 'LOCAL_RANK' else None)
+        if value is None or not value.strip().isdigit():
+            raise SystemExit(f'error: {name}={value!r}: it must be a non-negative integer (torchrun sets RANK, '
+                             'LOCAL_RANK and WORLD_SIZE; unset RANK to train in one process)')
+        values[name] = int(value)
+    if values['WORLD_SIZE'] < 1:
+        raise SystemExit(f"error: WORLD_SIZE={values['WORLD_SIZE']}: the number of processes must be at least 1")
+    for name in ('RANK', 'LOCAL_RANK'):
+        if values[name] >= values['WORLD_SIZE']:
+            raise SystemExit(f"error: {name}={values[name]} is not below WORLD_SIZE={values['WORLD_SIZE']} (ranks count from 0)")
+    for name in ('MASTER_ADDR', 'MASTER_PORT'):
+        if not env.get(name):
+            raise SystemExit(f'error: {name} is not set: several processes need the address and port of rank 0 (torchrun sets them)')
 
 
 def amp_settings(args, device):
@@ -316,6 +369,10 @@ class Trainee:
         self.step = state['step']
 
 
+# What a Ctrl-C reports (run_command): the run being trained, and the step its checkpoint holds.
+PROGRESS = {}
+
+
 def make_trainee(args, net, ema, setup, diffusion=None, betas=(0.9, 0.999), extras=None):
     """A Trainee around a fresh network: the EMA starts as an exact copy (eval mode: no dropout, no RNG drawn), Adam,
     the AMP scaler, and DDP for the loss when there are several processes."""
@@ -324,8 +381,10 @@ def make_trainee(args, net, ema, setup, diffusion=None, betas=(0.9, 0.999), extr
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=betas, weight_decay=args.weight_decay)
     amp_dtype, use_scaler = amp_settings(args, setup.device)
     model = torch.nn.parallel.DistributedDataParallel(net) if setup.world > 1 else net
-    return Trainee(net, ema, optimizer, torch.amp.GradScaler('cuda', enabled=use_scaler), model, amp_dtype,
-                   diffusion, extras or {})
+    run = Trainee(net, ema, optimizer, torch.amp.GradScaler('cuda', enabled=use_scaler), model, amp_dtype,
+                  diffusion, extras or {})
+    PROGRESS.update(run=run, ckpt=setup.ckpt_path, saved=None)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -590,13 +649,15 @@ def save_checkpoint(run, config, args, setup, last_good, probe_loss=None):
         write_checkpoint(setup.ckpt_path, state)
         if run.step == getattr(args, 'save_early', 0):                 # a kept early model (autoguidance)
             write_checkpoint(os.path.join(args.out, f'ckpt_{run.step:07d}.pt'), state)
+    PROGRESS['saved'] = run.step
     return run.step
 
 
 def saved_step(run, setup):
     """The step OUT/ckpt.pt holds at the start: the resumed step when continuing it, else 0 (none written yet)."""
     continues = setup.resume and os.path.abspath(setup.resume) == os.path.abspath(setup.ckpt_path)
-    return run.step if continues else 0
+    PROGRESS['saved'] = run.step if continues else 0
+    return PROGRESS['saved']
 
 
 def resume_run(run, config, args, setup, resume_flags=RESUME_FLAGS):
@@ -604,6 +665,11 @@ def resume_run(run, config, args, setup, resume_flags=RESUME_FLAGS):
     uninterrupted run would do (resume_flags, the number of processes) must match unless --allow-changes."""
     path = setup.resume
     ckpt = checkpoints.load_checkpoint(path, setup.device)
+    # Another task's checkpoint (a classifier, an autoencoder, a diffusion model): said first, in one line.
+    task = ckpt['config'].get('task') if isinstance(ckpt.get('config'), dict) else None
+    if task != config['task']:
+        raise SystemExit(f"error: {path} is {'an' if str(task)[:1] in 'aeiou' else 'a'} {task} checkpoint, not a "
+                         f"{config['task']} run; resume it with its own program, or give a new --out")
     diff = checkpoints.config_mismatch(ckpt['config'], config)
     if diff:
         raise SystemExit(f'error: {path} was trained with another configuration:\n  ' + '\n  '.join(diff) +
@@ -625,12 +691,28 @@ def resume_run(run, config, args, setup, resume_flags=RESUME_FLAGS):
     missing = [k for k in ('optimizer', 'scaler', 'step', 'rng') if k not in ckpt]
     if missing:
         raise SystemExit(f'error: {path} cannot be resumed: it lacks {", ".join(missing)} (a sampling-only checkpoint?)')
+    check_resumed_step(ckpt['step'], path, args)
     # Each owner restores its own state; this rank's dropout RNG comes last, as the run saved it.
     run.load_state_dict(ckpt)
     set_rng_state(ckpt['rng'][dist.get_rank() % len(ckpt['rng']) if dist.is_initialized() else 0], setup.device)
     if setup.is_main:
         print(f'resumed from {path} at step {run.step}')
     return run.step
+
+
+def check_resumed_step(step, path, args):
+    """The checkpoint's step is a count of steps done, below --steps (equal: only the end of the run is left, e.g. a
+    final grid a kill interrupted); a step flag it has already passed must have fired."""
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise SystemExit(f'error: {path} holds step {step!r}, not a number of steps done (an edited file?)')
+    if step > args.steps:
+        raise SystemExit(f'error: {path} is already at step {step}, beyond --steps {args.steps}: nothing to train. '
+                         f'Give --steps above {step} to continue it.')
+    early = getattr(args, 'save_early', 0)
+    kept = os.path.join(args.out, f'ckpt_{early:07d}.pt')
+    if early and early <= step and not os.path.exists(kept):
+        raise SystemExit(f'error: --save-early {early} is before the resumed step {step} and {kept} does not exist: '
+                         'it would never be saved. Drop --save-early, or start a new run.')
 
 
 # Dropout draws from the global torch RNG (not from the step generators), so its state is part of the
@@ -733,10 +815,26 @@ def finish_run(run, setup, log, last_good=None):
                          f'{held}. Lower --lr or check the data, then --resume auto --allow-changes.')
 
 
+def interrupted_message():
+    """What Ctrl-C says instead of a traceback: the step reached, the step the checkpoint holds, how to go on."""
+    run, ckpt, saved = PROGRESS.get('run'), PROGRESS.get('ckpt'), PROGRESS.get('saved')
+    if run is None:
+        return 'interrupted before training started; no checkpoint was written'
+    held = (f'{ckpt} holds step {saved}' if saved else f'{ckpt} is as it was' if saved is None else
+            f'no checkpoint yet ({ckpt} not written by this run)')
+    return f'interrupted at step {run.step}; {held}; --resume auto continues'
+
+
 def run_command(main, parse_args):
-    """The command line's entry: a missing dataset or a bad value is its message, a full disk says so."""
+    """The command line's entry: a missing dataset or a bad value is its message, a full disk says so, Ctrl-C
+    says where the run stands (exit 130, as a shell reports SIGINT). A checkpoint write is atomic (atomic_write),
+    so an interrupt never leaves half a checkpoint."""
+    PROGRESS.clear()
     try:
         main(parse_args())
+    except KeyboardInterrupt:
+        print(interrupted_message(), file=sys.stderr)
+        raise SystemExit(130) from None
     except (data.DatasetNotFoundError, ValueError) as e:     # a missing dataset, a bad flag value: the message only
         raise SystemExit(f'error: {e}')
     except OSError as e:                                     # a full disk while writing a grid or the log

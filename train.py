@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 import cascade
 import checkpoints
+import data
 import knobs
 import reports
 import runs
@@ -321,8 +322,10 @@ def parse_args(argv=None):
     g = groups['data']
     g.add_argument('--aug-p', type=float, default=0.0, help='probability of each augmentation; labels go to the network as aug_cond (Karras et al. 2022, App. C.4)')
     g.add_argument('--unconditional', action='store_true', help='ignore class labels')
+    # --p-uncond, --guidance, --upsample default to None (the documented value is set by check_args): a value given
+    # where it does nothing is refused instead of ignored.
     g = groups['optimisation']
-    g.add_argument('--p-uncond', type=float, default=0.1, help='label dropout for classifier-free guidance')
+    g.add_argument('--p-uncond', type=float, default=None, help='label dropout for classifier-free guidance (default 0.1)')
     g.add_argument('--overfit-batch', action='store_true', help='train on one fixed batch with fixed noise: the loss must go to ~0')
     groups['output'].add_argument('--save-early', type=int, default=0, help='also keep the checkpoint of this step (a "bad" model for autoguidance)')
     g = p.add_argument_group('model')
@@ -337,7 +340,7 @@ def parse_args(argv=None):
     g.add_argument('--sampler', default='heun', choices=list(SAMPLERS), help='sampler for the grids')
     g.add_argument('--sample-steps', type=int, default=18, help='noise levels of the sampling schedule')
     g.add_argument('--sampler-opt', action='append', default=[], metavar='KEY=VALUE', help="the sampler's own options, e.g. S_churn=40 (repeatable)")
-    g.add_argument('--guidance', type=float, default=2.0, help='CFG weight of class-conditional grids (1 = none)')
+    g.add_argument('--guidance', type=float, default=None, help='CFG weight of class-conditional grids (1 = none; default 2)')
     g = p.add_argument_group('evaluation (reports.py, evaluate.py)')
     g.add_argument('--until-converged', type=int, default=0, metavar='N',
                    help='stop when the in-training KID (or FD) has not improved by --converge-margin for N evaluations (needs --eval-every)')
@@ -363,7 +366,7 @@ def parse_args(argv=None):
     g.add_argument('--low-res', type=int, default=None, help='size of the low-resolution conditioning image, made on the fly by area downsampling')
     g.add_argument('--noise-aug-max', type=float, default=0.0, help='noise conditioning augmentation: levels t ~ U[0, this] in [0, 1], given to the network (0 = off; see cascade.py)')
     g.add_argument('--noise-aug-dim', type=int, default=8, help='width of the level embedding (aug_cond) when --noise-aug-max > 0')
-    g.add_argument('--upsample', default='bicubic', choices=['bicubic', 'bilinear', 'nearest'], help='how the low-res image is upsampled to x_cond')
+    g.add_argument('--upsample', default=None, choices=['bicubic', 'bilinear', 'nearest'], help='how the low-res image is upsampled to x_cond (default bicubic)')
     g = p.add_argument_group('latent diffusion (vae.py; train the autoencoder with train_autoencoder.py)')
     g.add_argument('--autoencoder', default=None, metavar='CKPT', help='train diffusion on the latents of this autoencoder checkpoint (encoded once, cached in memory); grids and sample.py decode them')
     return p.parse_args(argv)
@@ -377,6 +380,7 @@ def check_args(args):
 
 def check_diffusion_args(args, need):
     finite = lambda v: v is not None and math.isfinite(v)
+    check_applies(args, need)                   # first: it also sets the defaults of the flags that default to None
     if args.task in ('autoencoder', 'classifier'):
         need(False, f'--task {args.task} is train_{args.task}.py: run it as python train.py --task {args.task} ... '
                     f'or python train_{args.task}.py ...')
@@ -389,7 +393,7 @@ def check_diffusion_args(args, need):
     for flag in ('aug_p', 'p_uncond'):
         need(finite(getattr(args, flag)) and 0 <= getattr(args, flag) <= 1, f"--{flag.replace('_', '-')} is a probability in [0, 1] (got {getattr(args, flag)})")
     need(args.dropout is None or (finite(args.dropout) and 0 <= args.dropout < 1), f'--dropout must be in [0, 1) (got {args.dropout})')
-    need(finite(args.guidance), f'--guidance must be a finite number (got {args.guidance})')
+    need(args.guidance is None or finite(args.guidance), f'--guidance must be a finite number (got {args.guidance})')
     need(args.model_channels is None or args.model_channels >= 1, f'--model-channels must be at least 1 (got {args.model_channels})')
     # The named configuration must belong to the chosen network (a U-Net name with --model dit was a KeyError).
     configs = UNET_CONFIGS if args.model == 'unet' else DIT_CONFIGS
@@ -412,11 +416,48 @@ def check_diffusion_args(args, need):
         need(False, str(e))
 
 
+def check_applies(args, need):
+    """A flag that would do nothing in this run is refused with what it applies to (it was silently ignored),
+    then the defaults of the flags whose default is None (so that 'given' can be told from 'default')."""
+    name = args.config or ('micro' if args.model == 'unet' else 'DiT-S/4')
+    unet = UNET_CONFIGS.get(name, {}) if args.model == 'unet' else {}
+    # The DiT's width and depth are its named configuration, and it has no dropout.
+    for flag in ('dropout', 'model_channels'):
+        need(getattr(args, flag) is None or args.model == 'unet', f"--{flag.replace('_', '-')} applies to the U-Net "
+                                                                 f"(--model unet); the DiT's size is its --config")
+    # Every GroupNorm of the U-Net splits the width into norm_groups groups (unet.py).
+    groups = unet.get('norm_groups', 32)
+    need(not unet or not args.model_channels or args.model_channels % groups == 0,
+         f'--model-channels must be a multiple of {groups}, the GroupNorm groups of the U-Net (got {args.model_channels})')
+    # Label dropout and guidance act on class labels; an unconditional model has none.
+    for flag in ('p_uncond', 'guidance'):
+        need(getattr(args, flag) is None or not args.unconditional,
+             f"--{flag.replace('_', '-')} applies to class-conditional training; --unconditional has no classes")
+    need(not args.i3d_weights or args.eval_network == 'i3d', '--i3d-weights applies to --eval-network i3d')
+    # Augmenting the fixed batch would change it every step: the loss could not go to ~0.
+    need(not (args.overfit_batch and args.aug_p > 0), '--aug-p applies to normal training; --overfit-batch needs the '
+                                                      'same images at every step (the loss must go to ~0)')
+    need(args.save_early <= args.steps, f'--save-early {args.save_early} is beyond --steps {args.steps}: it would never be saved')
+    # Video data needs a network with temporal attention (a video configuration): an image net would take each video
+    # for one image. Known from the dataset's name, before it is read.
+    video = data.is_video_dataset(args.dataset)
+    need(not args.image_share or video, f'--image-share applies to video data; {args.dataset} holds images')
+    need(not video or unet.get('temporal_attention'), f"{args.dataset} holds videos: it needs a U-Net with temporal "
+         f"attention (--config {', '.join(n for n, c in UNET_CONFIGS.items() if c.get('temporal_attention'))}); "
+         f"{args.model} '{name}' has none")
+    # The documented defaults, now that a given value can be told from none.
+    args.p_uncond = 0.1 if args.p_uncond is None else args.p_uncond
+    args.guidance = 2.0 if args.guidance is None else args.guidance
+
+
 def check_superres_args(args, need):
     """The super-resolution flags: --low-res belongs to --task superres and needs a size; the level range."""
     if args.task != 'superres':
-        need(args.low_res is None and args.noise_aug_max == 0, '--low-res and --noise-aug-max belong to --task superres')
+        need(args.low_res is None and args.noise_aug_max == 0 and args.upsample is None,
+             '--low-res, --noise-aug-max and --upsample apply to --task superres')
         return
+    # --upsample defaults to None so that, given without --task superres, it is refused above; bicubic otherwise.
+    args.upsample = args.upsample or 'bicubic'
     need(args.low_res is not None and args.low_res >= 1, '--task superres needs --low-res, the size of the conditioning image (e.g. 16)')
     need(math.isfinite(args.noise_aug_max) and 0 <= args.noise_aug_max <= 1, f'--noise-aug-max is a diffusion time in [0, 1] (got {args.noise_aug_max})')
     need(args.noise_aug_dim >= 2 and args.noise_aug_dim % 2 == 0, f'--noise-aug-dim must be an even number >= 2 (got {args.noise_aug_dim})')

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import cascade
 import checkpoints
+import data
 import reports
 import runs
 import sample
@@ -197,8 +198,9 @@ def parse_args(argv=None):
     g = p.add_argument_group('autoencoder (vae.py)')
     g.add_argument('--vae-config', default=None, help=f"configuration: {', '.join(vae.AUTOENCODER_CONFIGS)} (default kl-f4, vq-f4 with --vq)")
     g.add_argument('--vq', action='store_true', help='VQ regularisation (VQGAN codebook) instead of the KL term')
-    g.add_argument('--kl-weight', type=float, default=1e-6, help='KL weight (LDM: 1e-6)')
-    g.add_argument('--codebook-weight', type=float, default=1.0, help='VQ loss weight (VQGAN: 1)')
+    # None = not given: a weight given for the other regulariser is refused (check_autoencoder_args sets the defaults).
+    g.add_argument('--kl-weight', type=float, default=None, help='KL weight of a KL autoencoder (LDM: 1e-6, the default)')
+    g.add_argument('--codebook-weight', type=float, default=None, help='VQ loss weight of a VQ autoencoder (VQGAN: 1, the default)')
     g.add_argument('--disc-weight', type=float, default=0.5, help='scale of the adaptive GAN weight, VQGAN Eq. 7 (0 = no GAN)')
     g.add_argument('--gan-start', type=int, default=None, help='first step with the GAN loss (default: half of --steps)')
     g.add_argument('--lpips', default='auto', help="LPIPS weights folder, 'auto' (use them if on this machine) or 'off'")
@@ -209,11 +211,28 @@ def check_autoencoder_args(args, need):
     """The autoencoder's flags: the ranges of its weights, a known configuration, the GAN's start."""
     finite = lambda v: v is not None and math.isfinite(v)
     for flag in ('kl_weight', 'codebook_weight', 'disc_weight'):
-        need(finite(getattr(args, flag)) and getattr(args, flag) >= 0, f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {getattr(args, flag)})")
+        value = getattr(args, flag)
+        need(value is None or (finite(value) and value >= 0), f"--{flag.replace('_', '-')} must be a finite number >= 0 (got {value})")
     need(args.vae_config is None or args.vae_config in vae.AUTOENCODER_CONFIGS,
          f"--vae-config {args.vae_config!r} is not a vae.py configuration; choose from {', '.join(vae.AUTOENCODER_CONFIGS)}")
+    # The regulariser is the configuration's kind (KL or VQ); a flag of the other kind would do nothing.
+    kind = vae.AUTOENCODER_CONFIGS.get(args.vae_config, {}).get('kind', 'vq' if args.vq else 'kl')
+    need(not (args.vq and kind == 'kl'), f'--vq asks for a VQ autoencoder but --vae-config {args.vae_config} is a KL one; '
+                                         'give a vq configuration, or drop --vq')
+    kind = 'vq' if args.vq else kind
+    need(args.kl_weight is None or kind == 'kl', '--kl-weight applies to a KL autoencoder; this one is VQ (--codebook-weight)')
+    need(args.codebook_weight is None or kind == 'vq', '--codebook-weight applies to a VQ autoencoder (--vq); this one is KL (--kl-weight)')
+    args.kl_weight = 1e-6 if args.kl_weight is None else args.kl_weight
+    args.codebook_weight = 1.0 if args.codebook_weight is None else args.codebook_weight
+    # The GAN loss starts at --gan-start (vae.AutoencoderLoss.gan_active: step >= start): it needs a GAN and a step
+    # the run reaches.
+    if args.gan_start is not None:
+        need(args.gan_start >= 0, f'--gan-start must be 0 or more (got {args.gan_start})')
+        need(args.disc_weight != 0, '--gan-start applies to the GAN loss; --disc-weight 0 turns it off')
+        need(args.gan_start < args.steps, f'--gan-start {args.gan_start} is not below --steps {args.steps}: the GAN would never start')
     args.gan_start = args.steps // 2 if args.gan_start is None else args.gan_start
-    need(args.gan_start >= 0, f'--gan-start must be 0 or more (got {args.gan_start})')
+    # The autoencoder is a 2-D network: videos would reach its first convolution as 5-D tensors.
+    need(not data.is_video_dataset(args.dataset), f'{args.dataset} holds videos; the autoencoder trains on images')
 
 
 if __name__ == '__main__':

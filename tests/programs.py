@@ -7,6 +7,7 @@ program (DESIGN.md), tests included; what a run leaves (checkpoint, log, grids, 
 A program that exits with an error raises SystemExit carrying its stderr, so `pytest.raises(SystemExit, match=...)`
 checks the message the user sees."""
 import os
+import runpy
 import subprocess
 import sys
 
@@ -35,3 +36,26 @@ def run_program(script, argv, patch=None, timeout=600):
 def weights(ckpt, key='ema'):
     """The state dict `key` ('ema' or 'model') of a checkpoint file, as a list of tensors in order."""
     return list(torch.load(ckpt, weights_only=True)[key].values())
+
+
+_PROGRAMS = {}
+
+
+def program(script):
+    """The functions of a training program (its parse_args, check_args, ...), from running the file as a module
+    that is not __main__ (runpy), so tests check its flags in-process, in milliseconds, without importing it."""
+    if script not in _PROGRAMS:
+        _PROGRAMS[script] = runpy.run_path(os.path.join(ROOT, script), run_name=f'program_{script[:-3]}')
+    return _PROGRAMS[script]
+
+
+def check_program(script, argv):
+    """parse_args(argv) and the checks main runs before any work; returns args, or raises SystemExit('error: ...')."""
+    p = program(script)
+    args = p['parse_args']([str(a) for a in argv])
+    if 'check_args' in p:
+        p['check_args'](args)
+    else:
+        import runs
+        runs.check_flags(args, *[p[name] for name in ('check_autoencoder_args',) if name in p])
+    return args
