@@ -227,6 +227,10 @@ def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None,
     rho, flow_shift = 7.0 if rho is None else rho, 1.0 if flow_shift is None else flow_shift
     # The model's own noise range unless overridden: sampling outside the trained range asks for what it never saw.
     lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
+    if name in ('karras', 'loglinear') and not lo < hi:     # one flag given past the model's other end
+        raise ValueError(f"--sigma-min {lo:g} must be below --sigma-max {hi:g} ("
+                         f"{'the model' if sigma_max is None else 'given'}'s sigma_max, "
+                         f"{'the model' if sigma_min is None else 'given'}'s sigma_min)")
     if name == 'karras':
         return samplers.karras_sigmas(steps, lo, hi, rho)
     if name == 'loglinear':

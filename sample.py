@@ -743,6 +743,7 @@ def main(args):
         decode = latent_decoder(config, device)
     # Every file this call writes (a video's GIF, --save-stages' files too), checked before any sampling.
     out = resolve_outputs(args, config)
+    check_memory(args, config)
     if args.inverse and config.get('autoencoder'):
         raise SystemExit('error: --inverse needs a pixel-space model: its operators act on pixels, and this model '
                          'samples latents of an autoencoder (a solver through the decoder is not implemented)')
@@ -790,6 +791,20 @@ def main(args):
     print(f"wrote {out}: {args.num} samples, {describe_sampling(args, setup)}"
           + (f', class {args.label}' if args.label is not None else '')
           + (f'; rejection sampling accepted {rate:.1%} of the samples drawn' if args.reject is not None else ''))
+
+
+def check_memory(args, config):
+    """-n samples are held in memory (float32) until written: more than the machine has is refused naming -n."""
+    n = args.continuations if args.extend is not None else 1 if args.inverse else args.num
+    need = n * math.prod(sample_shape(config)) * 4 * (2 if config.get('autoencoder') else 1)
+    try:
+        have = os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+    except (ValueError, OSError, AttributeError):              # not every system reports its memory
+        return
+    if need > have:
+        raise SystemExit(f"error: {n} samples of {'x'.join(map(str, sample_shape(config)))} need {need / 1e9:.1f} GB "
+                         f'in memory, more than this machine has ({have / 1e9:.1f} GB); lower -n and sample the rest '
+                         'in another call with another --seed')
 
 
 def keep_interrupted(samples, labels, out, npz, n):

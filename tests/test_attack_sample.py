@@ -130,8 +130,11 @@ def test_ctrl_c_writes_the_finished_batches_and_says_how_many(ckpts, tmp_path, m
         return real(*a, **k)
     monkeypatch.setattr(sample, 'run_sampler', interrupted_third)
     with pytest.raises(SystemExit, match=r'interrupted \(Ctrl-C\): wrote the 4 finished samples of 6'):
-        sample.main(sample.parse_args(['--ckpt', ckpts['run'], '-n', '6', '--batch', '2', '--steps', '2',
-                                       '--out', str(tmp_path / 's.png'), '--npz', str(tmp_path / 's.npz')]))
+        try:
+            sample.main(sample.parse_args(['--ckpt', ckpts['run'], '-n', '6', '--batch', '2', '--steps', '2',
+                                           '--out', str(tmp_path / 's.png'), '--npz', str(tmp_path / 's.npz')]))
+        except KeyboardInterrupt:                 # would stop pytest itself: a failure of this test instead
+            pytest.fail('Ctrl-C escaped sample.main: the finished batches were not written')
     with np.load(tmp_path / 's.npz') as z:
         assert z['samples'].shape == (4, 16, 16, 3) and z['labels'].tolist() == [0, 1, 0, 1]
     assert (tmp_path / 's.png').is_file()
@@ -285,3 +288,31 @@ def test_a_pixel_classifier_on_a_latent_model_is_refused(ckpts):
         knobs.check_classifier(cls, 'clf.pt', {'autoencoder': {'latent_shape': [2, 8, 8]}, 'data': cls['data']})
     with pytest.raises(SystemExit, match='reads 3x16px images, the model samples 3x8px'):
         knobs.check_classifier(cls, 'clf.pt', {'data': {'channels': 3, 'resolution': 8, 'frames': 0}})
+
+
+# ----------------------------------------------------------------------------------------------------
+# --npz with --extend is written (M-extend-npz); impossible sizes and sigma ranges name the flag (M-sample-n-1e11,
+# S-sigma-min=100).
+
+def test_extend_writes_npz(ckpts, tmp_path):
+    """(Planted: run_extend writing only the grid and GIF, as before -> no .npz -> fails.)"""
+    from PIL import Image
+    frames = [Image.new('RGB', (8, 8), (60 * i, 0, 0)) for i in range(4)]
+    frames[0].save(tmp_path / 'clip.gif', save_all=True, append_images=frames[1:])
+    sample.main(sample.parse_args(['--ckpt', ckpts['video'], '--out', str(tmp_path / 'v.png'), '--steps', '2',
+                                   '--extend', str(tmp_path / 'clip.gif'), '--continuations', '2',
+                                   '--npz', str(tmp_path / 'v.npz')]))
+    with np.load(tmp_path / 'v.npz') as z:
+        assert z['samples'].shape == (2, 4, 8, 8, 3)              # (N, F, H, W, C), readable by --extend again
+    assert (tmp_path / 'v.gif').is_file()
+
+
+def test_more_samples_than_memory_is_refused_naming_n(ckpts, tmp_path, monkeypatch):
+    monkeypatch.setattr(sample, 'generate', lambda *a, **k: pytest.fail('sampled before refusing'))
+    with pytest.raises(SystemExit, match='-n and sample the rest'):
+        sample.main(sample.parse_args(['--ckpt', ckpts['run'], '-n', str(10 ** 11), '--out', str(tmp_path / 's.png')]))
+
+
+def test_sigma_min_above_the_models_sigma_max_names_the_flags(ckpts, tmp_path):
+    with pytest.raises(SystemExit, match="--sigma-min 100 must be below --sigma-max 80 \\(the model's sigma_max"):
+        run('--ckpt', ckpts['run'], '--out', tmp_path / 's.png', '--sigma-min', '100')
