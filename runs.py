@@ -708,6 +708,9 @@ def check_resumed_step(step, path, args):
     if step > args.steps:
         raise SystemExit(f'error: {path} is already at step {step}, beyond --steps {args.steps}: nothing to train. '
                          f'Give --steps above {step} to continue it.')
+    if step == args.steps:
+        print(f'{path} is already at step {step} = --steps: nothing to train; only what the run does at its end '
+              '(a final grid a kill interrupted, the final reports) is done. Give a larger --steps to train on.')
     early = getattr(args, 'save_early', 0)
     kept = os.path.join(args.out, f'ckpt_{early:07d}.pt')
     if early and early <= step and not os.path.exists(kept):

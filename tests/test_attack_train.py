@@ -134,7 +134,7 @@ def test_out_inside_the_training_folder_is_refused(tmp_path):
     check_program('train.py', TRAIN + ['--dataset', f'folder:{tmp_path / "imgs"}', '--out', tmp_path / 'imgs-run'])
 
 
-def test_resumed_step_must_be_a_step_count_below_steps_and_save_early_must_still_fire(tmp_path):
+def test_resumed_step_must_be_a_step_count_below_steps_and_save_early_must_still_fire(tmp_path, capsys):
     """R-auto-fewer-steps, H-resume-negstep, H-resume-bigstep, R-resume-save-early-passed."""
     args = argparse.Namespace(steps=4, save_early=0, out=str(tmp_path))
     for step, match in ((5, 'already at step 5, beyond --steps 4'), (10 ** 12, 'already at step 1000000000000'),
@@ -142,6 +142,7 @@ def test_resumed_step_must_be_a_step_count_below_steps_and_save_early_must_still
         with pytest.raises(SystemExit, match=match):
             runs.check_resumed_step(step, 'ckpt.pt', args)
     runs.check_resumed_step(4, 'ckpt.pt', args)                       # equal: only the end (a final grid) is left
+    assert 'ckpt.pt is already at step 4 = --steps: nothing to train' in capsys.readouterr().out
     args.save_early = 2
     with pytest.raises(SystemExit, match='--save-early 2 is before the resumed step 3'):
         runs.check_resumed_step(3, 'ckpt.pt', args)

@@ -12,7 +12,7 @@ import torch
 import checkpoints
 import data
 import sample
-from programs import ROOT, run_program, weights
+from programs import ROOT, check_program, run_program, weights
 # A micro model on 16x16 shapes: a few steps take seconds on a 2-core CPU.
 FAST = ['--resolution', '16', '--model-channels', '8', '--batch-size', '8', '--log-every', '2', '--val-every', '4',
         '--sample-every', '0', '--sample-steps', '3', '--warmup', '2', '--no-progress', '--bpd-images', '0']
@@ -72,7 +72,8 @@ def test_resume_is_exact(tmp_path, extra):
 
 
 def test_overfit_one_batch_drives_the_loss_to_near_zero(tmp_path):
-    run(tmp_path, '--steps', '300', '--overfit-batch', '--lr', '3e-3', '--warmup', '10', '--lr-decay', 'constant',
+    # 200 steps: the loss is at ~1% of its start (3% at 170, 5% at 150), a margin of 4x below the bound
+    run(tmp_path, '--steps', '200', '--overfit-batch', '--lr', '3e-3', '--warmup', '10', '--lr-decay', 'constant',
         '--ckpt-every', '1000', '--val-every', '0', '--model-channels', '16', '--log-every', '10')
     losses = [r['loss'] for r in read_log(tmp_path / 'run' / 'log.jsonl') if 'loss' in r]
     assert losses[-1] < 0.05 * losses[0], losses
@@ -86,7 +87,7 @@ def test_clear_errors_for_bad_checkpoints(tmp_path):
     assert 'prediction' in str(e.value)
     bad = tmp_path / 'bad.pt'
     bad.write_bytes(ckpt.read_bytes()[:1000])                          # a truncated download
-    with pytest.raises(SystemExit, match='cannot read checkpoint'):
+    with pytest.raises(SystemExit, match='cannot read'):
         checkpoints.load_model(str(bad))
     with pytest.raises(SystemExit, match='does not exist'):
         checkpoints.load_model(str(tmp_path / 'missing.pt'))
@@ -207,8 +208,8 @@ def test_folder_over_the_memory_budget_streams_and_trains_identically(tmp_path):
 
 
 def test_unknown_sampler_option_is_a_clear_error_before_training(tmp_path, capsys):
-    with pytest.raises(SystemExit, match="'heun' has no option 'eta'"):
-        run(tmp_path, '--steps', '2', '--sampler-opt', 'eta=0.5')
+    with pytest.raises(SystemExit, match="'heun' has no option 'eta'"):   # train.py's checks (main runs them first)
+        check_program('train.py', FAST + ['--out', tmp_path / 'run', '--steps', '2', '--sampler-opt', 'eta=0.5'])
     assert not (tmp_path / 'run').exists()                             # nothing started
     ckpt = tmp_path / 'ok' / 'ckpt.pt'
     run(tmp_path, '--steps', '1', name='ok')
