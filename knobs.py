@@ -228,9 +228,9 @@ def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None,
     # The model's own noise range unless overridden: sampling outside the trained range asks for what it never saw.
     lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
     if name in ('karras', 'loglinear') and not lo < hi:     # one flag given past the model's other end
-        raise ValueError(f"--sigma-min {lo:g} must be below --sigma-max {hi:g} ("
-                         f"{'the model' if sigma_max is None else 'given'}'s sigma_max, "
-                         f"{'the model' if sigma_min is None else 'given'}'s sigma_min)")
+        raise ValueError(f"--sigma-min {lo:g} must be below the model's sigma_max {hi:g}" if sigma_max is None else
+                         f"--sigma-max {hi:g} must be above the model's sigma_min {lo:g}" if sigma_min is None else
+                         f'--sigma-min {lo:g} must be below --sigma-max {hi:g}')
     if name == 'karras':
         return samplers.karras_sigmas(steps, lo, hi, rho)
     if name == 'loglinear':

@@ -359,7 +359,8 @@ def mode_flag_problems(args):
     mode = next((m for m in ('inverse', 'extend', 'cascade') if m in given), None)
     problems = [f'{name(k)} applies to --{owner}' for owner, flags in MODE_FLAGS.items() if owner not in given
                 for k in flags if k in given]
-    problems += [f'{name(k)} does not apply to --{mode}' for k in UNUSED.get(mode, ()) if k in given]
+    hint = {('inverse', 'num'): ' (it reconstructs one image)', ('extend', 'num'): ' (--continuations sets how many)'}
+    problems += [f'{name(k)} does not apply to --{mode}{hint.get((mode, k), "")}' for k in UNUSED.get(mode, ()) if k in given]
     return problems
 
 
@@ -516,7 +517,8 @@ def write_samples(images, labels, out, npz):
             os.remove(rescue)                          # half a file would only keep the disk full
             kept = f'the rescue copy in {tempfile.gettempdir()} failed too (full as well?), so they are lost'
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
-        raise SystemExit(f'error: writing the samples failed ({reason}; a full disk or a file-size limit?); {kept}') from None
+        hint = '' if 'disk full' in reason else '; a full disk or a file-size limit?'
+        raise SystemExit(f'error: writing the samples failed ({reason}{hint}); {kept}') from None
 
 
 # ----------------------------------------------------------------------------------------------------
