@@ -589,7 +589,8 @@ def load_image(path, resolution):
 def list_image_folder(root):
     """(paths, labels, class_names): classes are sorted sub-folder names; with no sub-folders, unlabelled."""
     if not os.path.isdir(root):
-        raise DatasetNotFoundError(f'image folder {os.path.abspath(root)} does not exist')
+        raise DatasetNotFoundError(f'image folder {os.path.abspath(root)} ' + ('is a file, not a folder: give the folder '
+                                   'that holds the images' if os.path.exists(root) else 'does not exist'))
 
     def images_under(folder):
         found = []
@@ -693,7 +694,8 @@ class ClipFolderDataset(InMemoryDataset):
                  frames=8,            # F, frames per clip
                  resolution=32):      # frame side: shorter side resized to this, then centre-cropped
         if not os.path.isdir(root):
-            raise DatasetNotFoundError(f'clip folder {os.path.abspath(root)} does not exist')
+            raise DatasetNotFoundError(f'clip folder {os.path.abspath(root)} ' + ('is a file, not a folder of clips'
+                                       if os.path.exists(root) else 'does not exist'))
         entries = sorted(os.listdir(root))
         self.paths = [os.path.join(root, e) for e in entries
                       if os.path.isdir(os.path.join(root, e)) or e.lower().endswith('.gif')]

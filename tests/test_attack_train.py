@@ -34,6 +34,14 @@ def interrupt_at(monkeypatch, step):
     monkeypatch.setattr(runs, 'get_lr', get_lr)
 
 
+def command(main, parse_args):
+    """runs.run_command, the programs' entry; an escaping Ctrl-C fails the test (instead of stopping pytest)."""
+    try:
+        runs.run_command(main, parse_args)
+    except KeyboardInterrupt:
+        pytest.fail('Ctrl-C escaped as KeyboardInterrupt: the user sees a traceback')
+
+
 @pytest.mark.parametrize('script,argv', [
     ('train_autoencoder.py', ['--vae-config', 'tiny-kl', '--lpips', 'off', '--disc-weight', '0']),
     ('train_classifier.py', [])], ids=['autoencoder', 'classifier'])
@@ -45,7 +53,7 @@ def test_ctrl_c_is_one_line_and_exit_130_and_the_checkpoint_stays(tmp_path, monk
                    '--sample-every', '0', '--no-progress', '--workers', '0', '--out', str(out)]
     interrupt_at(monkeypatch, 3)
     with pytest.raises(SystemExit) as stop:
-        runs.run_command(p['main'], lambda: p['parse_args'](argv))
+        command(p['main'], lambda: p['parse_args'](argv))
     assert stop.value.code == 130
     assert capsys.readouterr().err.strip() == (f"interrupted at step 3; {out / 'ckpt.pt'} holds step 2; "
                                                '--resume auto continues')
@@ -57,7 +65,7 @@ def test_ctrl_c_before_training_says_nothing_was_written(capsys):
     def main(args):
         raise KeyboardInterrupt
     with pytest.raises(SystemExit) as stop:
-        runs.run_command(main, lambda: None)
+        command(main, lambda: None)
     assert stop.value.code == 130 and 'interrupted before training started' in capsys.readouterr().err
 
 
@@ -192,3 +200,13 @@ def test_resume_from_another_tasks_checkpoint_says_so_in_one_line(monkeypatch, t
     article = 'an' if theirs[0] in 'aeiou' else 'a'
     with pytest.raises(SystemExit, match=f'^error: run/ckpt.pt is {article} {theirs} checkpoint, not a {ours} run;'):
         runs.resume_run(None, {'task': ours}, argparse.Namespace(steps=4), setup)
+
+
+def test_a_file_given_as_the_image_folder_is_named_a_file(tmp_path):
+    """D-folder-is-file: 'image folder X does not exist' for a file that exists."""
+    import data
+    (tmp_path / 'img.png').write_bytes(b'x')
+    for name, match in ((f'folder:{tmp_path / "img.png"}', 'is a file, not a folder'), (f'clips:{tmp_path / "img.png"}',
+                        'is a file, not a folder of clips'), (f'folder:{tmp_path / "none"}', 'does not exist')):
+        with pytest.raises(data.DatasetNotFoundError, match=match):
+            data.load_dataset(name, resolution=16)
