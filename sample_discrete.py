@@ -194,6 +194,7 @@ def parse_args(argv=None):
     p.add_argument('--ckpt', required=True, help='checkpoint written by train_discrete.py')
     p.add_argument('--out', default=None, help='PNG grid; default: samples.png next to the checkpoint')
     p.add_argument('--npz', default=None, help='also save the samples as uint8 (N, H, W, C) with labels')
+    p.add_argument('--overwrite', action='store_true', help='replace existing output files (else they are refused)')
     p.add_argument('-n', '--num', type=int, default=64, help='number of samples')
     p.add_argument('--batch', type=int, default=256, help='samples per batch')
     p.add_argument('--class', dest='label', default=None,
@@ -216,13 +217,19 @@ def parse_args(argv=None):
 def main(args):
     if args.num < 1 or args.batch < 1 or (args.steps is not None and args.steps < 1) or args.temperature <= 0:
         raise SystemExit('error: -n, --batch and --steps must be at least 1, --temperature > 0')
-    out = args.out or os.path.join(os.path.dirname(args.ckpt) or '.', 'samples.png')
+    # No existing file is replaced without --overwrite; the default name is samples.png next to the checkpoint, or
+    # the first free samples_K.png, so a second call never replaces the first one's grid (as sample.py does).
+    out = args.out
+    if out is None:
+        folder = os.path.dirname(args.ckpt) or '.'
+        out = next(path for k in range(100_000)
+                   if not os.path.exists(path := os.path.join(folder, f"samples{f'_{k}' if k else ''}.png")))
     try:
-        check_output_path(out, ('.png',), '--out', overwrite=True)
+        check_output_path(out, ('.png',), '--out', overwrite=args.overwrite)
         if args.npz:
-            check_output_path(args.npz, ('.npz',), '--npz', overwrite=True)
+            check_output_path(args.npz, ('.npz',), '--npz', overwrite=args.overwrite)
     except ValueError as e:
-        raise SystemExit(f'error: {e}') from None
+        raise SystemExit(f"error: {e}{'; or pass --overwrite' if 'already exists' in str(e) else ''}") from None
     net, process, config, decode = load_discrete_model(args.ckpt, args.device, use_ema=not args.raw)
     run = config['args']
     decoder = args.decoder or run.get('sample_decoder', 'maskgit')

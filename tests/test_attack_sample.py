@@ -316,3 +316,23 @@ def test_more_samples_than_memory_is_refused_naming_n(ckpts, tmp_path, monkeypat
 def test_sigma_min_above_the_models_sigma_max_names_the_flags(ckpts, tmp_path):
     with pytest.raises(SystemExit, match="--sigma-min 100 must be below the model's sigma_max 80"):
         run('--ckpt', ckpts['run'], '--out', tmp_path / 's.png', '--sigma-min', '100')
+
+
+def test_sample_discrete_never_replaces_an_existing_file(tmp_path):
+    """sample_discrete.py (token models) follows the same rule: an existing --out/--npz is refused before the model is
+    loaded, and the default name moves on to samples_1.png (it used to pass overwrite=True and replace both)."""
+    import sample_discrete
+    ckpt = tmp_path / 'run' / 'ckpt.pt'                     # never read: the check comes first
+    ckpt.parent.mkdir()
+    for out, npz in ((tmp_path / 'grid.png', None), (None, tmp_path / 'data.npz')):
+        for path in (out, npz):
+            if path:
+                path.write_bytes(b'precious')
+        argv = ['--ckpt', str(ckpt)] + (['--out', str(out)] if out else []) + (['--npz', str(npz)] if npz else [])
+        with pytest.raises(SystemExit, match='already exists.*--overwrite'):
+            sample_discrete.main(sample_discrete.parse_args(argv))
+        assert (out or npz).read_bytes() == b'precious'
+    (ckpt.parent / 'samples.png').write_bytes(b'first')
+    with pytest.raises(SystemExit, match='not a checkpoint|does not exist|No such file|cannot'):
+        sample_discrete.main(sample_discrete.parse_args(['--ckpt', str(ckpt)]))   # got past the output check
+    assert (ckpt.parent / 'samples.png').read_bytes() == b'first'
