@@ -53,6 +53,7 @@ from metrics import (METRICS, check_statistics_match, clip_rounding_noise, compu
                      kid, knn_radii, loss_gap_report, manifold_coverage, memorization_check, metric_name,
                      mmd2_unbiased, nearest_neighbours, pairwise_distances, per_class_fd, polynomial_kernel,
                      precision_recall, to_unit_float, trace_sqrt_product)
+from lenet import LeNetFeatures, lenet_from_state_dict, train_classifier  # noqa: F401 (FD_lenet's network; re-exported)
 from runs import atomic_write, check_output_path  # the command layer's one atomic write and one output-path check
 
 VIDEO_METRICS = ('fvd', 'kvd') + METRICS   # with --video: fid, kid, is, pr are frame-wise
@@ -100,70 +101,6 @@ def choose_conditions(mode, n, num_classes=None, labels=None, fixed_class=0, see
         freq = np.bincount(labels, minlength=num_classes or 0) / len(labels)
         return rng.choice(len(freq), size=n, p=freq).astype(np.int64)
     return np.resize(rng.permutation(labels), n)  # 'real'
-
-
-# ----------------------------------------------------------------------------------------------------
-# A small classifier as feature network (MNIST-like data, offline machines): FD_lenet, not FID
-
-class LeNetFeatures(nn.Module):
-    """LeNet-5-style CNN (LeCun et al. 1998) trained on the dataset itself; features = penultimate layer.
-
-    Fréchet distances in its feature space are reported as FD_lenet: they are not comparable with FID.
-    """
-
-    name = 'lenet'
-    resize = 'clean'  # its inputs are always resized this way (part of the network, not a protocol choice)
-
-    def __init__(self, in_channels=1, num_classes=10, image_size=28, feature_dim=128, widths=(8, 16)):
-        super().__init__()
-        self.in_channels = in_channels  # 1 for MNIST; colour inputs are averaged to gray if 1
-        self.image_size = image_size  # inputs are resized to this (antialiased)
-        self.feature_dim = feature_dim  # width of the penultimate layer = dimension of the features
-        self.conv1 = nn.Conv2d(in_channels, widths[0], 5, padding=2)  # LeNet-5 widths are (6, 16)
-        self.conv2 = nn.Conv2d(widths[0], widths[1], 5, padding=2)
-        self.fc1 = nn.Linear(widths[1] * (image_size // 4) ** 2, feature_dim)
-        self.fc2 = nn.Linear(feature_dim, num_classes)
-
-    def forward(self, x, return_logits=False):
-        x = x.float()
-        if x.shape[1] != self.in_channels:  # gray <-> colour, so any sampler output can be scored
-            x = x.mean(1, keepdim=True).expand(-1, self.in_channels, -1, -1)
-        x = resize_images(x, self.image_size, self.resize)
-        x = 2 * x - 1
-        x = F.max_pool2d(F.relu(self.conv1(x)), 2)
-        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
-        features = F.relu(self.fc1(x.flatten(1)))
-        return (features, self.fc2(features)) if return_logits else features
-
-
-def train_classifier(images, labels, num_classes=10, steps=500, batch_size=128, lr=1e-3, seed=0):
-    """Train LeNetFeatures on (N, C, H, W) images in [0, 1] (or uint8) and integer labels."""
-    images, labels = to_unit_float(torch.as_tensor(images)), torch.as_tensor(labels).long()
-    generator = torch.Generator().manual_seed(seed)
-    model = LeNetFeatures(images.shape[1], num_classes, images.shape[-1])
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(len(images), (batch_size,), generator=generator)
-        _, logits = model(images[idx], return_logits=True)
-        loss = F.cross_entropy(logits, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return model.eval().requires_grad_(False)
-
-
-def lenet_from_state_dict(state, source='the state dict'):
-    """Rebuild LeNetFeatures from its saved weights alone (the shapes give the architecture), or a clear error."""
-    try:
-        widths = (state['conv1.weight'].shape[0], state['conv2.weight'].shape[0])
-        image_size = int(math.sqrt(state['fc1.weight'].shape[1] / widths[1])) * 4
-        model = LeNetFeatures(state['conv1.weight'].shape[1], state['fc2.weight'].shape[0], image_size,
-                              state['fc1.weight'].shape[0], widths)
-        model.load_state_dict(state)
-    except (KeyError, IndexError, AttributeError, TypeError, RuntimeError) as e:  # missing keys, another object
-        raise ValueError(f'{source} is not the state dict of a LeNetFeatures ({type(e).__name__}: {e}); make one '
-                         'with --train-lenet') from None
-    return model.eval().requires_grad_(False)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -665,6 +602,9 @@ def sample_checkpoint(args):
     """
     import checkpoints
     import sample
+    import sample_discrete
+    if sample_discrete.is_discrete_checkpoint(args.generated):      # discrete diffusion on VQ tokens: its decoders
+        return sample_discrete.sample_for_evaluate(args)
     net, diffusion, config = load_checkpoint_model(args.generated, args.device)   # clear errors: bad file, video model
     n, num_classes = args.num_gen or 2000, int(config['data']['num_classes'])
     labels = None

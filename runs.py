@@ -129,7 +129,7 @@ def add_run_flags(p):
     """The shared flag groups; returns them by name so a program adds its own flags to the same group."""
     groups = {}
     g = groups['data'] = p.add_argument_group('data')
-    g.add_argument('--dataset', default='shapes', help="shapes | mnist | fashion-mnist | cifar10 | emoji | folder:PATH")
+    g.add_argument('--dataset', default='shapes', help='shapes | mnist | fashion-mnist | cifar10 | emoji | folder:PATH | video-shapes | moving-mnist | clips:PATH')
     g.add_argument('--data-dir', default='data', help='where dataset files are read from (and downloaded to)')
     g.add_argument('--split', default='train', help="which split to train on (the shared MNIST files hold only 'test')")
     g.add_argument('--resolution', type=int, default=None, help='image size; default: the dataset\'s own')

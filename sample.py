@@ -832,7 +832,12 @@ def reject_samples(args, make, labels, clean_log_prob):
     return x, y, rate
 
 if __name__ == '__main__':
+    import sys
+    import sample_discrete                 # a train_discrete.py checkpoint: sampled by its own program (discrete.py)
     try:
-        main(parse_args())
+        if sample_discrete.is_discrete_argv(sys.argv[1:]):
+            sample_discrete.main(sample_discrete.parse_args(sys.argv[1:]))
+        else:
+            main(parse_args())
     except KeyboardInterrupt:                    # Ctrl-C outside the sampling loop (loading, writing): one line
         raise SystemExit('interrupted (Ctrl-C): no samples were written') from None

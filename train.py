@@ -44,7 +44,7 @@ from dit import DIT_CONFIGS
 from samplers import SAMPLERS
 from unet import UNET_CONFIGS
 
-TASKS = ('diffusion', 'superres', 'autoencoder', 'classifier')   # the last two: train_<task>.py (dispatch below)
+TASKS = ('diffusion', 'superres', 'autoencoder', 'classifier', 'discrete')   # the last three: train_<task>.py
 # Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
 RESUME_FLAGS = runs.RESUME_FLAGS + ('p_uncond', 'aug_p', 'overfit_batch')
 
@@ -468,10 +468,10 @@ def check_superres_args(args, need):
 
 
 def other_program(argv):
-    """`--task autoencoder|classifier` in argv: (path of train_<task>.py, argv without the --task flag), else None."""
+    """`--task autoencoder|classifier|discrete` in argv: (path of train_<task>.py, argv without the --task flag), else None."""
     for i, a in enumerate(argv):
         task = argv[i + 1] if a == '--task' and i + 1 < len(argv) else a[len('--task='):] if a.startswith('--task=') else None
-        if task in ('autoencoder', 'classifier'):
+        if task in ('autoencoder', 'classifier', 'discrete'):
             rest = argv[:i] + argv[i + (2 if a == '--task' else 1):]
             return os.path.join(os.path.dirname(os.path.abspath(__file__)), f'train_{task}.py'), rest
     return None
