@@ -242,6 +242,10 @@ def test_train_superres_then_sample_a_cascade(tmp_path):
     a, b, c = cascade_npz('a', 0), cascade_npz('b', 0), cascade_npz('c', 1)
     assert a.shape == (3, 16, 16, 3)                               # the final resolution, (N, H, W, C) uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    # The stage's aug_level reaches it also when the stage is not truncated (issue 22: a plant that passed 0 for
+    # non-truncated stages went unnoticed): the same seed at level 0 gives other samples.
+    plain = cascade_npz('p', 0, '[{"ckpt": "%s", "aug_level": 0.0, "steps": 2, "sampler": "euler_ancestral"}]')
+    assert not np.array_equal(a, plain)
     truncated = cascade_npz('t', 0, '[{"ckpt": "%s", "aug_level": 0.3, "truncated": true, "steps": 2}]')
     assert truncated.shape == (3, 16, 16, 3)
     # Mistakes stop before any work, with the reason.
