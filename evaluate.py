@@ -503,14 +503,6 @@ def check_not_an_input(flag, path, inputs):
             raise ValueError(f'{flag} {path} is the input {input_flag}: writing it would destroy it; give a new file name')
 
 
-def check_new_output(path, extensions, flag, args):
-    """runs.check_output_path, never onto an input; an existing file is refused unless --overwrite (which it names)."""
-    try:
-        check_output_path(path, extensions, flag, overwrite=args.overwrite)
-    except ValueError as e:
-        raise ValueError(f'{e}; --overwrite replaces it' if 'already exists' in str(e) else str(e)) from None
-
-
 def check_paths(args):
     """Inputs exist and outputs can be written (new files, never an input), before any network or feature."""
     inputs = (('GENERATED', args.generated), ('REFERENCE', args.reference), ('--memorization', args.memorization),
@@ -529,7 +521,7 @@ def check_paths(args):
                                    ('--pairs-png', args.pairs_png if args.memorization else None, ('.png',))):
         if path is not None:
             check_not_an_input(flag, path, inputs)
-            check_new_output(path, extensions, flag, args)
+            check_output_path(path, extensions, flag, overwrite=args.overwrite)
     if args.npz and not args.generated.endswith('.pt'):
         raise ValueError('--npz saves the samples of a checkpoint; GENERATED is not a .pt file')
     if args.save_stats and is_statistics_file(args.reference):
@@ -565,7 +557,7 @@ def lenet_split(num_images, seed=0):
 def train_lenet_command(args):
     """Train the small classifier on a random 90% of the labelled images, report accuracy on the rest, save it."""
     check_not_an_input('--lenet-weights', args.lenet_weights, [('--train-lenet', args.train_lenet)])
-    check_new_output(args.lenet_weights, ('.pth', '.pt'), '--lenet-weights', args)
+    check_output_path(args.lenet_weights, ('.pth', '.pt'), '--lenet-weights', overwrite=args.overwrite)
     images, labels = load_images(args.train_lenet), load_labels(args.train_lenet)
     if labels is None:
         raise ValueError(f'{args.train_lenet} has no labels array (key "labels" or "y")')

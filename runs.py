@@ -96,7 +96,8 @@ def atomic_write(path, write):
 
 def check_output_path(path, extensions, flag, overwrite=False):
     """Before any long work, every way the final write could fail that can be known now: ValueError naming `flag`
-    when the path lacks one of `extensions`, is a folder, already exists (unless overwrite=True), or its folder
+    when the path lacks one of `extensions`, is a folder, already exists (unless overwrite=True: the command lines'
+    --overwrite, which the message names), or its folder
     cannot be made or written. A missing folder is created (a fresh output tree is the common case)."""
     extensions = tuple(extensions)
     if os.path.isdir(path):
@@ -106,7 +107,7 @@ def check_output_path(path, extensions, flag, overwrite=False):
     if not path.lower().endswith(extensions):
         raise ValueError(f'{flag} {path!r} needs one of the extensions {", ".join(extensions)}')
     if os.path.exists(path) and not overwrite:
-        raise ValueError(f'{flag} {path!r} already exists; give a new file name (it is not replaced)')
+        raise ValueError(f'{flag} {path!r} already exists; give a new file name, or --overwrite replaces it')
     folder = os.path.dirname(path) or '.'
     try:
         os.makedirs(folder, exist_ok=True)

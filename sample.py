@@ -158,7 +158,7 @@ def check_outputs(*paths, overwrite=False):
         for path, extensions, flag in paths:
             check_output_path(path, extensions, flag, overwrite=overwrite)
     except ValueError as e:
-        raise SystemExit(f"error: {e}{'; or pass --overwrite' if 'already exists' in str(e) else ''}") from None
+        raise SystemExit(f'error: {e}') from None
 
 
 def planned_outputs(args, out, config):

@@ -229,7 +229,7 @@ def main(args):
         if args.npz:
             check_output_path(args.npz, ('.npz',), '--npz', overwrite=args.overwrite)
     except ValueError as e:
-        raise SystemExit(f"error: {e}{'; or pass --overwrite' if 'already exists' in str(e) else ''}") from None
+        raise SystemExit(f'error: {e}') from None
     net, process, config, decode = load_discrete_model(args.ckpt, args.device, use_ema=not args.raw)
     run = config['args']
     decoder = args.decoder or run.get('sample_decoder', 'maskgit')
