@@ -225,6 +225,47 @@ def test_every_named_configuration_runs():
         assert out.shape == shape
 
 
+# Loss, gradient projection and gradient norm of one training step of perturb(full_unet(...)) on inputs(), measured
+# with the code before issue 31 (commit 5719691, contiguous NCHW activations): the speed work must keep the function.
+# (Networks built after the conftest seed 0, as in the test.)
+TRAIN_STEP_BEFORE_ISSUE_31 = {True: (1.1228221654891968, -1.1324765886198407, 1.440948474084179),     # AdaGN
+                              False: (1.1103020906448364, -0.8742922663466207, 1.4087598767084222)}   # additive, updown
+
+
+def train_step_values(net):
+    """(loss, <grad, fixed random direction>, |grad|) of one MSE training step against a fixed target."""
+    out = net.train()(**inputs())
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(4))
+    loss = (out - target).square().mean()
+    net.zero_grad(set_to_none=True)
+    loss.backward()
+    g = torch.Generator().manual_seed(5)
+    grads = [p.grad.double() for p in net.parameters()]
+    projection = sum((grad * torch.randn(grad.shape, generator=g, dtype=torch.float64)).sum() for grad in grads)
+    return loss.item(), projection.item(), math.sqrt(sum(grad.square().sum().item() for grad in grads)), grads
+
+
+@pytest.mark.parametrize('scale_shift_norm', [True, False])
+def test_channels_last_training_step_is_the_same_function(scale_shift_norm):
+    """The NHWC layout (weights channels-last, as checkpoints.build_network makes them; activations follow in
+    UNet.forward) gives the loss and gradients of the contiguous layout, and both still give the values stored
+    from the code before the speed work, to float32 round-off (planted and caught: the NHWC input made with a
+    permute that scrambles pixels, which only the NHWC path runs; attention output reshaped (B, HW, C) ->
+    (B, C, H, W) without its transpose, caught by the stored values)."""
+    overrides = dict(scale_shift_norm=True) if scale_shift_norm else dict(scale_shift_norm=False, resblock_updown=True)
+    plain = perturb(full_unet(**overrides))
+    nhwc = copy.deepcopy(plain).to(memory_format=torch.channels_last)
+    *values, grads = train_step_values(plain)
+    *values_nhwc, grads_nhwc = train_step_values(nhwc)
+    expected = TRAIN_STEP_BEFORE_ISSUE_31[scale_shift_norm]
+    for got in (values, values_nhwc):
+        assert got == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    for g, g_nhwc in zip(grads, grads_nhwc):
+        torch.testing.assert_close(g_nhwc, g, rtol=1e-4, atol=1e-6)
+    out = nhwc.eval()(**inputs())
+    assert out.is_contiguous(memory_format=torch.channels_last)    # the layout really was NHWC throughout
+
+
 def test_autocast_bf16_cpu_close_to_fp32():
     net = perturb(full_unet())
     data = inputs()
