@@ -160,3 +160,75 @@ def test_the_default_protocol_is_pytorch_fids_legacy_resize(weight_file):
     assert inception.load_inception(weight_file, download=False).resize == 'legacy'   # what forward() resizes with
     with torch.device('meta'):
         assert inception.FIDInceptionV3().resize == 'legacy'
+
+
+# ----------------------------------------------------------------------------------------------------
+# The fast path (issue 31): NHWC convolutions with the batch norms folded in, against the exact path, which is
+# pytorch-fid's arithmetic bit for bit (benchmarks/inception_parity.py, benchmarks/speed.py)
+
+@pytest.fixture(scope='module')
+def calibrated_weight_file(tmp_path_factory, one_thread_per_module):
+    """Random weights under the real key names, with BatchNorm statistics calibrated on random images.
+
+    With PyTorch's default init the activations shrink layer after layer and every feature ends near 0, where any
+    two paths agree. Calibrating the running statistics (a train-mode pass with cumulative averages) keeps
+    activations at unit scale through all 94 layers, as trained weights do, and random BN affines test the fold's
+    gamma and beta. (benchmarks/inception_parity.py does the same on pytorch-fid's module.)"""
+    torch.manual_seed(0)
+    net = inception.FIDInceptionV3()
+    g = torch.Generator().manual_seed(0)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+            m.reset_running_stats()
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    batch = torch.cat([F.interpolate(torch.rand(1, 3, s, s, generator=g), size=(299, 299), mode='bilinear',
+                                     align_corners=False) for s in (32, 64, 128, 299)])
+    with torch.no_grad():
+        net.train()(batch)                                         # forward maps [0, 1] to [-1, 1] itself
+    path = tmp_path_factory.mktemp('calibrated') / inception.FID_WEIGHTS_NAME
+    torch.save(net.eval().state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def exact_and_fast(calibrated_weight_file):
+    return (inception.load_inception(calibrated_weight_file, download=False),
+            inception.load_inception(calibrated_weight_file, download=False, fast=True))
+
+
+@pytest.mark.parametrize('shape', [(2, 3, 32, 32), (2, 3, 64, 64), (1, 3, 299, 299), (1, 3, 384, 512)])
+def test_fast_path_features_equal_the_exact_ones_within_1e_4(exact_and_fast, shape):
+    """load_inception(fast=True) (evaluate.py's default) gives the exact path's features and IS logits within 1e-4
+    of the features' scale. The exact path is pytorch-fid's arithmetic bit for bit. The budget is float32
+    rounding: on these random weights a one-ulp change of the input, or pytorch-fid itself run in NHWC, moves the
+    features by about the same amount (measured 4.5e-5 and 6.9e-5 at 32 px, 1.1e-4 and 1.6e-4 at 299 px, of a
+    scale ~2-3; this path 8.3e-5 and 1.6e-4). (Planted and caught: eps 1e-5 in the fold, off by ~1; the fold's
+    bias without the running mean.)"""
+    exact, fast = exact_and_fast
+    assert all(m.bn is None for m in fast.modules() if isinstance(m, inception.BasicConv2d))
+    x = (torch.rand(shape, generator=torch.Generator().manual_seed(1)) * 255).round() / 255   # 8-bit levels
+    with torch.inference_mode():
+        features, logits = exact(x, return_logits=True)
+        features_fast, logits_fast = fast(x, return_logits=True)
+    scale = features.abs().max().item()
+    assert scale > 0.5 and features.std().item() > 0.05       # not the vacuous near-zero features of a default init
+    print(f'{shape}: max |fast - exact| = {(features_fast - features).abs().max().item():.2e}, scale {scale:.2f}')
+    assert (features_fast - features).abs().max().item() <= 1e-4 * scale
+    assert (logits_fast - logits).abs().max().item() <= 1e-4 * logits.abs().max().item()
+
+
+def test_pooling_in_nhwc_gives_the_same_numbers_in_the_same_layout():
+    """The exact path pools in channels-last on CPU (pool_nhwc): the same numbers as NCHW pooling, bit for bit,
+    handed back NCHW so that the next convolution runs pytorch-fid's kernels (planted and caught: the result left
+    in NHWC)."""
+    x = torch.randn(2, 40, 17, 17)
+    pairs = [(inception.avg_pool_3x3(x), F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)),
+             (inception.max_pool(x), F.max_pool2d(x, 3, stride=2)),
+             (inception.max_pool(x, stride=1, padding=1), F.max_pool2d(x, 3, stride=1, padding=1))]
+    for ours, reference in pairs:
+        assert torch.equal(ours, reference)
+        assert ours.is_contiguous()
+    nhwc = x.contiguous(memory_format=torch.channels_last)         # the fast path's input stays NHWC
+    assert inception.max_pool(nhwc).is_contiguous(memory_format=torch.channels_last)
