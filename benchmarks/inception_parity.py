@@ -143,8 +143,8 @@ def main():
     # Pass/fail is on what pytorch-fid itself computes (its network and its bilinear resize). The
     # clean rows compare with a PIL resize instead, which differs from ours by float32 rounding
     # (~6e-8 per pixel); a random network amplifies even that ~1000x, so those rows are only reported.
-    # The NHWC rows show the same: pytorch-fid against itself in another memory layout differs as
-    # much as our NHWC option does; that is the rounding floor of this random-weight instrument.
+    # The last two rows show the same: pytorch-fid against itself in another memory layout differs as much as our
+    # fast path (NHWC, batch norm folded: evaluate.py's default) does; that is the rounding floor of this instrument.
     worst = max(r[2] for r in rows if r[1] in ('legacy features', 'legacy logits', 'net, same input'))
     print(f'worst max abs difference vs pytorch-fid: {worst:.3e} ({"PASS" if worst <= 1e-4 else "FAIL"} at 1e-4)')
     return worst
