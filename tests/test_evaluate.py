@@ -191,3 +191,17 @@ def test_the_command_line_scores_with_the_pytorch_fid_protocol_by_default():
     assert evaluate.metric_name('fid', 'lenet', 'clean') == 'FD_lenet'      # a different network keeps its name
     stats = evaluate.compute_statistics(np.random.RandomState(0).randn(10, 3))
     assert str(stats['resize']) == 'legacy'                                 # statistics default to it too
+
+
+def test_inception_is_the_fast_path_by_default_and_exact_on_request(tmp_path):
+    """evaluate.py scores with load_inception(fast=True) (batch norm folded, NHWC; within 1e-4, tests/test_inception.py)
+    unless --exact-features asks for pytorch-fid's arithmetic bit for bit (issue 31)."""
+    import inception
+    weights = str(tmp_path / inception.FID_WEIGHTS_NAME)
+    torch.save(inception.FIDInceptionV3().state_dict(), weights)
+    common = ['a.npz', 'b.npz', '--inception-weights', weights, '--device', 'cpu']
+    for extra, folded in (([], True), (['--exact-features'], False)):
+        model = evaluate.build_feature_network(evaluate.parse_args(common + extra))
+        units = [m for m in model.modules() if isinstance(m, inception.BasicConv2d)]
+        assert len(units) == 94 and all((m.bn is None) == folded for m in units)
+        assert model.Conv2d_1a_3x3.conv.weight.is_contiguous(memory_format=torch.channels_last) == folded

@@ -1,0 +1,228 @@
+"""Speed where users wait, each figure beside its peer in one run (issue 31): FID features against pytorch-fid,
+the U-Net training step and sampling against diffusers' UNet2DModel of the same architecture.
+
+Rows (all float32, the same inputs for both contenders):
+  1. Inception features, 32x32 images resized to 299 inside the network (the CIFAR-10 case), batch 64:
+     inception.load_inception(fast=True) (evaluate.py's default: NHWC, batch norm folded into the convolutions)
+     and the exact path (pytorch-fid's arithmetic bit for bit) against pytorch-fid's InceptionV3 on the same
+     weights. Also printed: the largest feature difference to pytorch-fid on the timed batch.
+  2. The ddpm-cifar10 U-Net's training step (forward, MSE, backward, Adam step as runs.py makes it), batch 8,
+     channels-last as checkpoints.build_network builds it, against diffusers' UNet2DModel with
+     google/ddpm-cifar10-32's config (35,746,307 parameters each) and the same optimizer.
+  3. Sampling: one forward pass of each network (no grad) at batch 8, given as images/s of sample.py's default
+     18-step Heun (35 network evaluations per image batch).
+  4. Our own before/after: the U-Net training step of train.py's default 'micro' config, batch 64, channels-last
+     (build_network's layout) against contiguous NCHW (the layout before issue 31).
+Weights are random (speed does not depend on their values; the Inception BatchNorm statistics are calibrated so
+activations stay at unit scale as with trained weights), so nothing is downloaded.
+
+Timing: the contenders alternate in one process, round by round (A B, then B A, ...), so a change of machine load
+hits both alike; each row gives the median over rounds of the per-round speed ratio, with its spread (min-max),
+from wall-clock time and from the process's CPU time (on a machine shared with other jobs the CPU time is the
+steadier figure at --threads 1; with several threads it also counts threads waiting at barriers).
+
+Needs pytorch-fid (with torchvision) and diffusers importable; rows whose peer is missing are skipped. E.g.
+    python -m venv --system-site-packages /tmp/refenv_31
+    /tmp/refenv_31/bin/pip install --no-deps pytorch-fid==0.3.0 torchvision==0.28.0   # torchvision matching torch
+    /tmp/refenv_31/bin/pip install diffusers==0.42.1
+    /tmp/refenv_31/bin/python benchmarks/speed.py [--quick] [--threads 1]
+"""
+import argparse
+import copy
+import os
+import statistics
+import sys
+import tempfile
+import time
+import types
+
+import torch
+import torch.nn.functional as F
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import inception  # noqa: E402
+import unet  # noqa: E402
+
+
+# ----------------------------------------------------------------------------------------------------
+# The contenders
+
+def calibrated_inception_weights(path, seed=0):
+    """FID Inception weights under the real key names: random convolutions, BatchNorm calibrated on random images."""
+    torch.manual_seed(seed)
+    net = inception.FIDInceptionV3()
+    g = torch.Generator().manual_seed(seed)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None                       # cumulative average over the calibration pass
+            m.reset_running_stats()
+            torch.nn.init.uniform_(m.weight, 0.5, 1.5)
+            torch.nn.init.uniform_(m.bias, -0.2, 0.2)
+    batch = torch.cat([F.interpolate(torch.rand(1, 3, s, s, generator=g), size=(299, 299), mode='bilinear',
+                                     align_corners=False) for s in (32, 64, 128, 299)])
+    with torch.no_grad():
+        net.train()(batch)
+    torch.save(net.eval().state_dict(), path)
+
+
+def pytorch_fid_network(path):
+    """pytorch-fid's InceptionV3 (2048-d pool features, its resize and scaling) on the file at path, or None."""
+    # A torchvision wheel built for CUDA on a CPU-only torch fails on import in its operator registrations, which
+    # pytorch-fid does not need (benchmarks/inception_parity.py).
+    sys.modules.setdefault('torchvision._meta_registrations', types.ModuleType('torchvision._meta_registrations'))
+    try:
+        import pytorch_fid.inception as pf
+    except ImportError:
+        return None
+    pf.load_state_dict_from_url = lambda *args, **kwargs: torch.load(path)   # our file instead of a download
+    net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True).eval()
+    return lambda x: net(x)[0].flatten(1)
+
+
+def features(net, x):
+    with torch.inference_mode():
+        return net(x)
+
+
+def diffusers_unet():
+    try:
+        from networks import diffusers_ddpm_cifar10      # benchmarks/networks.py: google/ddpm-cifar10-32's config
+        return diffusers_ddpm_cifar10()
+    except ImportError:
+        return None
+
+
+def train_step(net, x, noise_level, diffusers=False):
+    """One step: forward, MSE against a fixed target, backward, Adam (as runs.make_trainee: torch's defaults)."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    net.train()
+
+    def step():
+        out = net(x, noise_level).sample if diffusers else net(x, noise_level)
+        loss = F.mse_loss(out, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return step
+
+
+def forward(net, x, noise_level, diffusers=False):
+    net = copy.deepcopy(net).eval()
+
+    def call():
+        with torch.inference_mode():
+            return net(x, noise_level).sample if diffusers else net(x, noise_level)
+    return call
+
+
+# ----------------------------------------------------------------------------------------------------
+# Interleaved timing
+
+def race(contenders, rounds, warmup=1):
+    """{name: fn}: (wall seconds, CPU seconds) per call of each, rounds calls each in alternating order."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    wall, cpu = {k: [] for k in contenders}, {k: [] for k in contenders}
+    names = list(contenders)
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            w, c = time.perf_counter(), time.process_time()
+            contenders[name]()
+            wall[name].append(time.perf_counter() - w)
+            cpu[name].append(time.process_time() - c)
+    return wall, cpu
+
+
+def ratio_summary(times, ours, peer):
+    """Median and (min, max) over rounds of peer_time / our_time (> 1: ours is faster)."""
+    ratios = [p / o for o, p in zip(times[ours], times[peer])]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
+def print_row(figure, unit_per_call, units, times_wall, times_cpu, ours, peer, extra=''):
+    rate = lambda t, name: unit_per_call / statistics.median(t[name])
+    med, lo, hi = ratio_summary(times_wall, ours, peer)
+    cmed, clo, chi = ratio_summary(times_cpu, ours, peer)
+    print(f'{figure:<38} {ours:<22} {rate(times_wall, ours):>8.2f} {peer:<22} {rate(times_wall, peer):>8.2f} {units:<10}'
+          f' {med:>5.2f}x ({lo:.2f}-{hi:.2f})   {cmed:>5.2f}x ({clo:.2f}-{chi:.2f}) {extra}', flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--quick', action='store_true', help='fewer rounds and a feature batch of 32 (about 2 minutes)')
+    p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
+    p.add_argument('--rounds', type=int, default=None, help='rounds per row (default 3, --quick 2; U-Net rows x2)')
+    p.add_argument('--feature-batch', type=int, default=None, help='Inception batch (default 64, --quick 32)')
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rounds = args.rounds or (2 if args.quick else 3)
+    feature_batch = args.feature_batch or (32 if args.quick else 64)
+    print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, '
+          f'load average {os.getloadavg()[0]:.1f}; float32; ratio = peer time / our time (> 1: ours faster)')
+    print(f'{"figure":<38} {"ours":<22} {"rate":>8} {"peer":<22} {"rate":>8} {"unit":<10} '
+          f'{"wall: median (min-max)":<24} {"CPU time: median (min-max)"}')
+
+    # 1. Inception features.
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, inception.FID_WEIGHTS_NAME)
+        calibrated_inception_weights(path)
+        reference = pytorch_fid_network(path)
+        if reference is None:
+            print('pytorch-fid is not importable: Inception row skipped (see this file\'s docstring)')
+        else:
+            fast = inception.load_inception(path, download=False, fast=True)
+            exact = inception.load_inception(path, download=False)
+            x = (torch.rand(feature_batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+            with torch.inference_mode():
+                ref_features = reference(x)
+                gap_fast = (fast(x) - ref_features).abs().max().item()
+                gap_exact = (exact(x) - ref_features).abs().max().item()
+            contenders = {'ours (fast, default)': lambda: features(fast, x), 'ours (exact)': lambda: features(exact, x),
+                          'pytorch-fid 0.3.0': lambda: features(reference, x)}
+            wall, cpu = race(contenders, rounds)
+            scale = ref_features.abs().max().item()
+            print_row(f'Inception features, batch {feature_batch}', feature_batch, 'images/s', wall, cpu,
+                      'ours (fast, default)', 'pytorch-fid 0.3.0', f'max |diff| {gap_fast:.1e} of {scale:.1f}')
+            print_row('', feature_batch, 'images/s', wall, cpu, 'ours (exact)', 'pytorch-fid 0.3.0',
+                      f'max |diff| {gap_exact:.1e}')
+
+    # 2. and 3. The ddpm-cifar10 U-Net against diffusers' UNet2DModel.
+    theirs = diffusers_unet()
+    if theirs is None:
+        print('diffusers is not importable: U-Net rows against diffusers skipped')
+    else:
+        torch.manual_seed(0)
+        ours = unet.create_unet('ddpm-cifar10').to(memory_format=torch.channels_last)   # as build_network makes it
+        g = torch.Generator().manual_seed(0)
+        x, t = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 1000, (8,), generator=g).float()
+        wall, cpu = race({'ours': train_step(ours, x, t), 'diffusers 0.42.1': train_step(theirs, x, t, True)},
+                         2 * rounds + 1)
+        print_row('ddpm-cifar10 training step, batch 8', 8, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1')
+        wall, cpu = race({'ours': forward(ours, x, t), 'diffusers 0.42.1': forward(theirs, x, t, True)},
+                         2 * rounds + 1)
+        print_row('ddpm-cifar10 sampling, 18 Heun steps', 8 / 35, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1')
+
+    # 4. Our own before/after at train.py's default size.
+    torch.manual_seed(0)
+    micro = unet.create_unet('micro')
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(64, 3, 32, 32, generator=g), torch.rand(64, generator=g) * 999
+    nhwc = copy.deepcopy(micro).to(memory_format=torch.channels_last)
+    wall, cpu = race({'ours, NHWC (now)': train_step(nhwc, x, t), 'ours, NCHW (before)': train_step(micro, x, t)},
+                     2 * rounds + 1)
+    print_row('micro training step, batch 64', 64, 'images/s', wall, cpu, 'ours, NHWC (now)', 'ours, NCHW (before)')
+    wall, cpu = race({'ours, NHWC (now)': forward(nhwc, x, t), 'ours, NCHW (before)': forward(micro, x, t)},
+                     2 * rounds + 1)
+    print_row('micro sampling, 18 Heun steps', 64 / 35, 'images/s', wall, cpu, 'ours, NHWC (now)',
+              'ours, NCHW (before)')
+
+
+if __name__ == '__main__':
+    main()
