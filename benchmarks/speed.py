@@ -19,13 +19,15 @@ activations stay at unit scale as with trained weights), so nothing is downloade
 Timing: the contenders alternate in one process, round by round (A B, then B A, ...), so a change of machine load
 hits both alike; each row gives the median over rounds of the per-round speed ratio, with its spread (min-max),
 from wall-clock time and from the process's CPU time (on a machine shared with other jobs the CPU time is the
-steadier figure at --threads 1; with several threads it also counts threads waiting at barriers).
+steadier figure at --threads 1; with several threads it also counts threads waiting at barriers). Rates are
+printed as wall / CPU: per second of wall time and per second of the process's CPU time.
 
 Needs pytorch-fid (with torchvision) and diffusers importable; rows whose peer is missing are skipped. E.g.
     python -m venv --system-site-packages /tmp/refenv_31
     /tmp/refenv_31/bin/pip install --no-deps pytorch-fid==0.3.0 torchvision==0.28.0   # torchvision matching torch
     /tmp/refenv_31/bin/pip install diffusers==0.42.1
-    /tmp/refenv_31/bin/python benchmarks/speed.py [--quick] [--threads 1]
+    /tmp/refenv_31/bin/python benchmarks/speed.py [--quick] [--threads 1] [--device cuda]
+On CUDA the Inception row adds bf16 autocast with its feature error (not yet measured: no GPU so far).
 """
 import argparse
 import copy
@@ -78,11 +80,11 @@ def pytorch_fid_network(path):
         return None
     pf.load_state_dict_from_url = lambda *args, **kwargs: torch.load(path)   # our file instead of a download
     net = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True).eval()
-    return lambda x: net(x)[0].flatten(1)
+    return lambda x: net.to(x.device)(x)[0].flatten(1)
 
 
-def features(net, x):
-    with torch.inference_mode():
+def features(net, x, autocast_dtype=None):
+    with torch.inference_mode(), torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         return net(x)
 
 
@@ -97,7 +99,7 @@ def diffusers_unet():
 def train_step(net, x, noise_level, diffusers=False):
     """One step: forward, MSE against a fixed target, backward, Adam (as runs.make_trainee: torch's defaults)."""
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
-    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
     net.train()
 
     def step():
@@ -121,8 +123,9 @@ def forward(net, x, noise_level, diffusers=False):
 # ----------------------------------------------------------------------------------------------------
 # Interleaved timing
 
-def race(contenders, rounds, warmup=1):
+def race(contenders, rounds, warmup=1, device='cpu'):
     """{name: fn}: (wall seconds, CPU seconds) per call of each, rounds calls each in alternating order."""
+    sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
@@ -130,8 +133,10 @@ def race(contenders, rounds, warmup=1):
     names = list(contenders)
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
             w, c = time.perf_counter(), time.process_time()
             contenders[name]()
+            sync()
             wall[name].append(time.perf_counter() - w)
             cpu[name].append(time.process_time() - c)
     return wall, cpu
@@ -147,7 +152,8 @@ def print_row(figure, unit_per_call, units, times_wall, times_cpu, ours, peer, e
     rate = lambda t, name: unit_per_call / statistics.median(t[name])
     med, lo, hi = ratio_summary(times_wall, ours, peer)
     cmed, clo, chi = ratio_summary(times_cpu, ours, peer)
-    print(f'{figure:<38} {ours:<22} {rate(times_wall, ours):>8.2f} {peer:<22} {rate(times_wall, peer):>8.2f} {units:<10}'
+    rates = lambda name: f'{rate(times_wall, name):.2f} / {rate(times_cpu, name):.2f}'
+    print(f'{figure:<38} {ours:<22} {rates(ours):>13} {peer:<22} {rates(peer):>13} {units:<10}'
           f' {med:>5.2f}x ({lo:.2f}-{hi:.2f})   {cmed:>5.2f}x ({clo:.2f}-{chi:.2f}) {extra}', flush=True)
 
 
@@ -159,14 +165,16 @@ def main(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default: torch default)')
     p.add_argument('--rounds', type=int, default=None, help='rounds per row (default 3, --quick 2; U-Net rows x2)')
     p.add_argument('--feature-batch', type=int, default=None, help='Inception batch (default 64, --quick 32)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda (on cuda the Inception row adds bf16 autocast)')
     args = p.parse_args(argv)
+    device = args.device
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (2 if args.quick else 3)
     feature_batch = args.feature_batch or (32 if args.quick else 64)
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, '
           f'load average {os.getloadavg()[0]:.1f}; float32; ratio = peer time / our time (> 1: ours faster)')
-    print(f'{"figure":<38} {"ours":<22} {"rate":>8} {"peer":<22} {"rate":>8} {"unit":<10} '
+    print(f'{"figure":<38} {"ours":<22} {"wall / CPU":>13} {"peer":<22} {"wall / CPU":>13} {"unit":<10} '
           f'{"wall: median (min-max)":<24} {"CPU time: median (min-max)"}')
 
     # 1. Inception features.
@@ -177,21 +185,28 @@ def main(argv=None):
         if reference is None:
             print('pytorch-fid is not importable: Inception row skipped (see this file\'s docstring)')
         else:
-            fast = inception.load_inception(path, download=False, fast=True)
-            exact = inception.load_inception(path, download=False)
+            fast = inception.load_inception(path, device, download=False, fast=True)
+            exact = inception.load_inception(path, device, download=False)
             x = (torch.rand(feature_batch, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+            x = x.to(device)
             with torch.inference_mode():
                 ref_features = reference(x)
                 gap_fast = (fast(x) - ref_features).abs().max().item()
                 gap_exact = (exact(x) - ref_features).abs().max().item()
             contenders = {'ours (fast, default)': lambda: features(fast, x), 'ours (exact)': lambda: features(exact, x),
                           'pytorch-fid 0.3.0': lambda: features(reference, x)}
-            wall, cpu = race(contenders, rounds)
+            if device.startswith('cuda'):     # bf16 autocast: not measured yet (no GPU so far); its error is printed
+                contenders['ours (fast, bf16)'] = lambda: features(fast, x, torch.bfloat16)
+            wall, cpu = race(contenders, rounds, device=device)
             scale = ref_features.abs().max().item()
             print_row(f'Inception features, batch {feature_batch}', feature_batch, 'images/s', wall, cpu,
                       'ours (fast, default)', 'pytorch-fid 0.3.0', f'max |diff| {gap_fast:.1e} of {scale:.1f}')
             print_row('', feature_batch, 'images/s', wall, cpu, 'ours (exact)', 'pytorch-fid 0.3.0',
                       f'max |diff| {gap_exact:.1e}')
+            if 'ours (fast, bf16)' in contenders:
+                gap_bf16 = (features(fast, x, torch.bfloat16).float() - ref_features).abs().max().item()
+                print_row('', feature_batch, 'images/s', wall, cpu, 'ours (fast, bf16)', 'pytorch-fid 0.3.0',
+                          f'max |diff| {gap_bf16:.1e}')
 
     # 2. and 3. The ddpm-cifar10 U-Net against diffusers' UNet2DModel.
     theirs = diffusers_unet()
@@ -199,27 +214,29 @@ def main(argv=None):
         print('diffusers is not importable: U-Net rows against diffusers skipped')
     else:
         torch.manual_seed(0)
-        ours = unet.create_unet('ddpm-cifar10').to(memory_format=torch.channels_last)   # as build_network makes it
+        ours = unet.create_unet('ddpm-cifar10').to(device, memory_format=torch.channels_last)   # as build_network
+        theirs = theirs.to(device)
         g = torch.Generator().manual_seed(0)
         x, t = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 1000, (8,), generator=g).float()
+        x, t = x.to(device), t.to(device)
         wall, cpu = race({'ours': train_step(ours, x, t), 'diffusers 0.42.1': train_step(theirs, x, t, True)},
-                         2 * rounds + 1)
+                         2 * rounds + 1, device=device)
         print_row('ddpm-cifar10 training step, batch 8', 8, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1')
         wall, cpu = race({'ours': forward(ours, x, t), 'diffusers 0.42.1': forward(theirs, x, t, True)},
-                         2 * rounds + 1)
+                         2 * rounds + 1, device=device)
         print_row('ddpm-cifar10 sampling, 18 Heun steps', 8 / 35, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1')
 
     # 4. Our own before/after at train.py's default size.
     torch.manual_seed(0)
-    micro = unet.create_unet('micro')
+    micro = unet.create_unet('micro').to(device)
     g = torch.Generator().manual_seed(0)
-    x, t = torch.randn(64, 3, 32, 32, generator=g), torch.rand(64, generator=g) * 999
+    x, t = torch.randn(64, 3, 32, 32, generator=g).to(device), (torch.rand(64, generator=g) * 999).to(device)
     nhwc = copy.deepcopy(micro).to(memory_format=torch.channels_last)
     wall, cpu = race({'ours, NHWC (now)': train_step(nhwc, x, t), 'ours, NCHW (before)': train_step(micro, x, t)},
-                     2 * rounds + 1)
+                     2 * rounds + 1, device=device)
     print_row('micro training step, batch 64', 64, 'images/s', wall, cpu, 'ours, NHWC (now)', 'ours, NCHW (before)')
     wall, cpu = race({'ours, NHWC (now)': forward(nhwc, x, t), 'ours, NCHW (before)': forward(micro, x, t)},
-                     2 * rounds + 1)
+                     2 * rounds + 1, device=device)
     print_row('micro sampling, 18 Heun steps', 64 / 35, 'images/s', wall, cpu, 'ours, NHWC (now)',
               'ours, NCHW (before)')
 
