@@ -422,6 +422,8 @@ def load_model(path, device='cpu', use_ema=True, expect='diffusion'):
         raise SystemExit(f"error: {path!r} is {WRITTEN_BY[config.get('task', 'diffusion')]}, not a network load_model "
                          'builds (load_autoencoder, sample_discrete.load_discrete_model read those)')
     net = NETWORKS[config['model']](**config['net']).to(device)
+    if config['model'] == 'unet':                  # NHWC activations, as build_network makes them (same function)
+        net = net.to(memory_format=torch.channels_last)
     # strict loading: a missing or extra key means the file and its config disagree, never silently ignored.
     weights = ckpt['ema' if use_ema else 'model']
     try:
