@@ -393,7 +393,7 @@ def build_network(config):
         raise SystemExit(f'error: unusable checkpoint config: {problem}')
     net = NETWORKS[config['model']](**config['net'])
     # The U-Net runs NHWC activations when its weights are channels-last (unet.UNet.forward): the same function,
-    # ~1.1x faster to train and ~1.3x faster to sample at the small configs on CPU (issue 31, benchmarks/speed.py).
+    # ~1.1x faster to train and 1.1-1.3x faster to sample at the small configs on CPU (issue 31, benchmarks/speed.py).
     return net.to(memory_format=torch.channels_last) if config['model'] == 'unet' else net
 
 
