@@ -20,7 +20,8 @@ checkpoint folder > a verified download; offline, the error says what to fetch a
 
 Speed: the default path does pytorch-fid's arithmetic bit for bit (on CPU its pooling runs channels-last: the same
 numbers, ~1.1x faster). load_inception(fast=True), evaluate.py's default, adds NHWC convolutions with the batch norms
-folded into them: ~1.5x pytorch-fid's speed on CPU, features within 1e-4 of its (float32 rounding only).
+folded into them: ~1.5x pytorch-fid's speed on CPU, features within 1e-4 of its on features of scale ~1 (float32
+rounding only: pytorch-fid run in NHWC differs from itself as much; benchmarks/speed.py, benchmarks/inception_parity.py).
 
 Conventions: images (N, C, H, W) float in [0, 1], any size, C = 1 (repeated to RGB) or 3; features (N, 2048).
 Usage:  model = load_inception()                           # or load_inception('path/to/file.pth', 'cuda')
@@ -121,7 +122,7 @@ def pool_nhwc(pool, x, **kwargs):
 
     The numbers are the same in either layout (each output is the max, or the sum in the same order divided by
     the same count, of the same cells), but PyTorch's CPU kernels for NCHW pooling are not vectorised across
-    channels: at 299x299 they take ~20% of the network's time, the NHWC ones ~1%. On CPU only (elsewhere the
+    channels: at 299x299 they take ~20% of the network's time, the NHWC ones ~2%. On CPU only (elsewhere the
     two copies would cost more than they save).
     """
     if x.device.type != 'cpu' or x.is_contiguous(memory_format=torch.channels_last):
@@ -400,8 +401,8 @@ def load_inception(path=None, device='cpu', resize='legacy', download=True, chan
     1008 logits. resize='legacy' (default) is pytorch-fid's bilinear resize, the protocol of published
     FIDs; resize='clean' gives clean-FID features (antialiased bicubic, Parmar et al. 2022).
     The default gives pytorch-fid's features bit for bit. fast=True (what evaluate.py uses) is channels_last
-    plus every BatchNorm folded into its convolution: ~1.5x faster on CPU, features within 1e-4 of
-    pytorch-fid's (float32 rounding; tests/test_inception.py, benchmarks/speed.py). channels_last=True alone
+    plus every BatchNorm folded into its convolution: ~1.5x faster on CPU, features within 1e-4 (relative to
+    their scale) of pytorch-fid's (float32 rounding; tests/test_inception.py, benchmarks/speed.py). channels_last=True alone
     is ~1.35x. Measured and left out: torch.compile (+4% on CPU after a ~3-minute compile).
     """
     channels_last = channels_last or fast
