@@ -23,8 +23,8 @@ def test_each_magnitude_preserving_op_keeps_unit_magnitude():
     """Unit-rms inputs in, unit-rms outputs out (measured on 32k samples, tolerance 0.03): mp_silu (Eq. 81), mp_sum
     (Eq. 88) of independent inputs at t = 0.3, mp_cat (Eq. 103) of unequal widths at t = 0.7, MPConv (Eq. 47) as a
     linear and a 3x3 layer whatever the scale of its stored weights, the Fourier features (Eq. 75), the pixel norm.
-    (Planted: silu / 0.5 -> 1.19; mp_sum without its division -> 0.76; mp_cat with sqrt(Na + Nb) only -> 0.80;
-    MPConv without 1/sqrt(fan_in) -> 8.0: each fails.)"""
+    (Planted, each fails: silu / 0.5; mp_sum without its division; mp_cat as a lerp-style concatenation without the
+    width factors (0.54); MPConv without 1/sqrt(fan_in).)"""
     torch.manual_seed(0)
     a, b = torch.randn(32768, 64), torch.randn(32768, 16)
     assert rms(edm2.mp_silu(a)) == pytest.approx(1, abs=0.03)
@@ -76,8 +76,7 @@ def test_uncertainty_weighting_drives_each_noise_levels_weighted_loss_to_one():
     """Data N(0, 1.5^2) and the untrained network (F = 0, so D = c_skip x) make the EDM-weighted loss range from 1 at
     low sigma to (1.5 / 0.5)^2 = 9 at high sigma. Training only u(sigma) on Eq. 21 (through edm2_recipe.objective,
     the loss train.py uses) brings loss / exp(u) to 1 in every sigma bin (within 0.12), from a spread of several
-    before. (Planted: '+ logvar' dropped from uncertainty_weighted_loss -> ratios go to 0; division by exp(u)
-    dropped -> u runs away; either fails.)"""
+    before. (Planted, each fails: '+ logvar' dropped from uncertainty_weighted_loss; the division by exp(u) dropped.)"""
     torch.manual_seed(0)
     net = edm2.EDM2UNet(in_channels=1, image_size=8, num_classes=0, model_channels=4, channel_mult=(1,), num_blocks=1,
                         channels_per_head=4)
@@ -113,7 +112,7 @@ def test_uncertainty_weighting_drives_each_noise_levels_weighted_loss_to_one():
 
 def test_paper_sizes_have_the_papers_parameter_counts():
     """XS/S/M at ImageNet-512 (4x64x64 latents, 1000 classes) have 125/280/498 M parameters (EDM2 Table 2), counted on
-    the meta device. (Planted: decoder num_blocks instead of num_blocks + 1 -> 104M for XS; no conv_skip -> fails.)"""
+    the meta device. (Planted: the decoder with num_blocks blocks per level instead of num_blocks + 1 -> fails.)"""
     for name, mparams in edm2.EDM2_PAPER_MPARAMS.items():
         net = dict(edm2.EDM2_CONFIGS[name], in_channels=4, image_size=64, num_classes=1000)
         assert checkpoints.parameter_count(edm2.EDM2UNet, net) / 1e6 == pytest.approx(mparams, abs=0.5), name
