@@ -179,3 +179,23 @@ def test_edm2_flags_are_checked_before_any_work(tmp_path):
     args = check_program('train.py', ['--model', 'edm2-cpu', '--recipe', 'edm2', '--grad-clip', '0.5'])
     assert (args.lr, args.grad_clip, args.sigma_rels, args.P_mean) == (0.01, 0.5, [0.05, 0.1], -0.8)
     assert check_program('train.py', ['--model', 'edm2-cpu']).lr == 2e-3      # the EDM recipe keeps its own
+
+
+def test_latent_norm_channel_gives_each_latent_channel_mean_0_and_std_sigma_data():
+    """--latent-norm channel (edm2_recipe.normalise_latents, as train.py's encode_dataset calls it): EDM2's per-channel
+    normalisation of the autoencoder's latents to std sigma_data, stored in the autoencoder config that the latent
+    record (and sample.py's decoder) reads. (Planted: per_channel=False -> one shared scale -> channel stds differ.)"""
+    import data
+    import vae
+    torch.manual_seed(0)
+    ae = vae.create_autoencoder('kl-f4').eval()
+    with torch.no_grad():                                       # channels of very different scales, as trained ones
+        ae.quant_conv.weight.mul_(torch.tensor([1.0, 5.0, 0.2, 1.0, 1.0, 1.0])[:, None, None, None])
+    dataset = data.load_dataset('shapes', resolution=16)
+    args = SimpleNamespace(latent_norm='channel', sigma_data=0.5)
+    edm2_recipe.normalise_latents(args, ae, dataset, 'cpu', max_images=256)
+    assert len(ae.config['scale_factor']) == len(ae.config['shift_factor']) == 3
+    index = torch.linspace(0, len(dataset) - 1, 256).long()
+    z = ae.encode(dataset.batch(index)[0])
+    torch.testing.assert_close(z.mean((0, 2, 3)), torch.zeros(3), atol=1e-3, rtol=0)
+    torch.testing.assert_close(z.std((0, 2, 3), unbiased=False), torch.full((3,), 0.5), atol=1e-3, rtol=0)
