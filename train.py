@@ -18,6 +18,7 @@ Where things are. This file: the flags, Algorithm 1 (train_step), the loop (main
   checkpoints.py  the checkpoint format (the config every checkpoint carries), written and read in one place
   reports.py      what a run reports besides its loss: grids, held-out loss, KID/FD, memorisation, bits/dim
   video.py        the video paper's joint video-image batches
+  edm2_recipe.py  --recipe edm2 / --model edm2-*: EDM2's loss, lr, Adam, post-hoc EMA snapshots (edm2.py, posthoc_ema.py)
 Other objectives are their own short programs over the same harness, as guided-diffusion's image_train.py /
 classifier_train.py share train_util.py: train_autoencoder.py (the first stage of latent diffusion) and
 train_classifier.py (the noise-conditional classifier of classifier guidance). `python train.py --task

@@ -184,7 +184,7 @@ def test_edm2_flags_are_checked_before_any_work(tmp_path):
 def test_latent_norm_channel_gives_each_latent_channel_mean_0_and_std_sigma_data():
     """--latent-norm channel (edm2_recipe.normalise_latents, as train.py's encode_dataset calls it): EDM2's per-channel
     normalisation of the autoencoder's latents to std sigma_data, stored in the autoencoder config that the latent
-    record (and sample.py's decoder) reads. (Planted: per_channel=False -> one shared scale -> channel stds differ.)"""
+    record (and sample.py's decoder) reads. (Planted: per_channel=False, one shared scale -> fails.)"""
     import data
     import vae
     torch.manual_seed(0)
