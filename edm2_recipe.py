@@ -89,6 +89,7 @@ def check_args(args, need):
         need(getattr(args, flag) is None or (args.prediction == 'edm' and args.schedule in (None, 'edm')),
              f'--{flag.replace("_", "-")} applies to the EDM log-normal schedule (--prediction edm)')
     need(args.P_std is None or args.P_std > 0, f'--P-std must be > 0 (got {args.P_std})')
+    need((args.P_mean is None) == (args.P_std is None) or recipe, '--P-mean and --P-std go together (without --recipe edm2)')
     need(args.latent_norm is None or args.autoencoder, '--latent-norm applies to latent diffusion (--autoencoder)')
     if recipe:
         default = P_DEFAULTS['latents' if args.autoencoder else 'pixels']
