@@ -104,15 +104,15 @@ def adam_betas(args):
     return edm2.ADAM_BETAS if args.recipe == 'edm2' else (0.9, 0.999)
 
 
-def setup(run, args, setup, config):
+def setup(run, args):
     """Before a resume: forced weight normalisation after every optimizer step (EDM2 networks), the post-hoc EMA
     tracker as a state owner of the run (saved in ckpt.pt, restored by resume), and snapshot folder hygiene."""
     if is_edm2(args):
         run.optimizer.register_step_post_hook(lambda *_: run.net.normalize_weights_())   # Eq. 66, after each step
     if args.ema_snapshots is None:
         return None
-    tracker = run.extras['posthoc_ema'] = posthoc_ema.PowerFunctionEMA(run.net, args.sigma_rels)
-    return tracker
+    run.extras['posthoc_ema'] = posthoc_ema.PowerFunctionEMA(run.net, args.sigma_rels)
+    return run.extras['posthoc_ema']
 
 
 def set_aside_stale_snapshots(args, setup, step):

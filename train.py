@@ -95,7 +95,7 @@ def main(args):
     run = runs.make_trainee(args, checkpoints.build_network(config), checkpoints.build_network(config), setup,
                             checkpoints.build_diffusion(config), betas=edm2_recipe.adam_betas(args))
     # EDM2 (edm2_recipe.py): weights re-normalised after each step; the post-hoc EMAs, a state the resume restores.
-    posthoc = edm2_recipe.setup(run, args, setup, config)
+    posthoc = edm2_recipe.setup(run, args)
     if setup.resume:
         runs.resume_run(run, config, args, setup, RESUME_FLAGS)
     edm2_recipe.set_aside_stale_snapshots(args, setup, run.step)

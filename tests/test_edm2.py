@@ -58,7 +58,7 @@ def test_forced_weight_normalisation_keeps_weight_norms_fixed_through_optimizer_
         opt = torch.optim.Adam(net.parameters(), lr=0.2, betas=edm2.ADAM_BETAS)
         if register:
             edm2_recipe.setup(SimpleNamespace(net=net, optimizer=opt, extras={}),
-                              SimpleNamespace(model='edm2-cpu', ema_snapshots=None), None, None)
+                              SimpleNamespace(model='edm2-cpu', ema_snapshots=None))
         net.eval()                                          # no forward-time normalisation: only the hook acts
         for _ in range(5):
             net.out_gain.data.fill_(1.0)
