@@ -7,10 +7,11 @@ leaves half a file):
 
     config      everything needed to rebuild the model and sample it as trained (make_config):
         task        'diffusion' | 'superres' | 'classifier' | 'autoencoder': what the network learnt
-        model       'unet' | 'dit' | 'classifier' | 'autoencoder': the class (NETWORKS; never a name chosen by the file)
+        model       'unet' | 'dit' | 'edm2' | 'classifier' | 'autoencoder': the class (NETWORKS; never a name chosen by the file)
         config_name the named configuration it started from (unet.UNET_CONFIGS, dit.DIT_CONFIGS, ...)
         net         the constructor's keyword arguments (UNet.config, DiT.config, ...): build_network(config)
-        diffusion   {prediction, schedule, t_sampler, sigma_data, T (discrete schedules)}; {} for an autoencoder
+        diffusion   {prediction, schedule, t_sampler, sigma_data, T (discrete schedules), P_mean/P_std (a
+                    log-normal other than EDM's)}; {} for an autoencoder
         data        {dataset, resolution, channels, num_classes, class_names, frames (0 for images)}
         superres    --task superres: {low_res, noise_aug_max, aug_dim, upsample} (cascade.py)
         autoencoder latent diffusion: {path, sha256, config (with the latent scale), latent_shape} of the
@@ -39,11 +40,12 @@ from torch.overrides import TorchFunctionMode
 
 import vae
 from classifier import CLASSIFIER_CONFIGS, NoiseConditionalClassifier
-from diffusion import NOISE_SCHEDULES, PREDICTIONS, Diffusion
+from diffusion import NOISE_SCHEDULES, PREDICTIONS, Diffusion, EDMSchedule
 from dit import DIT_CONFIGS, DiT
+from edm2 import EDM2_CONFIGS, EDM2UNet, resolution_problem as edm2_resolution_problem
 from unet import UNET_CONFIGS, UNet
 
-NETWORKS = {'unet': UNet, 'dit': DiT, 'classifier': NoiseConditionalClassifier}   # config['model'] -> class; config['net'] its kwargs
+NETWORKS = {'unet': UNet, 'dit': DiT, 'classifier': NoiseConditionalClassifier, 'edm2': EDM2UNet}   # config['model'] -> class; config['net'] its kwargs
 CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every training checkpoint holds, at least
 # The natural schedule of each parameterisation (diffusion.py): cosine VP for eps/x0/v, EDM's, the flow's.
 DEFAULT_SCHEDULE = {'eps': 'cosine', 'x0': 'cosine', 'v': 'cosine', 'edm': 'edm', 'flow': 'flow'}
@@ -65,6 +67,8 @@ def resolution_problem(model, config_name, r):
     """Why image size r does not suit the network, or None. The U-Net halves the image once per level and the DiT
     cuts it into patches: checked before building, so the message names the constraint instead of a shape error
     from deep inside the network."""
+    if model in EDM2_CONFIGS:                                           # --model edm2-xs, ... (edm2.py)
+        return edm2_resolution_problem(len(EDM2_CONFIGS[model]['channel_mult']), r)
     if model == 'unet':
         name = config_name or 'micro'
         levels = len(UNET_CONFIGS[name]['channel_mult'])
@@ -94,6 +98,9 @@ def network_config(args, dataset, num_classes, aug_dim):
         if args.model_channels is not None:
             net['model_channels'] = args.model_channels
         return name, UNet(**net).config
+    if args.model in EDM2_CONFIGS:                  # the EDM2 U-Net: its name is the configuration
+        net = dict(EDM2_CONFIGS[args.model], in_channels=dataset.channels, image_size=r, num_classes=num_classes)
+        return args.model, EDM2UNet(**net).config
     name = args.config or 'DiT-S/4'
     return name, DiT(**dict(DIT_CONFIGS[name], input_size=r, in_channels=dataset.channels, num_classes=num_classes,
                             aug_dim=aug_dim)).config
@@ -142,7 +149,9 @@ def diffusion_config(args):
     """config['diffusion']: the parameterisation, training schedule (T for the discrete ones) and noise-level sampler."""
     schedule = args.schedule or DEFAULT_SCHEDULE[args.prediction]
     return {'prediction': args.prediction, 'schedule': schedule, 't_sampler': args.t_sampler,
-            'sigma_data': args.sigma_data, **({'T': args.T} if schedule in ('linear', 'cosine') else {})}
+            'sigma_data': args.sigma_data, **({'T': args.T} if schedule in ('linear', 'cosine') else {}),
+            # the log-normal of training sigmas when not EDM's (-1.2, 1.2): --P-mean/--P-std, --recipe edm2
+            **({'P_mean': args.P_mean, 'P_std': args.P_std} if getattr(args, 'P_mean', None) is not None else {})}
 
 
 def data_config(dataset_name, dataset):
@@ -197,7 +206,7 @@ WRITTEN_BY = {'diffusion': 'a diffusion model (train.py)', 'superres': 'a super-
 WANTED = {'diffusion': 'a diffusion model', 'base': 'a diffusion model that samples from noise alone',
           'superres': 'a super-resolution stage', 'classifier': 'a classifier', 'autoencoder': 'an autoencoder',
           'discrete': 'a discrete token model'}
-TASK_MODELS = {'diffusion': ('unet', 'dit'), 'superres': ('unet', 'dit'), 'classifier': ('classifier',),
+TASK_MODELS = {'diffusion': ('unet', 'dit', 'edm2'), 'superres': ('unet', 'dit'), 'classifier': ('classifier',),
                'autoencoder': ('autoencoder',)}   # 'discrete' is checked by sample_discrete.check_discrete_config
 # A config is refused before anything is built when its network would exceed this many parameters (8 GB of
 # float32 weights; DiT-XL/2, the largest published model here, has 675M): a hand-edited width is not a 43 s build.
@@ -322,6 +331,8 @@ def config_problem(config, ckpt=None):
             return f"config.diffusion.sigma_data is {diff.get('sigma_data')!r}; it must be a number > 0"
         if diff.get('T') is not None and not (_number(diff['T'], True) and 2 <= diff['T'] <= 10 ** 6):
             return f"config.diffusion.T is {diff['T']!r}; it must be a whole number from 2 to 1e6"
+        if diff.get('P_mean') is not None and not (_number(diff['P_mean']) and _number(diff.get('P_std')) and diff['P_std'] > 0):
+            return f"config.diffusion.P_mean/P_std are {diff['P_mean']!r}/{diff.get('P_std')!r}; numbers, P_std > 0"
     try:
         size = parameter_count(cls, net)
     except Exception as e:                                       # a value the constructor refuses or cannot use
@@ -403,6 +414,8 @@ def build_diffusion(config):
     d = config['diffusion']
     # Discrete schedules record their number of steps T (train.py --T); older checkpoints used T = 1000.
     schedule = NOISE_SCHEDULES[d['schedule']](d['T']) if d.get('T') else d['schedule']
+    if d.get('P_mean') is not None:                              # EDM's log-normal with other (P_mean, P_std)
+        schedule = EDMSchedule(d['P_mean'], d['P_std'])
     return Diffusion(schedule, d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
 
 

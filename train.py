@@ -18,6 +18,7 @@ Where things are. This file: the flags, Algorithm 1 (train_step), the loop (main
   checkpoints.py  the checkpoint format (the config every checkpoint carries), written and read in one place
   reports.py      what a run reports besides its loss: grids, held-out loss, KID/FD, memorisation, bits/dim
   video.py        the video paper's joint video-image batches
+  edm2_recipe.py  --recipe edm2 / --model edm2-*: EDM2's loss, lr, Adam, post-hoc EMA snapshots (edm2.py, posthoc_ema.py)
 Other objectives are their own short programs over the same harness, as guided-diffusion's image_train.py /
 classifier_train.py share train_util.py: train_autoencoder.py (the first stage of latent diffusion) and
 train_classifier.py (the noise-conditional classifier of classifier guidance). `python train.py --task
@@ -35,18 +36,20 @@ from tqdm import tqdm
 import cascade
 import checkpoints
 import data
+import edm2_recipe
 import knobs
 import reports
 import runs
 import video
 from augment import AUG_DIM, AugmentPipe
 from dit import DIT_CONFIGS
+from edm2 import EDM2_CONFIGS
 from samplers import SAMPLERS
 from unet import UNET_CONFIGS
 
 TASKS = ('diffusion', 'superres', 'autoencoder', 'classifier', 'discrete')   # the last three: train_<task>.py
 # Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
-RESUME_FLAGS = runs.RESUME_FLAGS + ('p_uncond', 'aug_p', 'overfit_batch')
+RESUME_FLAGS = runs.RESUME_FLAGS + ('p_uncond', 'aug_p', 'overfit_batch') + edm2_recipe.RESUME_FLAGS
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -63,7 +66,8 @@ def train_step(run, micro_batches, args):
         # the importance sampler inside Diffusion.loss when --t-sampler importance.
         per_sample, sigma = run.diffusion.loss(run.model, b['x0'], b.get('sigma'), b.get('noise'),
                                                generator=b['generator'], **b['cond'])
-        return per_sample.mean(), per_sample, sigma.detach()
+        # The mean loss, or under --recipe edm2 EDM2's Eq. 21: weighted by the learned uncertainty u(sigma).
+        return edm2_recipe.objective(run, per_sample, sigma, args), per_sample, sigma.detach()
     # Accumulate over micro-batches, skip a non-finite step, clip, Adam, EMA (Alg. 1 line 5): runs.gradient_step,
     # the one update every training program shares.
     return runs.gradient_step(run, micro_batches, args, loss)
@@ -89,9 +93,12 @@ def main(args):
     config = make_config(args, dataset, latents)
     dataset = latents[0] if latents else dataset
     run = runs.make_trainee(args, checkpoints.build_network(config), checkpoints.build_network(config), setup,
-                            checkpoints.build_diffusion(config))
+                            checkpoints.build_diffusion(config), betas=edm2_recipe.adam_betas(args))
+    # EDM2 (edm2_recipe.py): weights re-normalised after each step; the post-hoc EMAs, a state the resume restores.
+    posthoc = edm2_recipe.setup(run, args)
     if setup.resume:
         runs.resume_run(run, config, args, setup, RESUME_FLAGS)
+    edm2_recipe.set_aside_stale_snapshots(args, setup, run.step)
     last_good = runs.saved_step(run, setup)     # the step ckpt.pt holds (0: none yet): a blow-up never replaces it
     log = runs.open_log(run, setup, args)
     if is_main:
@@ -123,13 +130,14 @@ def main(args):
     while run.step < args.steps:
         # Train: set the learning rate (warm-up, then cosine), then one step of Algorithm 1 on this step's
         # micro-batches. A step whose loss is not finite is skipped (no update) and counted.
-        lr = runs.get_lr(run.step, args)
+        lr = edm2_recipe.get_lr(run.step, args)        # --recipe edm2: inverse-sqrt decay after a ramp-up
         runs.set_lr([run.optimizer], lr)
         losses = train_step(run, micro_batches(args, config, batches, run.step, setup.rank, augment_pipe, device), args)
         run.step += 1
         bar.update(1)
         if losses is not None:
             tracker.add(losses)
+            edm2_recipe.after_step(run, args, setup, config, posthoc)   # post-hoc EMA update and snapshots
         done = run.step == args.steps
 
         # Log: mean loss, loss per noise level, throughput; the held-out loss and the memorisation watcher;
@@ -265,7 +273,8 @@ def make_config(args, dataset, latents=None):
         name, net = checkpoints.network_config(args, latents[0] if latents else dataset, num_classes,
                                                AUG_DIM if args.aug_p > 0 else 0)
     data = dict(checkpoints.data_config(args.dataset, dataset), num_classes=num_classes)   # 0 with --unconditional
-    return checkpoints.make_config(args.task, args.model, name, net, data, checkpoints.diffusion_config(args), **extra)
+    model = 'edm2' if args.model in EDM2_CONFIGS else args.model      # the class; the EDM2 size is the config name
+    return checkpoints.make_config(args.task, model, name, net, data, checkpoints.diffusion_config(args), **extra)
 
 
 class LatentDataset:
@@ -291,6 +300,7 @@ def encode_dataset(args, dataset, device, chunk=256):
     once, before training (the posterior mean, scaled by its recorded latent scale; LDM Sec. 4.3.2). The encoder
     then costs nothing per step, and every step of a resumed run sees the same latents."""
     ae = checkpoints.load_autoencoder(args.autoencoder, device)
+    edm2_recipe.normalise_latents(args, ae, dataset, device)     # --latent-norm channel: EDM2's per-channel scale
     if dataset.channels != ae.config['in_channels'] or dataset.resolution % ae.downsample_factor:
         raise SystemExit(f"error: --autoencoder {args.autoencoder} takes {ae.config['in_channels']}-channel images "
                          f'with sides divisible by {ae.downsample_factor}; {args.dataset} has {dataset.channels} '
@@ -330,7 +340,8 @@ def parse_args(argv=None):
     groups['output'].add_argument('--save-early', type=int, default=0, help='also keep the checkpoint of this step (a "bad" model for autoguidance)')
     g = p.add_argument_group('model')
     g.add_argument('--task', default='diffusion', choices=TASKS, help='what the network learns')
-    g.add_argument('--model', default='unet', choices=['unet', 'dit'])
+    g.add_argument('--model', default='unet', choices=['unet', 'dit'] + list(EDM2_CONFIGS),
+                   help='edm2-*: the magnitude-preserving U-Net of EDM2 (edm2.py; its size is in the name)')
     g.add_argument('--config', default=None, help=f"named configuration; unet: {', '.join(UNET_CONFIGS)}; dit: {', '.join(DIT_CONFIGS)}")
     g.add_argument('--dropout', type=float, default=None, help='override the configuration\'s dropout (U-Net)')
     g.add_argument('--model-channels', type=int, default=None, help='override the U-Net\'s width (model_channels)')
@@ -369,13 +380,14 @@ def parse_args(argv=None):
     g.add_argument('--upsample', default=None, choices=['bicubic', 'bilinear', 'nearest'], help='how the low-res image is upsampled to x_cond (default bicubic)')
     g = p.add_argument_group('latent diffusion (vae.py; train the autoencoder with train_autoencoder.py)')
     g.add_argument('--autoencoder', default=None, metavar='CKPT', help='train diffusion on the latents of this autoencoder checkpoint (encoded once, cached in memory); grids and sample.py decode them')
-    return p.parse_args(argv)
+    edm2_recipe.add_flags(p)
+    return edm2_recipe.parse_args(p, argv)           # --recipe edm2 brings its own defaults (--lr, --grad-clip, ...)
 
 
 def check_args(args):
     """Every flag's range, the model/config pairing, the sampler options and the conditions' flags, with one
     message listing all problems (runs.check_flags; runs.check_run_args checks the shared flags)."""
-    runs.check_flags(args, check_diffusion_args, check_superres_args)
+    runs.check_flags(args, check_diffusion_args, check_superres_args, edm2_recipe.check_args)
 
 
 def check_diffusion_args(args, need):
@@ -396,8 +408,8 @@ def check_diffusion_args(args, need):
     need(args.guidance is None or finite(args.guidance), f'--guidance must be a finite number (got {args.guidance})')
     need(args.model_channels is None or args.model_channels >= 1, f'--model-channels must be at least 1 (got {args.model_channels})')
     # The named configuration must belong to the chosen network (a U-Net name with --model dit was a KeyError).
-    configs = UNET_CONFIGS if args.model == 'unet' else DIT_CONFIGS
-    need(args.config is None or args.config in configs, f"--config {args.config!r} is not a {args.model} configuration; "
+    configs = UNET_CONFIGS if args.model == 'unet' else DIT_CONFIGS if args.model == 'dit' else {}
+    need(args.config is None or args.config in configs or args.model in EDM2_CONFIGS, f"--config {args.config!r} is not a {args.model} configuration; "
                                                         f"choose from {', '.join(configs)}")
     if args.resolution and args.resolution >= 1 and (args.config is None or args.config in configs):
         problem = checkpoints.resolution_problem(args.model, args.config, args.resolution)
@@ -419,7 +431,7 @@ def check_diffusion_args(args, need):
 def check_applies(args, need):
     """A flag that would do nothing in this run is refused with what it applies to (it was silently ignored),
     then the defaults of the flags whose default is None (so that 'given' can be told from 'default')."""
-    name = args.config or ('micro' if args.model == 'unet' else 'DiT-S/4')
+    name = args.config or {'unet': 'micro', 'dit': 'DiT-S/4'}.get(args.model, args.model)
     unet = UNET_CONFIGS.get(name, {}) if args.model == 'unet' else {}
     # The DiT's width and depth are its named configuration, and it has no dropout.
     for flag in ('dropout', 'model_channels'):
