@@ -277,7 +277,7 @@ class VDMDiffusion(Diffusion):
             scale = 2 * diffusion.detach() * to_bpd
             for s in shape:
                 if s.requires_grad:
-                    s.register_hook(lambda grad, scale=scale: grad * scale)
+                    s.register_hook(lambda grad, scale=scale: grad * scale.to(grad.dtype))
         return (diffusion + prior + recon) * to_bpd, sigma.detach()
 
 
