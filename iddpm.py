@@ -235,3 +235,22 @@ def learned_sampler(diffusion, net, sampler, options):
         return sample_ddpm_learned(denoiser, x, sigmas, variance_fraction=fraction, generator=generator, cond=cond,
                                    callback=callback, progress=progress)
     return run
+
+
+if __name__ == '__main__':
+    # Demo: with a Gaussian mixture's exact mean, the variance that minimises each L_t lies between beta~_t and
+    # beta_t (Eq. 15's range): the optimal v per step, from E||x_prev - mu||^2 / d (the KL-optimal isotropic variance).
+    from diffusion import GaussianMixture
+    gm = GaussianMixture.random(K=3, D=2, scale=0.5, seed=2)
+    schedule = DiscreteVP.cosine(20)
+    sigmas = schedule.sigmas
+    print(' t | beta~ (sigma frame) | beta (sigma frame) | optimal variance | its v in [0, 1]')
+    for t in (1, 3, 6, 10, 15, 19):
+        x0, _ = gm.sample(20000, generator=torch.Generator().manual_seed(t))
+        x = x0 + sigmas[t] * torch.randn(x0.shape, generator=torch.Generator().manual_seed(100 + t), dtype=x0.dtype)
+        x0_hat = gm.denoise(x, sigmas[t])
+        r = sigmas[t - 1] ** 2 / sigmas[t] ** 2
+        beta_tilde, beta = step_variances(sigmas[t], sigmas[t - 1])
+        optimum = beta_tilde + (1 - r) ** 2 * ((x0 - x0_hat) ** 2).mean()   # Var(x_prev | x_t) averaged over dimensions
+        v = (optimum.log() - beta_tilde.log()) / (beta.log() - beta_tilde.log())
+        print(f'{t:>2} | {beta_tilde:19.3e} | {beta:18.3e} | {optimum:16.3e} | {v:.3f}')

@@ -64,7 +64,6 @@ def final_bpd(run_dir):
     return next((r['bits_per_dim'] for r in reversed(records) if 'bits_per_dim' in r), float('nan'))
 
 
-@torch.no_grad()
 def quality_table(args):
     """FD_lenet and class accuracy of the hybrid model at 25/50/100 ddpm steps, learned vs fixed variances."""
     net, diffusion, config = load_model(os.path.join(args.out, 'hybrid', 'ckpt.pt'))
