@@ -59,9 +59,15 @@ def train(args, name, flags):
 
 
 def final_bpd(run_dir):
+    if not os.path.isfile(os.path.join(run_dir, 'log.jsonl')):
+        return float('nan')
     with open(os.path.join(run_dir, 'log.jsonl')) as f:
         records = [json.loads(line) for line in f]
     return next((r['bits_per_dim'] for r in reversed(records) if 'bits_per_dim' in r), float('nan'))
+
+
+VARIANCES = (('learned (Eq. 15)', {}), ('fixed beta~ (posterior)', {'variance': 'posterior'}),
+             ('fixed beta', {'variance': 'beta'}))
 
 
 def quality_table(args):
@@ -82,8 +88,7 @@ def quality_table(args):
     print(f"{'steps':>5} | {'variance':<22} | {'FD_lenet':>8} | {'class acc':>9} | {'CPU s':>6}")
     for steps in args.steps_list:
         sigmas = make_sigmas('vp-linspace', steps, diffusion)
-        for variance, options in (('learned (Eq. 15)', {}), ('fixed beta~ (posterior)', {'variance': 'posterior'}),
-                                  ('fixed beta', {'variance': 'beta'})):
+        for variance, options in VARIANCES[:args.variances]:
             t0 = time.process_time()
             images = generate(net, diffusion, len(labels), sample_shape(config), 'cpu', labels, d['num_classes'], 'ddpm',
                               steps, 1.0, seed=args.seed, sampler_options=options, sigmas=sigmas, batch_size=200)
@@ -122,6 +127,7 @@ if __name__ == '__main__':
     p.add_argument('--n-per-class', type=int, default=20)
     p.add_argument('--classifier-steps', type=int, default=500)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--variances', type=int, default=3, choices=[2, 3], help='2: learned and beta~ only; 3: also beta')
     p.add_argument('--skip-train', action='store_true', help='measure the runs already in --out')
     p.add_argument('--skip-quality', action='store_true', help='only the bits/dim table')
     main(p.parse_args())
