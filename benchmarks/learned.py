@@ -31,6 +31,7 @@ import data                                                   # noqa: E402
 import evaluate                                               # noqa: E402
 import lenet                                                  # noqa: E402
 import metrics                                                # noqa: E402
+import vdm                                                    # noqa: E402
 from knobs import make_sigmas                                 # noqa: E402
 from sample import generate, load_model, sample_shape         # noqa: E402
 
@@ -56,6 +57,20 @@ def train(args, name, flags):
     subprocess.run(cmd, check=True, env=dict(os.environ, OMP_NUM_THREADS='1'), cwd=ROOT)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
+
+
+def continuous_bpd(args, run_dir, n_t=64):
+    """The continuous-time bound (vdm.diffusion_bits_per_dim: VDM's decoder and prior, L_inf at n_t points) of any of
+    the five models, on the same held-out images train.py's bits/dim used (the first --bpd-images of the held-out split)."""
+    if not os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):
+        return float('nan')
+    net, diffusion, config = load_model(os.path.join(run_dir, 'ckpt.pt'))
+    dataset = data.load_dataset(config['data']['dataset'], data_dir=args.data_dir, split=args.split,
+                                resolution=config['data']['resolution'])
+    _, held_out = data.holdout_split(len(dataset), 0)                       # train.py's split (seed 0)
+    x0 = dataset.batch(held_out[:args.bpd_images])[0]
+    cond = {'y': torch.full((len(x0),), config['data']['num_classes'])} if config['data']['num_classes'] else {}
+    return vdm.diffusion_bits_per_dim(diffusion, net, x0, n_t, torch.Generator().manual_seed(0), **cond).mean().item()
 
 
 def final_bpd(run_dir):
@@ -106,9 +121,13 @@ def main(args):
             cpu[name] = train(args, name, flags)
     print(f'\n{args.dataset} ({args.split} split), U-Net micro, eps prediction, {args.steps} steps of batch '
           f'{args.batch_size}, lr {args.lr}; bits/dim of the bound on {args.bpd_images} held-out images')
-    print(f"{'objective':<50} | {'bits/dim':>8} | {'train CPU s':>11}")
+    print('bits/dim: the T-step bound (discrete models) or the continuous one (VDM) that train.py reports at the end, and the '
+          'continuous-time bound of every model (VDM decoder and prior, 64 t-points) on the same images')
+    print(f"{'objective':<50} | {'bits/dim':>8} | {'continuous':>10} | {'train CPU s':>11}")
     for name, (what, _) in RUNS.items():
-        print(f"{what:<50} | {final_bpd(os.path.join(args.out, name)):>8.3f} | {cpu.get(name, float('nan')):>11.0f}")
+        run_dir = os.path.join(args.out, name)
+        print(f"{what:<50} | {final_bpd(run_dir):>8.3f} | {continuous_bpd(args, run_dir):>10.3f} | "
+              f"{cpu.get(name, float('nan')):>11.0f}")
     if not args.skip_quality:
         quality_table(args)
 
