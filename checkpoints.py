@@ -38,7 +38,9 @@ import pickle
 import torch
 from torch.overrides import TorchFunctionMode
 
+import iddpm
 import vae
+import vdm
 from classifier import CLASSIFIER_CONFIGS, NoiseConditionalClassifier
 from diffusion import NOISE_SCHEDULES, PREDICTIONS, Diffusion, EDMSchedule
 from dit import DIT_CONFIGS, DiT
@@ -146,12 +148,30 @@ def autoencoder_config(args, dataset):
 
 
 def diffusion_config(args):
-    """config['diffusion']: the parameterisation, training schedule (T for the discrete ones) and noise-level sampler."""
+    """config['diffusion']: the parameterisation, training schedule (T for the discrete ones) and noise-level sampler;
+    train.py --objective adds the objective: 'hybrid'/'vlb' (iddpm.py, learned variances) or 'vdm' (vdm.py: schedule
+    'vdm', its gamma 'linear'/'learned', learn_endpoints, fourier)."""
+    objective = getattr(args, 'objective', 'simple')
+    if objective == 'vdm':
+        return {'prediction': 'eps', 'schedule': 'vdm', 't_sampler': args.t_sampler, 'sigma_data': args.sigma_data,
+                'objective': 'vdm', 'gamma': args.vdm_schedule, 'learn_endpoints': not args.vdm_fixed_endpoints,
+                'fourier': args.vdm_fourier}
     schedule = args.schedule or DEFAULT_SCHEDULE[args.prediction]
     return {'prediction': args.prediction, 'schedule': schedule, 't_sampler': args.t_sampler,
             'sigma_data': args.sigma_data, **({'T': args.T} if schedule in ('linear', 'cosine') else {}),
             # the log-normal of training sigmas when not EDM's (-1.2, 1.2): --P-mean/--P-std, --recipe edm2
-            **({'P_mean': args.P_mean, 'P_std': args.P_std} if getattr(args, 'P_mean', None) is not None else {})}
+            **({'P_mean': args.P_mean, 'P_std': args.P_std} if getattr(args, 'P_mean', None) is not None else {}),
+            **({'objective': objective} if objective in iddpm.OBJECTIVES else {})}
+
+
+def objective_network(net, model, channels, diffusion):
+    """The network's kwargs for its objective: 2C outputs for a learned variance (U-Net out_channels, DiT
+    learn_sigma; iDDPM Eq. 15's v), 4C x_cond channels for VDM's Fourier features."""
+    if diffusion.get('objective') in iddpm.OBJECTIVES:
+        net = dict(net, **({'out_channels': 2 * channels} if model == 'unet' else {'learn_sigma': True}))
+    if diffusion.get('fourier'):
+        net = dict(net, cond_channels=2 * len(vdm.FOURIER_EXPONENTS) * channels)
+    return net
 
 
 def data_config(dataset_name, dataset):
@@ -323,7 +343,7 @@ def config_problem(config, ckpt=None):
             return 'config.diffusion is missing or not a dict'
         if diff.get('prediction') not in PREDICTIONS:
             return f"config.diffusion.prediction is {diff.get('prediction')!r}; known: {', '.join(PREDICTIONS)}"
-        if diff.get('schedule') not in NOISE_SCHEDULES:
+        if diff.get('schedule') not in NOISE_SCHEDULES and not (diff.get('schedule') == 'vdm' and diff.get('gamma') in vdm.GAMMAS):
             return f"config.diffusion.schedule is {diff.get('schedule')!r}; known: {', '.join(NOISE_SCHEDULES)}"
         if diff.get('t_sampler', 'uniform') not in ('uniform', 'low_discrepancy', 'importance'):
             return f"config.diffusion.t_sampler is {diff.get('t_sampler')!r}; known: uniform, low_discrepancy, importance"
@@ -412,8 +432,13 @@ def build_diffusion(config):
     """The Diffusion (parameterisation, training schedule, noise-level sampler) the model was trained with."""
     # t_sampler matters only for training; older checkpoints without it default to uniform.
     d = config['diffusion']
+    if d.get('objective') == 'vdm':            # vdm.py: the continuous-time bound, fixed or learned gamma(t)
+        return vdm.VDMDiffusion(d['gamma'], learn_endpoints=d.get('learn_endpoints', True),
+                                t_sampler=d.get('t_sampler', 'low_discrepancy'), fourier=d.get('fourier', False))
     # Discrete schedules record their number of steps T (train.py --T); older checkpoints used T = 1000.
     schedule = NOISE_SCHEDULES[d['schedule']](d['T']) if d.get('T') else d['schedule']
+    if d.get('objective') in iddpm.OBJECTIVES:  # iddpm.py: learned variances (network with 2C outputs)
+        return iddpm.LearnedVarianceDiffusion(schedule, d['objective'], d.get('t_sampler', 'uniform'))
     if d.get('P_mean') is not None:                              # EDM's log-normal with other (P_mean, P_std)
         schedule = EDMSchedule(d['P_mean'], d['P_std'])
     return Diffusion(schedule, d['prediction'], d.get('t_sampler', 'uniform'), d['sigma_data'])
@@ -449,7 +474,9 @@ def load_model(path, device='cpu', use_ema=True, expect='diffusion'):
     if bad:
         raise SystemExit(f"error: {path!r} has non-finite {'EMA' if use_ema else 'raw'} weights ({len(bad)} tensors, "
                          f'e.g. {bad[0]}): the run blew up. Use an earlier checkpoint.')
-    return net.eval().requires_grad_(False), build_diffusion(config), config
+    diffusion = build_diffusion(config)
+    diffusion.load_state_dict(ckpt.get('diffusion') or {})      # a learned VDM schedule's parameters (vdm.py)
+    return net.eval().requires_grad_(False), diffusion, config
 
 
 # The noise shape a sampler draws: the network's input shape, which for latent models is the latents'.

@@ -27,8 +27,10 @@ import warnings
 import torch
 
 import cascade
+import iddpm
 import metrics
 import sample
+import vdm
 from checkpoints import latent_decoder, sample_shape
 from plots import plot_training_log
 from runs import load_batch
@@ -314,16 +316,25 @@ def final_reports(args, run, config, dataset, train_index, val_index, log, devic
         return
     # Held-out images when there are any; tiny datasets fall back to training images.
     held = val_index if len(val_index) else train_index
-    if config['diffusion'].get('T') and args.bpd_images:
+    # Discrete VP models: the T-step bound (iddpm.py's with a learned variance); continuous VP models and VDMs: the
+    # continuous-time bound (vdm.py), both in bits/dim
+    vp = config['diffusion'].get('schedule') == 'vdm' or (config['diffusion'].get('schedule') == 'vp' and config['diffusion']['prediction'] in ('eps', 'x0', 'v'))
+    if (config['diffusion'].get('T') or vp) and args.bpd_images:
         # The full bound, T calls per image, on held-out images; unconditional (the null class) like DDPM's number.
         x0 = load_batch(dataset, held[:args.bpd_images])[0].to(device)
         cond = {'y': torch.full((len(x0),), config['data']['num_classes'], device=device)} if config['data']['num_classes'] else {}
         if config['net'].get('aug_dim'):
             cond['aug_cond'] = torch.zeros(len(x0), config['net']['aug_dim'], device=device)
-        bpd = bits_per_dim(run.diffusion.denoiser(run.ema), x0, run.diffusion.schedule,
-                           generator=torch.Generator().manual_seed(0), **cond).mean().item()
+        g = torch.Generator().manual_seed(0)
+        if vp:
+            bpd = vdm.diffusion_bits_per_dim(run.diffusion, run.ema, x0, generator=g, **cond).mean().item()
+        elif isinstance(run.diffusion, iddpm.LearnedVarianceDiffusion):
+            bpd = iddpm.bits_per_dim(run.diffusion, run.ema, x0, generator=g, **cond).mean().item()
+        else:
+            bpd = bits_per_dim(run.diffusion.denoiser(run.ema), x0, run.diffusion.schedule, generator=g, **cond).mean().item()
         log.write({'step': run.step, 'bits_per_dim': bpd, 'bpd_images': len(x0)})
-        print(f'bits/dim (variational bound, {len(x0)} held-out images, T = {run.diffusion.schedule.T}): {bpd:.3f}')
+        print(f"bits/dim (variational bound, {len(x0)} held-out images, "
+              f"{'continuous time' if vp else f'T = {run.diffusion.schedule.T}'}): {bpd:.3f}")
     if len(dataset) < args.memorization_below and not config['data'].get('frames'):
         # Samples next to their nearest training images: a ratio d1/d2 < 1/3 marks a near-copy (metrics.py).
         n = 64

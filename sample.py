@@ -41,6 +41,7 @@ import torch
 
 import cascade
 import data
+import iddpm
 import pretrained
 import samplers
 from checkpoints import latent_decoder, load_model, sample_shape
@@ -132,7 +133,8 @@ def _generate_batches(out, net, diffusion, n, shape, device, labels, num_classes
         # The initial noise is drawn on the CPU from the batch's generator, so the same seed gives the same
         # samples on a CPU and on a GPU (CUDA generators draw other numbers).
         x = sigmas[0] * torch.randn((b,) + tuple(shape), generator=g).to(device)   # x_N = sigma_max n
-        x = run_sampler(sampler, denoiser, x, sigmas, options, batch_cond, g, progress, callback)
+        # A learned-variance model's ddpm uses its variance (iddpm.py), unless a fixed variance= is asked for.
+        x = (iddpm.learned_sampler(diffusion, net, sampler, options) or run_sampler)(sampler, denoiser, x, sigmas, options, batch_cond, g, progress, callback)
         # A NaN image clamps to NaN and would be written as black: stop here with the reason instead.
         if not torch.isfinite(x).all():
             raise FloatingPointError(f'sampling produced non-finite values (batch at {start}): the model or the '

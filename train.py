@@ -94,6 +94,8 @@ def main(args):
     dataset = latents[0] if latents else dataset
     run = runs.make_trainee(args, checkpoints.build_network(config), checkpoints.build_network(config), setup,
                             checkpoints.build_diffusion(config), betas=edm2_recipe.adam_betas(args))
+    if getattr(run.diffusion, 'parameters', None) and run.diffusion.parameters():   # VDM's learned schedule (vdm.py)
+        run.optimizer.add_param_group({'params': run.diffusion.to(setup.device).parameters()})
     # EDM2 (edm2_recipe.py): weights re-normalised after each step; the post-hoc EMAs, a state the resume restores.
     posthoc = edm2_recipe.setup(run, args)
     if setup.resume:
@@ -272,6 +274,8 @@ def make_config(args, dataset, latents=None):
     else:
         name, net = checkpoints.network_config(args, latents[0] if latents else dataset, num_classes,
                                                AUG_DIM if args.aug_p > 0 else 0)
+    # --objective hybrid/vlb: 2C outputs (eps and iDDPM's v); --vdm-fourier: Fourier features as x_cond channels
+    net = checkpoints.objective_network(net, args.model, dataset.channels, checkpoints.diffusion_config(args))
     data = dict(checkpoints.data_config(args.dataset, dataset), num_classes=num_classes)   # 0 with --unconditional
     model = 'edm2' if args.model in EDM2_CONFIGS else args.model      # the class; the EDM2 size is the config name
     return checkpoints.make_config(args.task, model, name, net, data, checkpoints.diffusion_config(args), **extra)
@@ -346,6 +350,15 @@ def parse_args(argv=None):
     g.add_argument('--dropout', type=float, default=None, help='override the configuration\'s dropout (U-Net)')
     g.add_argument('--model-channels', type=int, default=None, help='override the U-Net\'s width (model_channels)')
     runs.add_diffusion_flags(p)
+    g = p.add_argument_group('learned variances and schedules (iddpm.py, vdm.py)')
+    g.add_argument('--objective', default='simple', choices=['simple', 'hybrid', 'vlb', 'vdm'],
+                   help='simple: each parameterisation\'s MSE; hybrid: L_simple + 0.001 L_vlb with learned variances (Nichol & '
+                        'Dhariwal 2021; --prediction eps, a discrete schedule); vlb: L_vlb alone (use --t-sampler importance); '
+                        'vdm: the continuous-time bound of Kingma et al. 2021 (--prediction eps; its own schedule, --vdm-schedule)')
+    g.add_argument('--vdm-schedule', default=None, choices=['linear', 'learned'], help='--objective vdm: the fixed linear log-SNR '
+                   'or the monotone network trained to minimise the variance of the bound (default learned)')
+    g.add_argument('--vdm-fixed-endpoints', action='store_true', help='--vdm-schedule learned: keep gamma_0, gamma_1 at -13.3, 5')
+    g.add_argument('--vdm-fourier', action='store_true', help='--objective vdm: Fourier features of z_t as extra input channels')
     # Grids and in-training evaluation sample through sample.generate with these settings.
     g = p.add_argument_group('sample grids (sample.py)')
     g.add_argument('--sampler', default='heun', choices=list(SAMPLERS), help='sampler for the grids')
@@ -356,8 +369,9 @@ def parse_args(argv=None):
     g.add_argument('--until-converged', type=int, default=0, metavar='N',
                    help='stop when the in-training KID (or FD) has not improved by --converge-margin for N evaluations (needs --eval-every)')
     g.add_argument('--converge-margin', type=float, default=0.02, help='relative improvement that counts for --until-converged')
-    g.add_argument('--bpd-images', type=int, default=16, help='discrete VP models (linear/cosine): bits/dim of the variational '
-                   'bound on this many held-out images at the end of the run (T network calls each; 0 = off)')
+    g.add_argument('--bpd-images', type=int, default=16, help='VP models: bits/dim of the variational bound on this many '
+                   'held-out images at the end of the run (linear/cosine: T network calls each; vp and --objective vdm: the '
+                   'continuous-time bound, 64 calls each; 0 = off)')
     g.add_argument('--memorization-below', type=int, default=5000, help='datasets with fewer images get the memorisation '
                    'report at the end (nearest training images of samples; 0 = never)')
     g.add_argument('--eval-every', type=int, default=0, help='KID and Frechet distance of EMA samples every N steps (0 = off)')
@@ -387,7 +401,36 @@ def parse_args(argv=None):
 def check_args(args):
     """Every flag's range, the model/config pairing, the sampler options and the conditions' flags, with one
     message listing all problems (runs.check_flags; runs.check_run_args checks the shared flags)."""
-    runs.check_flags(args, check_diffusion_args, check_superres_args, edm2_recipe.check_args)
+    runs.check_flags(args, check_diffusion_args, check_superres_args, edm2_recipe.check_args, check_objective_args)
+
+
+def check_objective_args(args, need):
+    """--objective: iDDPM's learned variances need eps and a discrete schedule; VDM brings its own schedule."""
+    if args.objective == 'simple':
+        need(args.vdm_schedule is None and not args.vdm_fixed_endpoints and not args.vdm_fourier,
+             '--vdm-schedule, --vdm-fixed-endpoints and --vdm-fourier apply to --objective vdm')
+        return
+    need(args.prediction == 'eps', f'--objective {args.objective} trains an eps-predicting network; add --prediction eps')
+    need(not edm2_recipe.is_edm2(args) and args.recipe == 'edm', f'--objective {args.objective} trains a U-Net or DiT '
+                                                                  'under the EDM recipe (not an EDM2 network or --recipe edm2)')
+    need(not args.autoencoder and args.task != 'superres', f'--objective {args.objective}: the bound\'s decoder is for '
+                                                           '8-bit pixels of a base model (no --autoencoder, --task superres)')
+    if args.objective in ('hybrid', 'vlb'):
+        need(args.vdm_schedule is None and not args.vdm_fixed_endpoints and not args.vdm_fourier,
+             '--vdm-schedule, --vdm-fixed-endpoints and --vdm-fourier apply to --objective vdm')
+        need(args.schedule in (None, 'linear', 'cosine'), f'--objective {args.objective} interpolates the betas of a '
+                                                          f'discrete schedule: --schedule linear or cosine, not {args.schedule}')
+        need(not (args.objective == 'hybrid' and args.t_sampler == 'importance'), '--t-sampler importance is for '
+             '--objective vlb (Nichol & Dhariwal 2021, Sec. 3.3: importance sampling of L_vlb alone)')
+        return
+    need(args.schedule is None, '--objective vdm has its own schedule (--vdm-schedule linear|learned); drop --schedule')
+    need(args.t_sampler != 'importance', '--objective vdm draws t uniformly (--t-sampler uniform or low_discrepancy)')
+    need(not (args.vdm_fixed_endpoints and args.vdm_schedule == 'linear'), '--vdm-fixed-endpoints applies to '
+                                                                          '--vdm-schedule learned (linear is fixed)')
+    args.vdm_schedule = args.vdm_schedule or 'learned'
+    # The learned schedule's parameters live outside the DDP-wrapped network: their gradients are not all-reduced.
+    need(args.vdm_schedule == 'linear' or int(os.environ.get('WORLD_SIZE', '1')) == 1, '--vdm-schedule learned '
+         'trains in one process (its gradients are not averaged across ranks); use --vdm-schedule linear under torchrun')
 
 
 def check_diffusion_args(args, need):
