@@ -47,6 +47,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import motion   # the weight-free motion measure of one-object clips (--metrics motion)
 from c3d import C3D_MEAN_NAME, C3D_WEIGHTS_NAME, load_c3d   # C3D: FD_c3d/KD_c3d features and the video IS (TGAN)
 from i3d import I3D_WEIGHTS_ENV, I3D_WEIGHTS_NAME, load_i3d
 from inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3,  # noqa: F401 (re-exported)
@@ -59,7 +60,8 @@ from metrics import (METRICS, check_statistics_match, clip_rounding_noise, compu
 from lenet import LeNetFeatures, lenet_from_state_dict, train_classifier  # noqa: F401 (FD_lenet's network; re-exported)
 from runs import atomic_write, check_output_path  # the command layer's one atomic write and one output-path check
 
-VIDEO_METRICS = ('fvd', 'kvd', 'vis') + METRICS   # with --video: vis = C3D's video IS; fid, kid, is, pr frame-wise
+VIDEO_METRICS = ('fvd', 'kvd', 'vis', 'motion') + METRICS   # --video: vis = C3D's video IS; motion: motion.py;
+                                                         # fid, kid, is, pr frame-wise
 MAX_NUM_GEN = 10 ** 6                      # --num-gen: 20x the 50,000 of a headline FID
 
 
@@ -425,8 +427,8 @@ def parse_args(argv=None):
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     m = p.add_argument_group('metrics')
     m.add_argument('--metrics', default=None, help='comma-separated subset of fid,kid,is,pr (default: all); with '
-                   '--video of fvd,kvd,vis,fid,kid,is,pr (default: fvd,kvd,fid; vis: the video IS of TGAN with C3D; '
-                   'fid/kid/is/pr are frame-wise)')
+                   '--video of fvd,kvd,vis,motion,fid,kid,is,pr (default: fvd,kvd,fid; vis: the video IS of TGAN with '
+                   'C3D; motion: centroid velocities of one-object clips, motion.py; fid/kid/is/pr are frame-wise)')
     m.add_argument('--kid-subset-size', type=int, default=1000,
                    help='samples per KID subset (Binkowski et al. use 1000); the smaller set when larger than it, '
                         'with a warning (when both sets are used whole, the std is 0)')
@@ -713,6 +715,8 @@ def video_command(args):
         results.update(compute_metrics(fake_feats, real_stats, fake_logits, wanted, net.name, args.kid_subset_size,
                                        net.resize))
         record[net.name] = network_id(net)
+    if 'motion' in metrics:   # no network: tracked object velocities against the reference clips'
+        results.update({f'motion_{k}': v for k, v in motion.motion_distance(fake, real).items()})
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
     print(format_results(results, len(fake), len(real), None, split))
     if args.out:
