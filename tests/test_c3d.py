@@ -86,7 +86,7 @@ def model(files):
 # Layout and loader
 
 def test_layout_is_the_ucf101_file():
-    """C3D's parameters are exactly the file's tensors (78,409,573 numbers: conv 27.7M, fc 50.7M), and a file in
+    """C3D's parameters are exactly the file's tensors (78,409,573 numbers: conv 27.7M, fc 50.8M), and a file in
     that layout loads (strict, every key used)."""
     with torch.device('meta'):
         model = C3D()
