@@ -14,6 +14,8 @@ A score's name says how it was made (metrics.metric_name):
                       "On Aliased Resizing and Surprising Subtleties in GAN Evaluation", arXiv:2104.11222)
   FD_lenet, KD_lenet  Frechet/kernel distance in LeNet features: a different scale, never called FID
   FVD, KVD            videos (N, C, F, H, W): Frechet/kernel distance of the 400 time-averaged I3D logits
+  FD_c3d, KD_c3d      videos: the same on C3D's fc7 features (--video-features c3d; TGANv2's 'FID', c3d.py)
+  IS_c3d              videos: the video Inception Score of TGAN on C3D's UCF-101 logits (--metrics vis)
   frame-FID, ...      videos scored frame by frame with an image network: appearance only, blind to motion
 Reference statistics remember the network's name, resize and a hash of its weights, and are refused when any
 differs from the run's. An output never replaces an input, and an existing file only with --overwrite.
@@ -45,6 +47,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import motion   # the weight-free motion measure of one-object clips (--metrics motion)
+from c3d import C3D_MEAN_NAME, C3D_WEIGHTS_NAME, load_c3d   # C3D: FD_c3d/KD_c3d features and the video IS (TGAN)
 from i3d import I3D_WEIGHTS_ENV, I3D_WEIGHTS_NAME, load_i3d
 from inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3,  # noqa: F401 (re-exported)
                        find_inception_weights, load_inception, resize_images)
@@ -56,7 +60,8 @@ from metrics import (METRICS, check_statistics_match, clip_rounding_noise, compu
 from lenet import LeNetFeatures, lenet_from_state_dict, train_classifier  # noqa: F401 (FD_lenet's network; re-exported)
 from runs import atomic_write, check_output_path  # the command layer's one atomic write and one output-path check
 
-VIDEO_METRICS = ('fvd', 'kvd') + METRICS   # with --video: fid, kid, is, pr are frame-wise
+VIDEO_METRICS = ('fvd', 'kvd', 'vis', 'motion') + METRICS   # --video: vis = C3D's video IS; motion: motion.py;
+                                                         # fid, kid, is, pr frame-wise
 MAX_NUM_GEN = 10 ** 6                      # --num-gen: 20x the 50,000 of a headline FID
 
 
@@ -423,7 +428,8 @@ def parse_args(argv=None):
     g.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='torch device')
     m = p.add_argument_group('metrics')
     m.add_argument('--metrics', default=None, help='comma-separated subset of fid,kid,is,pr (default: all); with '
-                   '--video of fvd,kvd,fid,kid,is,pr (default: fvd,kvd,fid; fid/kid/is/pr are frame-wise)')
+                   '--video of fvd,kvd,vis,motion,fid,kid,is,pr (default: fvd,kvd,fid; vis: the video IS of TGAN with '
+                   'C3D; motion: centroid velocities of one-object clips, motion.py; fid/kid/is/pr are frame-wise)')
     m.add_argument('--kid-subset-size', type=int, default=1000,
                    help='samples per KID subset (Binkowski et al. use 1000); the smaller set when larger than it, '
                         'with a warning (when both sets are used whole, the std is 0)')
@@ -456,6 +462,12 @@ def parse_args(argv=None):
                    'FVD/KVD with I3D, frame-wise scores with --network')
     v.add_argument('--i3d-weights', default=None, help=f'path of {I3D_WEIGHTS_NAME} (else ${I3D_WEIGHTS_ENV}, '
                    'else the torch hub cache, else download)')
+    v.add_argument('--video-features', default='i3d', choices=['i3d', 'c3d'], help='network of fvd,kvd: i3d (FVD, '
+                   'KVD) or c3d (FD_c3d, KD_c3d: fc7 of the UCF-101 C3D, as TGANv2 computes its FID; 16 frames)')
+    v.add_argument('--c3d-weights', default=None, help=f'path of {C3D_WEIGHTS_NAME} (else $C3D_WEIGHTS, else the '
+                   'torch hub cache)')
+    v.add_argument('--c3d-mean', default=None, help=f'path of {C3D_MEAN_NAME}, the mean clip (else $C3D_MEAN, else '
+                   'the torch hub cache)')
     v.add_argument('--frames', type=int, default=None, help='use the first F frames of every video (clip folders: '
                    'frames to read; default: those of the generated .npz)')
     v.add_argument('--video-resolution', type=int, default=None,
@@ -687,20 +699,25 @@ def video_command(args):
                          'the same number of frames (use --frames) and at least 2 videos each')
     results, record = {}, {}
     nets = []
-    if metrics & {'fvd', 'kvd'}:
+    if metrics & {'fvd', 'kvd'} and args.video_features == 'i3d':
         nets.append((VideoFeatures(load_i3d(args.i3d_weights, args.device)), {'fvd': 'fid', 'kvd': 'kid'}))
+    c3d_names = dict({'fvd': 'fid', 'kvd': 'kid'} if args.video_features == 'c3d' else {}, vis='is')
+    if metrics & set(c3d_names):   # c3d.C3D has extract_features' interface itself (fc7 features, fc8 logits)
+        nets.append((load_c3d(args.c3d_weights, args.c3d_mean, args.device), c3d_names))
     if metrics & set(METRICS):
         nets.append((FrameFeatures(build_feature_network(args)), {m: m for m in METRICS}))
     for net, names in nets:   # each network's features, statistics and scores, named after the network
         wanted = tuple(names[m] for m in VIDEO_METRICS if m in metrics and m in names)
-        want_logits = 'is' in wanted and net.name.split('/')[0] == 'inception'
+        want_logits = 'is' in wanted and net.name.split('/')[0] in ('inception', 'c3d')
         out = extract_features(fake, net, args.batch_size, args.device, return_logits=want_logits)
         fake_feats, fake_logits = out if want_logits else (out, None)
-        real_stats = compute_statistics(extract_features(real, net, args.batch_size, args.device),
-                                        network=net.name, resize=net.resize)
+        real_stats = {} if set(wanted) == {'is'} else compute_statistics(   # an IS needs no reference
+            extract_features(real, net, args.batch_size, args.device), network=net.name, resize=net.resize)
         results.update(compute_metrics(fake_feats, real_stats, fake_logits, wanted, net.name, args.kid_subset_size,
                                        net.resize))
         record[net.name] = network_id(net)
+    if 'motion' in metrics:   # no network: tracked object velocities against the reference clips'
+        results.update({f'motion_{k}': v for k, v in motion.motion_distance(fake, real).items()})
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
     print(format_results(results, len(fake), len(real), None, split))
     if args.out:

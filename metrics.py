@@ -12,6 +12,7 @@ A metric compares a set of features of generated images (g) with features of rea
           MMD^2_u = sum_{i!=j} k(x_i,x_j)/(m(m-1)) + sum_{i!=j} k(y_i,y_j)/(m(m-1)) - 2 sum_{i,j} k(x_i,y_j)/m^2
   IS      Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv:1606.03498 (Sec. 4)
           IS = exp( E_x KL(p(y|x) || p(y)) ), p(y) = E_x p(y|x), over 10 splits
+          (videos, Saito et al. 2017/2020: C3D's UCF-101 predictions, one score per 2048 clips: IS_c3d)
   P/R     Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric", arXiv:1904.06991
           f(phi, Phi) = 1 if ||phi - phi'|| <= ||phi' - NN_k(phi')|| for some phi' in Phi    (Eq. 1)
           precision = mean_{phi_g} f(phi_g, Phi_r),  recall = mean_{phi_r} f(phi_r, Phi_g)  (Eq. 2), k = 3
@@ -35,6 +36,9 @@ import torch
 import torch.nn.functional as F
 
 METRICS = ('fid', 'kid', 'is', 'pr')
+# The video IS of TGANv2 (Saito et al. 2020; its scripts/compute_inception_score.py): one score per set of 2048
+# generated clips, mean and std over 10 sets. C3D's UCF-101 logits give IS_c3d (c3d.py).
+VIDEO_IS_SET_SIZE = 2048
 
 
 def to_unit_float(x):
@@ -173,15 +177,21 @@ def kid(feats_a, feats_b, num_subsets=100, subset_size=1000, degree=3, coef0=1.0
 # ----------------------------------------------------------------------------------------------------
 # Inception Score (Salimans et al. 2016)
 
-def inception_score(logits, splits=10):
+def inception_score(logits, splits=10, split_size=None):
     """IS = exp(E_x KL(p(y|x) || p(y))), p(y) the mean prediction within each split; mean and std.
 
     Feed it the 1008 logits of inception.FIDInceptionV3 (return_logits=True). Bounds: 1 (every prediction is the
-    same) to the number of classes (confident and evenly spread predictions).
+    same) to the number of classes (confident and evenly spread predictions). split_size: splits of that many
+    samples instead (a shorter tail is dropped; fewer samples than that make one split), as the video IS of TGANv2
+    scores sets of VIDEO_IS_SET_SIZE clips.
     """
     logits = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
+    if split_size is not None and len(logits) >= split_size:
+        parts = logits[:len(logits) // split_size * split_size].split(split_size)
+    else:
+        parts = torch.chunk(logits, 1 if split_size is not None else splits)
     scores = []
-    for part in torch.chunk(logits, splits):
+    for part in parts:
         log_p_yx = F.log_softmax(part, dim=1)  # log p(y|x), (n, K)
         log_p_y = torch.logsumexp(log_p_yx, dim=0) - math.log(len(part))  # log of the marginal p(y), (K,)
         kl = (log_p_yx.exp() * (log_p_yx - log_p_y)).sum(1)  # KL(p(y|x) || p(y)) per image
@@ -343,6 +353,8 @@ def compute_metrics(fake_feats, ref_stats, fake_logits=None, metrics=METRICS, ne
         results[name('kid')], results[name('kid') + '_std'] = kid(fake_feats, ref_feats, subset_size=kid_subset_size)
     if 'is' in metrics and fake_logits is not None and network.split('/')[0] == 'inception':
         results[name('is')], results[name('is') + '_std'] = inception_score(fake_logits)
+    if 'is' in metrics and fake_logits is not None and network == 'c3d':   # the video IS (TGAN; c3d.py)
+        results[name('is')], results[name('is') + '_std'] = inception_score(fake_logits, split_size=VIDEO_IS_SET_SIZE)
     if 'pr' in metrics and ref_feats is not None:
         n = min(len(fake_feats), len(ref_feats), 10000)  # O(n^2) distances: cap the sample count
         pr = precision_recall(ref_feats[:n], fake_feats[:n])
