@@ -42,7 +42,7 @@ def train_step(run, micro_batches, args):
 
 def main(args):
     # Setup: flags, processes, run folder; the images and one caption each, tokenized once.
-    runs.check_flags(args, check_text_args)
+    check_args(args)
     setup = runs.start_run(args)
     device, is_main = setup.device, setup.is_main
     dataset, train_index, val_index = runs.load_training_data(args)
@@ -173,6 +173,11 @@ def parse_args(argv=None):
     g.add_argument('--sample-steps', type=int, default=20, help='Euler steps of the grids')
     g.add_argument('--guidance', type=float, default=3.0, help='classifier-free guidance weight of the grids')
     return p.parse_args(argv)
+
+
+def check_args(args):
+    """Every flag checked before the dataset is read: one message listing all problems (runs.check_flags)."""
+    runs.check_flags(args, check_text_args)
 
 
 def check_text_args(args, need):
