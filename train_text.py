@@ -55,6 +55,11 @@ def main(args):
         raise SystemExit(f'error: {e}') from None
     tokenizer = captions.Tokenizer.build(texts)
     ids, _ = tokenizer.encode(texts)                                             # (N, L)
+    if args.exclude:              # combinations never seen in training (e.g. 'red triangle'), to test generalisation
+        unseen = lambda text: any(set(captions.words(e)) <= set(captions.words(text)) for e in args.exclude)
+        train_index = torch.tensor([i for i in train_index.tolist() if not unseen(texts[i])], dtype=torch.long)
+        if not len(train_index):
+            raise SystemExit(f'error: --exclude {args.exclude} leaves no training images')
     config = make_config(args, dataset, tokenizer)
 
     # Setup model: the text encoder and the image network as one module, so the harness trains, EMAs and saves both.
@@ -145,7 +150,7 @@ def make_config(args, dataset, tokenizer):
     net = sample_text.backbone_config(args.model, name, dataset.resolution, dataset.channels, text['width'], text['width'])
     shift = args.shift if args.shift is not None else dataset.resolution / args.shift_base   # sqrt(m / n), m = R^2
     diffusion = {'prediction': 'flow', 'logit_mean': args.logit_mean, 'logit_std': args.logit_std, 'shift': shift}
-    data_config = dict(checkpoints.data_config(args.dataset, dataset), captions=args.dataset)
+    data_config = dict(checkpoints.data_config(args.dataset, dataset), captions=args.dataset, excluded=list(args.exclude))
     return checkpoints.make_config('text', args.model, name, net, data_config, diffusion, text=text,
                                    tokenizer=tokenizer.config())
 
@@ -164,6 +169,8 @@ def parse_args(argv=None):
                    + ', '.join(f'{m} {c}' for m, c in sample_text.DEFAULT_CONFIG.items()) + ')')
     g.add_argument('--text-config', default='tiny', choices=list(textenc.TEXT_CONFIGS), help='text encoder size')
     g.add_argument('--freeze-text', action='store_true', help='keep the text encoder at its random initialisation')
+    g.add_argument('--exclude', action='append', default=[], metavar='WORDS',
+                   help='leave out training images whose caption has every word of WORDS (repeatable), e.g. "red triangle"')
     g.add_argument('--p-uncond', type=float, default=0.1, help='caption dropout, for classifier-free guidance')
     g.add_argument('--logit-mean', type=float, default=0.0, help='m of the logit-normal t (SD3 Eq. 19)')
     g.add_argument('--logit-std', type=float, default=1.0, help='s of the logit-normal t')
