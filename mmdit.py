@@ -15,7 +15,7 @@ streams meet in one *joint attention* over the concatenated sequence, so informa
   o = softmax([q_text; q_img] [k_text; k_img]^T / sqrt(d_head)) [v_text; v_img]    (joint attention, Fig. 2b)
   h_s = h_s + gate_s1 * Proj_s(o_s);   h_s = h_s + gate_s2 * MLP_s(LN(h_s) (1 + scale_s2) + shift_s2)
 
-QK-normalisation (Sec. 5.3.1): RMSNorm with a learned scale on every query and key (per head) before the dot
+QK-normalisation (Sec. 5.3, 'QK-normalization'): RMSNorm with a learned scale on every query and key (per head) before the dot
 product, which keeps attention logits from growing without bound in mixed precision at high resolution.
 Positions: the image tokens get the fixed 2-D sin-cos table of DiT/MAE (dit.py's layout, column half first), as
 SD3's reference code does (it crops a larger table; one grid here); the text tokens arrive with the text encoder's
@@ -148,7 +148,7 @@ class MMDiTBlock(nn.Module):
                  hidden_size,             # token width d of both streams
                  num_heads,               # attention heads
                  mlp_ratio=4.0,           # MLP hidden width / d
-                 qk_norm=True,            # RMSNorm on queries and keys (Sec. 5.3.1)
+                 qk_norm=True,            # RMSNorm on queries and keys (Sec. 5.3)
                  context_pre_only=False):  # the last block: the text stream only feeds attention
         super().__init__()
         self.context = StreamLayers(hidden_size, num_heads, mlp_ratio, qk_norm, pre_only=context_pre_only)
@@ -181,7 +181,7 @@ class MMDiT(nn.Module):
                  mlp_ratio=4.0,           # MLP width / d
                  context_dim=64,          # width of the text encoder's tokens
                  pooled_dim=64,           # width of the pooled caption vector (0 = none)
-                 qk_norm=True,            # QK-normalisation (Sec. 5.3.1)
+                 qk_norm=True,            # QK-normalisation (Sec. 5.3)
                  freq_dim=256):           # width of the sinusoidal timestep features
         super().__init__()
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
@@ -245,7 +245,7 @@ class MMDiT(nn.Module):
         return torch.einsum('nhwpqc->nchpwq', out).reshape(N, self.in_channels, H, W)
 
 
-# SD3's family: hidden = 64 * depth, heads = depth (Sec. 5.1). 'tiny' is a CPU size for tests and demos.
+# SD3 sizes its models by depth d: width 64 d and d heads. 'tiny' (width 64, 4 heads) is a CPU size for tests.
 MMDIT_CONFIGS = {'MMDiT-tiny/2': dict(depth=2, hidden_size=64, num_heads=4, patch_size=2),
                  'MMDiT-2/2': dict(depth=2, hidden_size=128, num_heads=2, patch_size=2),
                  'MMDiT-4/2': dict(depth=4, hidden_size=256, num_heads=4, patch_size=2),

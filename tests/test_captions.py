@@ -83,6 +83,9 @@ def test_shape_captions_agree_with_the_pixels():
     assert {c.split()[1] for c in generated} == {'small', 'large'}
     assert {c.split()[3] for c in generated} == set(data.SHAPE_CLASSES)
     assert len({' '.join(c.split()[4:]) for c in generated}) == 9
+    # The fixed vocabulary holds every word the generators say (no caption becomes <unk>).
+    tok = captions.Tokenizer(captions.base_vocabulary())
+    assert not [w for c in generated + captions.class_captions(range(10), tuple('0123456789')) for w in tok.unknown_words(c)]
 
 
 def test_video_captions_say_the_motion_the_frames_show():
