@@ -15,8 +15,8 @@ streams meet in one *joint attention* over the concatenated sequence, so informa
   o = softmax([q_text; q_img] [k_text; k_img]^T / sqrt(d_head)) [v_text; v_img]    (joint attention, Fig. 2b)
   h_s = h_s + gate_s1 * Proj_s(o_s);   h_s = h_s + gate_s2 * MLP_s(LN(h_s) (1 + scale_s2) + shift_s2)
 
-QK-normalisation (Sec. 5.3, 'QK-normalization'): RMSNorm with a learned scale on every query and key (per head) before the dot
-product, which keeps attention logits from growing without bound in mixed precision at high resolution.
+QK-normalisation (Sec. 5.3, 'QK-normalization'): RMSNorm with a learned scale on every query and key (per head)
+before the dot product, which keeps attention logits from growing without bound in mixed precision at high resolution.
 Positions: the image tokens get the fixed 2-D sin-cos table of DiT/MAE (dit.py's layout, column half first), as
 SD3's reference code does (it crops a larger table; one grid here); the text tokens arrive with the text encoder's
 own learned positions. (Flux uses 2-D RoPE instead; not implemented here.)
@@ -187,17 +187,19 @@ class MMDiT(nn.Module):
         self.config = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
                            context_dim=context_dim, pooled_dim=pooled_dim, qk_norm=qk_norm, freq_dim=freq_dim)
-        self.patch_size, self.in_channels, self.freq_dim, self.hidden_size = patch_size, in_channels, freq_dim, hidden_size
+        self.patch_size, self.in_channels = patch_size, in_channels
+        self.freq_dim, self.hidden_size = freq_dim, hidden_size
         self.x_embedder = nn.Conv2d(in_channels, hidden_size, patch_size, stride=patch_size)
         grid = input_size // patch_size
         self.register_buffer('pos_embed', torch.from_numpy(sincos_pos_embed_2d(hidden_size, grid, grid))[None],
                              persistent=False)
         self.context_embedder = nn.Linear(context_dim, hidden_size)
-        self.t_embedder = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.t_embedder = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(),
+                                        nn.Linear(hidden_size, hidden_size))
         self.y_embedder = nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(),
                                         nn.Linear(hidden_size, hidden_size)) if pooled_dim else None
-        self.blocks = nn.ModuleList(MMDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, context_pre_only=i == depth - 1)
-                                    for i in range(depth))
+        self.blocks = nn.ModuleList(MMDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm,
+                                               context_pre_only=i == depth - 1) for i in range(depth))
         self.final_norm = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.final_adaLN = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
         self.final_linear = nn.Linear(hidden_size, patch_size * patch_size * in_channels)
@@ -270,8 +272,9 @@ if __name__ == '__main__':
     # Both ways: the image depends on the text, and a masked (padding) token changes nothing.
     padded = context.clone()
     padded[0, 3:] = 7.0
-    print('padding ignored:', torch.allclose(net(x, t, context=padded, context_mask=mask, pooled=context[:, 0])[0], out[0], atol=1e-5))
-    print('text changes the image by', f'{(net(x, t, context=context.flip(0), context_mask=mask, pooled=context[:, 0]) - out).abs().max():.3f}')
+    run = lambda ctx: net(x, t, context=ctx, context_mask=mask, pooled=context[:, 0])
+    print('padding ignored:', torch.allclose(run(padded)[0], out[0], atol=1e-5))
+    print('text changes the image by', f'{(run(context.flip(0)) - out).abs().max():.3f}')
     # The timestep shift: 4x the pixels -> alpha = 2, and sigma = t / (1 - t) doubles exactly.
     t_n = torch.linspace(0.1, 0.9, 5)
     t_m = time_shift(t_n, shift_alpha(64 * 64, 32 * 32))

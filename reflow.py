@@ -100,7 +100,8 @@ def train_flow(model, pairs, steps=2000, batch=512, lr=2e-3, seed=0, t_fixed=Non
         for group in opt.param_groups:
             group['lr'] = lr * (0.1 + 0.45 * (1 + math.cos(math.pi * step / steps)))
         x0, x1 = pairs(batch, g)
-        t = torch.rand(batch, generator=g, dtype=x0.dtype) if t_fixed is None else torch.full((batch,), float(t_fixed), dtype=x0.dtype)
+        t = torch.rand(batch, generator=g, dtype=x0.dtype) if t_fixed is None else \
+            torch.full((batch,), float(t_fixed), dtype=x0.dtype)
         loss = flow_loss(model, x0, x1, t).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()

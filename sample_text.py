@@ -60,7 +60,8 @@ def backbone_config(model, name, resolution, channels, context_dim, pooled_dim):
     if name not in configs:
         raise SystemExit(f"error: --config {name!r} is not a {model} configuration; choose from {', '.join(configs)}")
     if model == 'mmdit':
-        net = dict(configs[name], input_size=resolution, in_channels=channels, context_dim=context_dim, pooled_dim=pooled_dim)
+        net = dict(configs[name], input_size=resolution, in_channels=channels, context_dim=context_dim,
+                   pooled_dim=pooled_dim)
     elif model == 'dit':
         net = dict(configs[name], input_size=resolution, in_channels=channels, num_classes=0, context_dim=context_dim)
     else:
@@ -84,7 +85,8 @@ def check_text_config(config, path):
     """The keys this program reads, each checked: a damaged or foreign file is a message, not a KeyError."""
     problems = []
     if config.get('task') != 'text' or config.get('model') not in BACKBONES:
-        problems.append(f"task/model are {config.get('task')!r}/{config.get('model')!r}, not 'text'/one of {list(BACKBONES)}")
+        problems.append(f"task/model are {config.get('task')!r}/{config.get('model')!r}, "
+                        f"not 'text'/one of {list(BACKBONES)}")
     for key in ('net', 'text', 'tokenizer', 'diffusion', 'data'):
         if not isinstance(config.get(key), dict):
             problems.append(f'config.{key} is missing or not a dict')

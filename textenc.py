@@ -142,7 +142,8 @@ if __name__ == '__main__':
     enc = TextEncoder(vocab_size=20, max_len=6)
     ids = torch.tensor([[BOS, 5, 6, 7, PAD, PAD], [BOS, 5, 6, 8, PAD, PAD], [BOS, 5, 6, 7, PAD, PAD]])
     tokens, pooled = enc(ids)
-    print(f'tokens {tuple(tokens.shape)}, pooled {tuple(pooled.shape)}; {sum(p.numel() for p in enc.parameters())} parameters')
+    print(f'tokens {tuple(tokens.shape)}, pooled {tuple(pooled.shape)}; '
+          f'{sum(p.numel() for p in enc.parameters())} parameters')
     # Padding is ignored: changing a padded position's id changes nothing.
     other = ids.clone()
     other[0, 5] = 9
