@@ -218,14 +218,15 @@ FILE_SIGNATURES = ((b'\x89PNG', 'a PNG image'), (b'\xff\xd8\xff', 'a JPEG image'
                    (b'\x93NUMPY', 'a NumPy .npy array'), (b'\x1f\x8b', 'a gzip archive'), (b'{', 'a JSON/text file'))
 # Which task a caller may expect (load_checkpoint / load_model expect=), and which program writes each task.
 EXPECT = {'diffusion': ('diffusion', 'superres'), 'base': ('diffusion',), 'superres': ('superres',),
-          'classifier': ('classifier',), 'autoencoder': ('autoencoder',), 'discrete': ('discrete',)}
+          'classifier': ('classifier',), 'autoencoder': ('autoencoder',), 'discrete': ('discrete',), 'text': ('text',)}
 WRITTEN_BY = {'diffusion': 'a diffusion model (train.py)', 'superres': 'a super-resolution stage (train.py --task superres)',
               'classifier': 'a classifier checkpoint (train_classifier.py)',
               'autoencoder': 'an autoencoder checkpoint (train_autoencoder.py)',
-              'discrete': 'a discrete token model (train_discrete.py)'}
+              'discrete': 'a discrete token model (train_discrete.py)',
+              'text': 'a text-to-image model (train_text.py)'}
 WANTED = {'diffusion': 'a diffusion model', 'base': 'a diffusion model that samples from noise alone',
           'superres': 'a super-resolution stage', 'classifier': 'a classifier', 'autoencoder': 'an autoencoder',
-          'discrete': 'a discrete token model'}
+          'discrete': 'a discrete token model', 'text': 'a text-to-image model'}
 TASK_MODELS = {'diffusion': ('unet', 'dit', 'edm2'), 'superres': ('unet', 'dit'), 'classifier': ('classifier',),
                'autoencoder': ('autoencoder',)}   # 'discrete' is checked by sample_discrete.check_discrete_config
 # A config is refused before anything is built when its network would exceed this many parameters (8 GB of
@@ -305,8 +306,8 @@ def config_problem(config, ckpt=None):
         return f"config.task is {task!r}; known: {', '.join(WRITTEN_BY)}"
     if ckpt is not None and 'step' in ckpt and not (_number(ckpt['step'], True) and 0 <= ckpt['step'] <= MAX_STEP):
         return f"step is {ckpt['step']!r}; a training step is a whole number from 0 to {MAX_STEP:.0e}"
-    if task == 'discrete':
-        return None                                              # sample_discrete.check_discrete_config reads the rest
+    if task in ('discrete', 'text'):
+        return None                     # sample_discrete.check_discrete_config / sample_text.check_text_config read the rest
     model, net = config.get('model'), config.get('net')
     if model not in TASK_MODELS[task]:
         return f"config.model is {model!r}, but a {task} checkpoint holds a {' or '.join(TASK_MODELS[task])}"

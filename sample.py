@@ -836,9 +836,12 @@ def reject_samples(args, make, labels, clean_log_prob):
 if __name__ == '__main__':
     import sys
     import sample_discrete                 # a train_discrete.py checkpoint: sampled by its own program (discrete.py)
+    import sample_text                     # --prompt, or a train_text.py checkpoint: text-to-image (sample_text.py)
     try:
         if sample_discrete.is_discrete_argv(sys.argv[1:]):
             sample_discrete.main(sample_discrete.parse_args(sys.argv[1:]))
+        elif sample_text.is_text_argv(sys.argv[1:]):
+            sample_text.main(sample_text.parse_args(sys.argv[1:]))
         else:
             main(parse_args())
     except KeyboardInterrupt:                    # Ctrl-C outside the sampling loop (loading, writing): one line

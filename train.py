@@ -523,7 +523,10 @@ def check_superres_args(args, need):
 
 
 def other_program(argv):
-    """`--task autoencoder|classifier|discrete` in argv: (path of train_<task>.py, argv without the --task flag), else None."""
+    """`--task autoencoder|classifier|discrete` in argv: (path of train_<task>.py, argv without the --task flag), else None.
+    `--captions`: text-to-image training, train_text.py (captions.py, textenc.py, mmdit.py)."""
+    if '--captions' in argv:
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), 'train_text.py'), [a for a in argv if a != '--captions']
     for i, a in enumerate(argv):
         task = argv[i + 1] if a == '--task' and i + 1 < len(argv) else a[len('--task='):] if a.startswith('--task=') else None
         if task in ('autoencoder', 'classifier', 'discrete'):
