@@ -70,22 +70,29 @@ def check_args(args):
         raise SystemExit('error: ' + '\n       '.join(problems))
 
 
-def main(args):
-    check_args(args)
-    net, diffusion, config = load_model(args.ckpt, args.device)
-    if config['data'].get('frames') or config.get('task', 'diffusion') != 'diffusion':
-        raise SystemExit('error: fit_schedule.py fits image diffusion models (not videos, stages or classifiers)')
-    # The model's ODE as sample.generate integrates it: its classes cycled, guided with the weight it samples with.
+def model_ode(ckpt, guidance, n_paths, device='cpu'):
+    """(denoiser, cond, w, diffusion, config): the probability-flow ODE that sample.generate integrates for n_paths
+    samples of this checkpoint: its classes cycled (0, 1, ..., as sample.py's grid), classifier-free guidance with
+    weight w (None: the run's own; 1 for an unconditional model), no augmentation conditioning."""
+    net, diffusion, config = load_model(ckpt, device)
+    if config['data'].get('frames') or config.get('task', 'diffusion') != 'diffusion' or config.get('superres'):
+        raise SystemExit('error: a schedule is fitted for an image diffusion model (not a video, SR stage or classifier)')
     denoiser, cond, classes = diffusion.denoiser(net), {}, config['data']['num_classes']
-    w = args.guidance if args.guidance is not None else config.get('args', {}).get('guidance', 1.0)
+    w = guidance if guidance is not None else config.get('args', {}).get('guidance', 1.0)
     if classes:
-        cond['y'] = (torch.arange(args.paths) % classes).to(args.device)
+        cond['y'] = (torch.arange(n_paths) % classes).to(device)
         if w != 1:
             denoiser = ClassifierFreeGuidance(denoiser, w=w, null_class=classes)
     else:
         w = 1.0
     if config['net'].get('aug_dim'):
-        cond['aug_cond'] = torch.zeros(args.paths, config['net']['aug_dim'], device=args.device)
+        cond['aug_cond'] = torch.zeros(n_paths, config['net']['aug_dim'], device=device)
+    return denoiser, cond, w, diffusion, config
+
+
+def main(args):
+    check_args(args)
+    denoiser, cond, w, diffusion, config = model_ode(args.ckpt, args.guidance, args.paths, args.device)
     n = samplers.steps_for_nfe(args.sampler, args.nfe)
     print(f'fitting {n} noise levels of {args.sampler} ({args.nfe} NFE) to {args.ckpt}, guidance {w:g}, '
           f'{args.paths} noise draws (seed {args.seed}), sigma {diffusion.sigma_max:g} -> {diffusion.sigma_min:g}')
