@@ -12,8 +12,8 @@ cycled (as sample.py's grid), with the guidance weights asked for (each weight i
 
     python benchmarks/ode_error.py --ckpt runs/mnist/ckpt.pt --guidance 1 2 --json runs/ode_mnist.json
     python benchmarks/ode_error.py --plot runs/ode_*.json --out docs/fitted_ode_error.png
-    python benchmarks/ode_error.py --grids runs/mnist/ckpt.pt runs/default/ckpt.pt --out docs/fitted_grids.png
-    python benchmarks/ode_error.py --sample-metric runs/mnist/ckpt.pt --guidance 2 --json runs/metric_mnist.json
+    python benchmarks/ode_error.py --grids runs/ode_mnist.json runs/ode_default.json --out docs/fitted_grids.png
+    python benchmarks/ode_error.py --sample-metric runs/ode_mnist.json --json runs/metric_mnist.json
 """
 import argparse
 import json
@@ -37,9 +37,9 @@ def rms(a, b):
     return ((a - b) ** 2).mean().sqrt().item()
 
 
-def fit_budget(n):
-    """Sampler runs for a fit of n levels: about 1,600 denoiser calls on the paths (a few CPU minutes here)."""
-    return max(40, min(320, 1600 // n))
+def fit_budget(n, evals=1600):
+    """Sampler runs for a fit of n levels: about `evals` denoiser calls on the paths (a few CPU minutes here)."""
+    return max(20, min(320, evals // n))
 
 
 @torch.no_grad()
@@ -55,10 +55,10 @@ def measure(ckpt, w, args):
     ref_seconds = time.process_time() - t0
     print(f'{ckpt} w={w:g}: references in {ref_seconds:.0f} CPU s; floor {floor:.2e} (held-out), {floor_fit:.2e} (fit)')
     fits = {}
-    for nfe in args.nfe:
+    for nfe in args.fit_nfe or args.nfe:
         n = samplers.steps_for_nfe(args.fit_sampler, nfe)
         sigmas, info = fit_schedule(denoiser, shape, n, args.fit_sampler, cond, lo, hi, seed=args.fit_seed,
-                                    n_paths=args.paths, max_evals=fit_budget(n), reference=(ref_fit, floor_fit),
+                                    n_paths=args.paths, max_evals=fit_budget(n, args.fit_evals), reference=(ref_fit, floor_fit),
                                     progress=True, return_info=True)
         print(f"  fit n={n}: {info['karras_error']:.3e} -> {info['fitted_error']:.3e} on its own noise, "
               f"{info['sampler_runs']} runs, {info['cpu_seconds']:.0f} CPU s; sigmas "
@@ -94,78 +94,86 @@ def print_table(r):
                 name = solver + (' (ours)' if solver in OURS else '')
                 print(f'| {name} | {sched} | ' + ' | '.join('-' if c is None else f'{c:.2e}' for c in cells) + ' |')
     best_pub = [min(e[f'{s}|karras|{n}'] for s in PUBLISHED) for n in nfes]
-    best_ours = [min(e[k] for k in e if k.endswith(f'|fitted|{n}') and k.split('|')[0] in OURS) for n in nfes]
-    print('| best ours, fitted / best published, Karras | | ' + ' | '.join(f'{o / p:.2f}' for o, p in
+    best_ours = [min([e[k] for k in e if k.endswith(f'|fitted|{n}') and k.split('|')[0] in OURS] or [None]) for n in nfes]
+    print('| best ours, fitted / best published, Karras | | ' + ' | '.join('-' if o is None else f'{o / p:.2f}' for o, p in
                                                                          zip(best_ours, best_pub)) + ' |')
 
 
 def plot(records, out):
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(records), figsize=(4.2 * len(records), 3.8), squeeze=False)
-    for ax, r in zip(axes[0], records):
+    """One panel per model (plots.draw_chart, PIL): the best published solver on Karras and on the fitted schedule,
+    eps_abm on both, DPM-Solver++(2M) on both, and the reference floor; log error against NFE."""
+    from PIL import Image, ImageDraw
+    import plots
+    w, h = 420, 320
+    img = Image.new('RGB', (w * len(records), h), 'white')
+    draw = ImageDraw.Draw(img)
+    for k, r in enumerate(records):
         nfes, e = r['nfe'], r['errors']
-        for k, solver in enumerate(PUBLISHED + OURS):
-            color = f'C{k}'
-            for sched, style in (('karras', '-'), ('fitted', '--')):
-                ys = [e.get(f'{solver}|{sched}|{n}') for n in nfes]
-                if all(y is not None for y in ys):
-                    ax.plot(nfes, ys, style, color=color, marker='o' if solver in OURS else '.',
-                            lw=2 if solver in OURS else 1, label=f'{solver} ({sched})')
-        ax.axhline(r['floor'], color='k', lw=0.8, ls=':', label='reference floor')
-        ax.set(xscale='log', yscale='log', xlabel='NFE', title=f"{r['dataset']}{' latent' if r['latent'] else ''}, "
-               f"w={r['guidance']:g}", xticks=nfes, xticklabels=[str(n) for n in nfes])
-    axes[0][0].set_ylabel('RMS distance to the converged ODE solution')
-    axes[0][-1].legend(fontsize=6, loc='lower left', ncol=2)
-    fig.suptitle('solid: Karras schedule, dashed: schedule fitted (for eps_abm) on other noise', fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+        best = lambda sched, n: min([e[f'{s}|{sched}|{n}'] for s in PUBLISHED if f'{s}|{sched}|{n}' in e] or [None])
+        series = {'best publ., Karras': (nfes, [best('karras', n) for n in nfes]),
+                  'best publ., fitted': (nfes, [best('fitted', n) for n in nfes]),
+                  'eps_abm, Karras': (nfes, [e.get(f'eps_abm|karras|{n}') for n in nfes]),
+                  'eps_abm, fitted': (nfes, [e.get(f'eps_abm|fitted|{n}') for n in nfes]),
+                  'dpmpp_2m, Karras': (nfes, [e.get(f'dpmpp_2m|karras|{n}') for n in nfes]),
+                  'dpmpp_2m, fitted': (nfes, [e.get(f'dpmpp_2m|fitted|{n}') for n in nfes]),
+                  'reference floor': (nfes, [r['floor']] * len(nfes))}
+        title = f"{r['dataset']}{' latent' if r['latent'] else ''}, w={r['guidance']:g}: RMS error vs NFE"
+        plots.draw_chart(draw, (k * w, 0, (k + 1) * w, h), series, title, log_y=True)
+    img.save(out)
     print(f'wrote {out}')
 
 
 @torch.no_grad()
-def grids(ckpts, out, guidance, paths=10):
-    """Samples at 5 and 10 NFE (eps_abm) on Karras and fitted schedules from the same noise, beside the reference."""
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
+def grids(records, out, paths=10):
+    """Samples at 5 and 10 NFE (eps_abm) on Karras's and the fitted schedules (the records' fits) from the same
+    held-out noise, beside the converged reference: one row per record, five panels of paths images each."""
+    from PIL import Image, ImageDraw
     rows = []
-    for ckpt in ckpts:
-        denoiser, cond, w, diffusion, config = model_ode(ckpt, guidance, paths)
+    for r in records:
+        denoiser, cond, w, diffusion, config = model_ode(r['ckpt'], r['guidance'], paths)
         shape, lo, hi = sample_shape(config), diffusion.sigma_min, diffusion.sigma_max
         decode = latent_decoder(config) or (lambda z: z)
         x = draw_noise(shape, paths, 1, hi)
         ref, _ = reference_solutions(denoiser, x, lo, hi, cond, 128)
-        panels = [('reference (converged ODE)', ref)]
+        panels = [('reference', ref)]
         for nfe in (5, 10):
-            fitted = fit_schedule(denoiser, shape, nfe, 'eps_abm', cond, lo, hi, seed=0, max_evals=fit_budget(nfe),
-                                  ref_steps=128, progress=True).float()
+            fitted = torch.tensor(r['fits'][str(nfe)]['sigmas'], dtype=torch.float32)
             for name, sigmas in (('Karras', samplers.karras_sigmas(nfe, lo, hi)), ('fitted', fitted)):
-                panels.append((f'{nfe} NFE, {name}', samplers.SAMPLERS['eps_abm'](denoiser, x.clone(), sigmas, cond=cond)))
-        rows.append((f"{config['data']['dataset']} w={w:g}", [(t, decode(p).clamp(-1, 1)) for t, p in panels]))
-    fig, axes = plt.subplots(len(rows), 5, figsize=(13, 1.9 * len(rows) + 0.4), squeeze=False)
-    for row_axes, (label, panels) in zip(axes, rows):
-        for ax, (title, imgs) in zip(row_axes, panels):
-            strip = torch.cat(list((imgs + 1) / 2), dim=-1)               # (C, H, paths * W)
-            top, bottom = strip[..., :strip.shape[-1] // 2], strip[..., strip.shape[-1] // 2:]
-            grid = torch.cat([top, bottom], dim=-2).permute(1, 2, 0).squeeze(-1).numpy()
-            ax.imshow(grid, cmap='gray', vmin=0, vmax=1)
-            ax.set_title(f'{label}: {title}' if ax is row_axes[0] else title, fontsize=8)
-            ax.axis('off')
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
+                panels.append((f'{nfe} NFE {name}', samplers.SAMPLERS['eps_abm'](denoiser, x.clone(), sigmas, cond=cond)))
+        label = f"{r['dataset']}{' latent' if r['latent'] else ''} w={w:g}"
+        rows.append((label, [(t, decode(p).clamp(-1, 1)) for t, p in panels]))
+    tiles = []
+    for label, panels in rows:                                   # each panel: paths images in 2 rows
+        row = []
+        for title, imgs in panels:
+            imgs = ((imgs + 1) * 127.5).round().byte().expand(-1, 3, -1, -1) if imgs.shape[1] == 1 else \
+                ((imgs + 1) * 127.5).round().byte()
+            half = (len(imgs) + 1) // 2
+            grid = torch.cat([torch.cat(list(imgs[:half]), -1), torch.cat(list(imgs[half:2 * half]), -1)], -2)
+            row.append((f'{label}: {title}' if not row else title, Image.fromarray(grid.permute(1, 2, 0).numpy())))
+        tiles.append(row)
+    scale, gap, head = 2, 8, 14
+    tw, th = tiles[0][0][1].width * scale, tiles[0][0][1].height * scale
+    img = Image.new('RGB', (5 * (tw + gap), len(tiles) * (th + head + gap)), 'white')
+    draw = ImageDraw.Draw(img)
+    for i, row in enumerate(tiles):
+        for j, (title, tile) in enumerate(row):
+            x0, y0 = j * (tw + gap), i * (th + head + gap)
+            draw.text((x0 + 2, y0), title, fill=(0, 0, 0))
+            img.paste(tile.resize((tw, th), Image.NEAREST), (x0, y0 + head))
+    img.save(out)
     print(f'wrote {out}')
 
 
 @torch.no_grad()
-def sample_metric(ckpt, w, args):
+def sample_metric(r, args):
     """Class accuracy of a LeNet trained on the model's data (checked on held-out real images) and the Frechet
     distance of its features (evaluate.frechet_distance) to held-out real images, for eps_abm on the fitted schedule
-    at 10 NFE against the published solvers on Karras at 10, 20 and 35 NFE, from the same noises and classes."""
+    at 10 NFE against the published solvers on Karras at 10 and 20 NFE (--metric-nfe), from the same noises and classes."""
     import data
     import evaluate
     from sample import generate, load_model
+    ckpt, w = r['ckpt'], r['guidance']
     net, diffusion, config = load_model(ckpt)
     d, trained = config['data'], config['args']
     ds = data.load_dataset(d['dataset'], data_dir=trained.get('data_dir'), split=trained.get('split', 'train'),
@@ -178,12 +186,10 @@ def sample_metric(ckpt, w, args):
     print(f"LeNet: {(logits.argmax(1) == y[test]).float().mean():.3f} on {len(test)} held-out real images")
     real_stats = (real_feats.mean(0).double().numpy(), torch.cov(real_feats.T).double().numpy())
     labels = torch.arange(d['num_classes']).repeat_interleave(args.per_class)
-    denoiser, cond, w, _, _ = model_ode(ckpt, w, args.paths)
-    fitted = fit_schedule(denoiser, sample_shape(config), 10, 'eps_abm', cond, diffusion.sigma_min, diffusion.sigma_max,
-                          max_evals=fit_budget(10), ref_steps=args.ref_steps, progress=True)
-    runs = [('eps_abm (ours), fitted', 'eps_abm', 10, fitted.float())]
+    fitted = torch.tensor(r['fits']['10']['sigmas'], dtype=torch.float32)
+    runs = [('eps_abm (ours), fitted', 'eps_abm', 10, fitted)]
     for solver in args.metric_solvers:
-        for nfe in (10, 20, 35):
+        for nfe in args.metric_nfe:
             n = samplers.steps_for_nfe(solver, nfe)
             runs.append((f'{solver}, Karras', solver, nfe, samplers.karras_sigmas(n, diffusion.sigma_min, diffusion.sigma_max)))
     results = []
@@ -211,19 +217,23 @@ def main():
     p.add_argument('--ref-steps', type=int, default=256)
     p.add_argument('--json', default=None, help='save the measurements here')
     p.add_argument('--plot', nargs='+', default=None, metavar='JSON', help='plot saved measurements to --out')
-    p.add_argument('--grids', nargs='+', default=None, metavar='CKPT', help='sample grids to --out')
-    p.add_argument('--sample-metric', default=None, metavar='CKPT', help='class accuracy and FD_lenet at 10 NFE fitted')
+    p.add_argument('--grids', nargs='+', default=None, metavar='JSON', help='sample grids of measured models to --out')
+    p.add_argument('--sample-metric', default=None, metavar='JSON', help='class accuracy and FD_lenet at 10 NFE, '
+                   "the records' fitted schedules")
+    p.add_argument('--fit-nfe', type=int, nargs='+', default=None, help='fit at these NFE only (default: all --nfe)')
+    p.add_argument('--fit-evals', type=int, default=1600, help='denoiser calls (per path) each fit may spend')
     p.add_argument('--per-class', type=int, default=50)
     p.add_argument('--metric-solvers', nargs='+', default=['dpmpp_2m', 'deis_tab'])
+    p.add_argument('--metric-nfe', type=int, nargs='+', default=[10, 20])
     p.add_argument('--out', default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     if args.plot:
         return plot([r for f in args.plot for r in json.load(open(f))], args.out)
     if args.grids:
-        return grids(args.grids, args.out, args.guidance[0])
+        return grids([r for f in args.grids for r in json.load(open(f))], args.out)
     if args.sample_metric:
-        records = [sample_metric(args.sample_metric, w, args) for w in args.guidance]
+        records = [sample_metric(r, args) for r in json.load(open(args.sample_metric))]
     else:
         records = [measure(args.ckpt, w, args) for w in args.guidance]
     if args.json:
