@@ -38,10 +38,10 @@ def parse_args(argv=None):
                    'is samplers.steps_for_nfe(sampler, nfe) (= NFE for the multistep solvers)')
     p.add_argument('--guidance', type=float, default=None, help="classifier-free guidance weight of the ODE (default: "
                    "the run's; 1 = none)")
-    p.add_argument('--paths', type=int, default=32, help='noise draws fitted on')
+    p.add_argument('--paths', type=int, default=24, help='noise draws fitted on')
     p.add_argument('--seed', type=int, default=0, help='seed of those noise draws')
-    p.add_argument('--max-evals', type=int, default=160, help='sampler runs the optimiser may spend')
-    p.add_argument('--ref-steps', type=int, default=256, help='reference solution: Heun with this many levels and '
+    p.add_argument('--max-evals', type=int, default=100, help='sampler runs the optimiser may spend')
+    p.add_argument('--ref-steps', type=int, default=128, help='reference solution: Heun with this many levels and '
                    'DEIS tAB3 with twice as many')
     p.add_argument('--overwrite', action='store_true', help='replace an existing --out')
     p.add_argument('--device', default='cpu')
