@@ -233,13 +233,20 @@ def main():
     if args.grids:
         return grids([r for f in args.grids for r in json.load(open(f))], args.out)
     if args.sample_metric:
-        records = [sample_metric(r, args) for r in json.load(open(args.sample_metric))]
-    else:
-        records = [measure(args.ckpt, w, args) for w in args.guidance]
-    if args.json:
-        with open(args.json, 'w') as f:
+        records = [sample_metric(r, args) for r in json.load(open(args.sample_metric))
+                   if args.guidance == [None] or r['guidance'] in args.guidance]
+        return save(records, args.json)
+    records = []
+    for w in args.guidance:                           # saved after each weight: a long run keeps what it finished
+        records.append(measure(args.ckpt, w, args))
+        save(records, args.json)
+
+
+def save(records, path):
+    if path:
+        with open(path, 'w') as f:
             json.dump(records, f, indent=1)
-        print(f'wrote {args.json}')
+        print(f'wrote {path}')
 
 
 if __name__ == '__main__':
