@@ -165,7 +165,6 @@ def grids(records, out, paths=10):
     print(f'wrote {out}')
 
 
-@torch.no_grad()
 def sample_metric(r, args):
     """Class accuracy of a LeNet trained on the model's data (checked on held-out real images) and the Frechet
     distance of its features (evaluate.frechet_distance) to held-out real images, for eps_abm on the fitted schedule
@@ -182,6 +181,7 @@ def sample_metric(r, args):
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(1))
     test, train = order[:2000], order[2000:]
     clf = evaluate.train_classifier((x[train] + 1) / 2, y[train], d['num_classes'], steps=500)
+    torch.set_grad_enabled(False)                       # the LeNet is trained; from here on only sampling
     real_feats, logits = clf((x[test] + 1) / 2, return_logits=True)
     print(f"LeNet: {(logits.argmax(1) == y[test]).float().mean():.3f} on {len(test)} held-out real images")
     real_stats = (real_feats.mean(0).double().numpy(), torch.cov(real_feats.T).double().numpy())
