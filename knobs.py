@@ -3,7 +3,8 @@ The sampling knobs as command-line flags, shared by sample.py and evaluate.py so
 was sampled: the sigma schedule (Karras et al. 2022, arXiv:2206.00364, Eq. 5; log-linear; the model's own discrete
 steps; the flow's shifted steps, Esser et al. 2024, Eq. 23), the sampler's own options (samplers.py), the guidance
 weight and its schedule over the steps (guidance.py: constant, increasing as Muse, oscillating as Imagen Video,
-an interval as Kynkaanniemi et al. 2024), thresholding (Imagen, Saharia et al. 2022, Sec. 2.3), autoguidance
+an interval as Kynkaanniemi et al. 2024; a schedule fitted to the checkpoint by fit_schedule.py, read from its JSON
+file and refused for another checkpoint or number of steps), thresholding (Imagen, Saharia et al. 2022, Sec. 2.3), autoguidance
 (Karras et al. 2024, arXiv:2406.02507), classifier guidance (Dhariwal & Nichol 2021, arXiv:2105.05233, Alg. 1)
 and rejection sampling.
 
@@ -13,11 +14,14 @@ and rejection sampling.
 
 A solver's options are its own keyword arguments (samplers.py); the network's conditioning travels separately in
 `cond`, so a misspelt option is an error naming it, never something handed to the network.
-Imports samplers.py, guidance.py, checkpoints.py (the classifier and the autoguidance model).
+Imports samplers.py, guidance.py, checkpoints.py (the classifier and the autoguidance model, sha256 of a fitted file).
 """
 import ast
+import json
 import math
 import os
+
+import torch
 
 import samplers
 from checkpoints import load_model
@@ -101,7 +105,7 @@ def parse_sampler_options(items):
 # The sigma schedules sample.py offers by name; make_sigmas maps each to samplers.py's function.
 # The EDM2 ImageNet-512 guidance interval of Kynkaanniemi et al. 2024 as public ports use it (--guidance-interval).
 GUIDANCE_INTERVAL = (0.28, 5.42)
-SCHEDULES = ('karras', 'loglinear', 'vp-leading', 'vp-trailing', 'vp-linspace', 'vp-continuous', 'flow')
+SCHEDULES = ('karras', 'loglinear', 'vp-leading', 'vp-trailing', 'vp-linspace', 'vp-continuous', 'flow', 'fitted')
 # Dedicated flags for the options the papers tune; each fills the sampler's own keyword (any other: --sampler-opt).
 OPTION_FLAGS = {'eta': ('eta',), 's_churn': ('S_churn',), 's_tmin': ('S_tmin',), 's_tmax': ('S_tmax',),
                 's_noise': ('S_noise', 's_noise'), 'snr': ('snr',), 'n_corrector': ('n_corrector',)}
@@ -115,7 +119,9 @@ def add_sampling_flags(p):
     g.add_argument('--schedule', default='karras', choices=SCHEDULES,
                    help="sigma schedule (samplers.py): karras (Karras et al. Eq. 5), loglinear, the model's own "
                         "discrete steps vp-leading|vp-trailing|vp-linspace (DDPM/DDIM models; with --sampler ddpm and "
-                        "--steps T this is exactly the trained Markov chain), vp-continuous, flow")
+                        "--steps T this is exactly the trained Markov chain), vp-continuous, flow, fitted (--schedule-file of fit_schedule.py, fitted to this checkpoint)")
+    g.add_argument('--schedule-file', default=None, metavar='JSON', help='fitted: the schedule fit_schedule.py wrote for '
+                   'this checkpoint (its sigmas; default --sampler and --steps: those it was fitted for)')
     g.add_argument('--rho', type=float, default=None, help='karras: the schedule exponent rho (default 7)')
     g.add_argument('--sigma-max', type=float, default=None, help="start of karras/loglinear; default: the model's "
                    "sigma_max (a lower start is SDEdit/CCDF's shortcut: with --inverse ccdf the solve starts here)")
@@ -193,7 +199,8 @@ def check_sampling_flags(args):
                ('guidance_low', args.guidance_schedule == 'oscillating', '--guidance-schedule oscillating'),
                ('guidance_num_high', args.guidance_schedule == 'oscillating', '--guidance-schedule oscillating'),
                ('guidance_interval', args.guidance_schedule == 'interval', '--guidance-schedule interval'),
-               ('threshold_percentile', args.threshold == 'dynamic', '--threshold dynamic')]
+               ('threshold_percentile', args.threshold == 'dynamic', '--threshold dynamic'),
+               ('schedule_file', args.schedule == 'fitted', '--schedule fitted')]
     for flag, used, mode in applies:
         if getattr(args, flag) is not None and not used:
             problems.append(f"--{flag.replace('_', '-')} applies to {mode}")
@@ -205,6 +212,61 @@ def check_sampling_flags(args):
     for path, flag in ((args.autoguidance, '--autoguidance'), (args.classifier, '--classifier')):
         if path and not os.path.isfile(path):
             problems.append(f'{flag} {path!r} does not exist')
+    if args.schedule == 'fitted':
+        problems += fitted_schedule_problems(args)
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------------
+# A schedule fitted to one checkpoint (fit_schedule.py, schedule_search.fit_schedule): a small JSON file with the
+# checkpoint's sha256, the solver, the steps and NFE it was fitted for, the sigma range and the sigmas. It is tied to
+# the weights (their error is what was fitted) and to its number of noise levels, so both are checked before loading.
+
+FITTED_KEYS = ('checkpoint_sha256', 'sampler', 'steps', 'nfe', 'sigma_min', 'sigma_max', 'sigmas')
+
+
+def read_fitted_schedule(path):
+    """The record fit_schedule.py wrote at `path` (a dict with FITTED_KEYS), or ValueError saying what is wrong."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f'--schedule-file {path!r} is not a readable JSON file ({e})') from None
+    missing = [k for k in FITTED_KEYS if not isinstance(record, dict) or k not in record]
+    if missing:
+        raise ValueError(f"--schedule-file {path!r} is not a fitted schedule of fit_schedule.py (no {', '.join(missing)})")
+    s = record['sigmas']
+    if (not isinstance(s, list) or len(s) != record['steps'] + 1 or s[-1] != 0 or not all(map(math.isfinite, s))
+            or any(a <= b for a, b in zip(s, s[1:]))):
+        raise ValueError(f"--schedule-file {path!r}: its sigmas must be {record['steps']} descending noise levels and a final 0")
+    return record
+
+
+def fitted_schedule_problems(args):
+    """Why --schedule fitted cannot be used with these flags (an empty list when it can): a missing or broken file,
+    no checkpoint, another checkpoint (sha256), another number of steps, a mode that does not sample an image batch."""
+    import checkpoints
+    if not args.schedule_file:
+        return ['--schedule fitted needs --schedule-file JSON (written by fit_schedule.py --ckpt CKPT --out JSON)']
+    try:
+        record = read_fitted_schedule(args.schedule_file)
+    except ValueError as e:
+        return [str(e)]
+    problems, name = [], f'--schedule-file {args.schedule_file}'
+    modes = [m for m in ('inverse', 'extend', 'cascade') if getattr(args, m, None) not in (None, False, '')]
+    if modes:
+        problems.append(f'--schedule fitted applies to plain sampling, not --{modes[0]}')
+    ckpt = getattr(args, 'ckpt', None) or getattr(args, 'generated', None)      # sample.py --ckpt / evaluate GENERATED
+    if not ckpt or not os.path.isfile(ckpt):
+        problems.append(f'{name} is fitted to a train.py checkpoint: give that checkpoint (--ckpt)')
+    elif checkpoints.sha256_of(ckpt) != record['checkpoint_sha256']:
+        problems.append(f"{name} was fitted to another checkpoint ({record.get('checkpoint', '?')}, sha256 "
+                        f"{record['checkpoint_sha256'][:12]}), not {ckpt} (sha256 {checkpoints.sha256_of(ckpt)[:12]}): "
+                        f'fit one for it with python fit_schedule.py --ckpt {ckpt}')
+    if args.steps is not None and args.steps != record['steps']:
+        problems.append(f"{name} was fitted for {record['steps']} noise levels ({record['sampler']}, {record['nfe']} "
+                        f'NFE), not --steps {args.steps}: drop --steps, or fit one with python fit_schedule.py '
+                        f"--sampler {record['sampler']} --nfe N")
     return problems
 
 
@@ -222,8 +284,14 @@ def sampler_options_from_args(args, sampler):
     return check_sampler_options(sampler, options)
 
 
-def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None, flow_shift=1.0):
-    """The descending noise levels (steps of them, then 0) of a named schedule for this model (None: the default)."""
+def make_sigmas(name, steps, diffusion, rho=7.0, sigma_min=None, sigma_max=None, flow_shift=1.0, fitted=None):
+    """The descending noise levels (steps of them, then 0) of a named schedule for this model (None: the default);
+    'fitted' takes them from `fitted`, a read_fitted_schedule record."""
+    if name == 'fitted':
+        if fitted is None or steps != fitted['steps']:
+            raise ValueError('--schedule fitted needs --schedule-file, fitted for --steps '
+                             + ('(none given)' if fitted is None else f"{fitted['steps']} (asked: {steps})"))
+        return torch.tensor(fitted['sigmas'], dtype=torch.float32)
     rho, flow_shift = 7.0 if rho is None else rho, 1.0 if flow_shift is None else flow_shift
     # The model's own noise range unless overridden: sampling outside the trained range asks for what it never saw.
     lo, hi = sigma_min or diffusion.sigma_min, sigma_max or diffusion.sigma_max
@@ -321,6 +389,10 @@ def sampling_setup(args, config, diffusion, device, trained=None):
     clean classifier. Models are loaded here, after the flag checks, so a typo costs no loading time."""
     # Defaults come from the training run's own grid settings, so a bare `sample.py --ckpt` reproduces its grids.
     trained = trained if trained is not None else config.get('args', {})
+    # A fitted schedule's own solver and number of levels are the defaults (check_sampling_flags checked the file).
+    fitted = read_fitted_schedule(args.schedule_file) if args.schedule == 'fitted' else None
+    if fitted:
+        trained = dict(trained, sampler=fitted['sampler'], sample_steps=fitted['steps'])
     sampler = args.sampler or trained.get('sampler', 'heun')
     steps = args.steps or trained.get('sample_steps', 18)
     w = args.guidance if args.guidance is not None else trained.get('guidance', 1.0)
@@ -331,7 +403,8 @@ def sampling_setup(args, config, diffusion, device, trained=None):
                              'model; this one has no classes (--autoguidance BAD_CKPT guides an unconditional model)')
         w = 1.0
     options = sampler_options_from_args(args, sampler)
-    sigmas = make_sigmas(args.schedule, steps, diffusion, args.rho, args.sigma_min, args.sigma_max, args.flow_shift)
+    sigmas = make_sigmas(args.schedule, steps, diffusion, args.rho, args.sigma_min, args.sigma_max, args.flow_shift,
+                         fitted)
     weight = guidance_weight(args, w, sigmas)
     wrappers, cfg = [], weight
     if args.autoguidance:
@@ -366,7 +439,8 @@ def sampling_setup(args, config, diffusion, device, trained=None):
 def describe_sampling(args, setup):
     """One line naming what was sampled, printed with the samples and stored with evaluate.py's scores."""
     # The same words in the console and in evaluate.py's results: a score always names how it was sampled.
-    parts = [setup['sampler'], f"{setup['steps']} steps ({args.schedule})"]
+    schedule = f'fitted: {args.schedule_file}' if args.schedule == 'fitted' else args.schedule
+    parts = [setup['sampler'], f"{setup['steps']} steps ({schedule})"]
     parts += [f'{k}={v}' for k, v in setup['sampler_options'].items()]
     if args.autoguidance:
         parts.append(f"autoguidance w={setup['weight']:g} ({args.guidance_schedule})")
