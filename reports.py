@@ -232,7 +232,7 @@ def setup_evaluation(args, dataset, train_index, config, device):
                              'Use --eval-network inception.')
         model = evaluate.train_classifier((x + 1) / 2, y, config['data']['num_classes'], steps=300, seed=args.seed)
     else:
-        model = evaluate.load_inception(args.inception_weights, device)
+        model = evaluate.load_inception(args.inception_weights, device, fast=True)   # BN folded: evaluate.py's default
     feats = evaluate.extract_features((x + 1) / 2, model.to(device), device=device, progress=False)
     return model, metrics.compute_statistics(feats, network=model.name), y
 
@@ -246,7 +246,7 @@ def video_eval_network(args, x, y, config, device):
     if args.eval_network == 'i3d':
         return evaluate.VideoFeatures(evaluate.load_i3d(args.i3d_weights, device))
     if args.eval_network == 'inception':
-        return evaluate.FrameFeatures(evaluate.load_inception(args.inception_weights, device))
+        return evaluate.FrameFeatures(evaluate.load_inception(args.inception_weights, device, fast=True))
     if not config['data']['num_classes']:
         raise SystemExit('error: --eval-network lenet trains a classifier on the labels; this dataset has none. '
                          'Use --eval-network inception or i3d.')

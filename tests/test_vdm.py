@@ -128,3 +128,15 @@ def test_vdm_objective_trains_samples_and_reports_bits_per_dim(tmp_path):
         check_program('train.py', ['--objective', 'vdm'])
     with pytest.raises(SystemExit, match='apply to --objective vdm'):
         check_program('train.py', ['--vdm-fourier'])
+
+
+def test_learned_schedule_is_refused_under_torchrun_and_the_linear_one_is_not(monkeypatch):
+    """The learned schedule's parameters live outside the DDP-wrapped network, so their gradients would differ per
+    rank: train.py refuses --vdm-schedule learned when WORLD_SIZE > 1, before any work; the fixed linear one trains."""
+    common = ['--objective', 'vdm', '--prediction', 'eps']
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    with pytest.raises(SystemExit, match='trains in one process'):
+        check_program('train.py', common)
+    assert check_program('train.py', common + ['--vdm-schedule', 'linear']).vdm_schedule == 'linear'
+    monkeypatch.setenv('WORLD_SIZE', '1')
+    assert check_program('train.py', common).vdm_schedule == 'learned'
