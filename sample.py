@@ -134,7 +134,8 @@ def _generate_batches(out, net, diffusion, n, shape, device, labels, num_classes
         # samples on a CPU and on a GPU (CUDA generators draw other numbers).
         x = sigmas[0] * torch.randn((b,) + tuple(shape), generator=g).to(device)   # x_N = sigma_max n
         # A learned-variance model's ddpm uses its variance (iddpm.py), unless a fixed variance= is asked for.
-        x = (iddpm.learned_sampler(diffusion, net, sampler, options) or run_sampler)(sampler, denoiser, x, sigmas, options, batch_cond, g, progress, callback)
+        solve = iddpm.learned_sampler(diffusion, net, sampler, options) or run_sampler
+        x = solve(sampler, denoiser, x, sigmas, options, batch_cond, g, progress, callback)
         # A NaN image clamps to NaN and would be written as black: stop here with the reason instead.
         if not torch.isfinite(x).all():
             raise FloatingPointError(f'sampling produced non-finite values (batch at {start}): the model or the '
