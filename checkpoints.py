@@ -423,10 +423,13 @@ def build_network(config):
     problem = config_problem(config)
     if problem:
         raise SystemExit(f'error: unusable checkpoint config: {problem}')
-    net = NETWORKS[config['model']](**config['net'])
-    # The U-Net runs NHWC activations when its weights are channels-last (unet.UNet.forward): the same function,
-    # ~1.1x faster to train and 1.1-1.3x faster to sample at the small configs on CPU (issue 31, benchmarks/speed.py).
-    return net.to(memory_format=torch.channels_last) if config['model'] == 'unet' else net
+    return in_memory_layout(NETWORKS[config['model']](**config['net']), config['model'])
+
+
+def in_memory_layout(net, model):
+    """The U-Net runs NHWC activations when its weights are channels-last (unet.UNet.forward): the same function,
+    ~1.1x faster to train and 1.1-1.3x faster to sample at the small configs on CPU (issue 31, benchmarks/speed.py)."""
+    return net.to(memory_format=torch.channels_last) if model == 'unet' else net
 
 
 def build_diffusion(config):
@@ -460,9 +463,7 @@ def load_model(path, device='cpu', use_ema=True, expect='diffusion'):
     if config['model'] not in NETWORKS:            # expect=None let an autoencoder or token model through: own loaders
         raise SystemExit(f"error: {path!r} is {WRITTEN_BY[config.get('task', 'diffusion')]}, not a network load_model "
                          'builds (load_autoencoder, sample_discrete.load_discrete_model read those)')
-    net = NETWORKS[config['model']](**config['net']).to(device)
-    if config['model'] == 'unet':                  # NHWC activations, as build_network makes them (same function)
-        net = net.to(memory_format=torch.channels_last)
+    net = in_memory_layout(NETWORKS[config['model']](**config['net']).to(device), config['model'])
     # strict loading: a missing or extra key means the file and its config disagree, never silently ignored.
     weights = ckpt['ema' if use_ema else 'model']
     try:

@@ -259,9 +259,9 @@ def fitted_schedule_problems(args):
     ckpt = getattr(args, 'ckpt', None) or getattr(args, 'generated', None)      # sample.py --ckpt / evaluate GENERATED
     if not ckpt or not os.path.isfile(ckpt):
         problems.append(f'{name} is fitted to a train.py checkpoint: give that checkpoint (--ckpt)')
-    elif checkpoints.sha256_of(ckpt) != record['checkpoint_sha256']:
+    elif (sha := checkpoints.sha256_of(ckpt)) != record['checkpoint_sha256']:         # the whole file, hashed once
         problems.append(f"{name} was fitted to another checkpoint ({record.get('checkpoint', '?')}, sha256 "
-                        f"{record['checkpoint_sha256'][:12]}), not {ckpt} (sha256 {checkpoints.sha256_of(ckpt)[:12]}): "
+                        f"{record['checkpoint_sha256'][:12]}), not {ckpt} (sha256 {sha[:12]}): "
                         f'fit one for it with python fit_schedule.py --ckpt {ckpt}')
     if args.steps is not None and args.steps != record['steps']:
         problems.append(f"{name} was fitted for {record['steps']} noise levels ({record['sampler']}, {record['nfe']} "

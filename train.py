@@ -275,10 +275,11 @@ def make_config(args, dataset, latents=None):
         name, net = checkpoints.network_config(args, latents[0] if latents else dataset, num_classes,
                                                AUG_DIM if args.aug_p > 0 else 0)
     # --objective hybrid/vlb: 2C outputs (eps and iDDPM's v); --vdm-fourier: Fourier features as x_cond channels
-    net = checkpoints.objective_network(net, args.model, dataset.channels, checkpoints.diffusion_config(args))
+    diffusion = checkpoints.diffusion_config(args)
+    net = checkpoints.objective_network(net, args.model, dataset.channels, diffusion)
     data = dict(checkpoints.data_config(args.dataset, dataset), num_classes=num_classes)   # 0 with --unconditional
     model = 'edm2' if args.model in EDM2_CONFIGS else args.model      # the class; the EDM2 size is the config name
-    return checkpoints.make_config(args.task, model, name, net, data, checkpoints.diffusion_config(args), **extra)
+    return checkpoints.make_config(args.task, model, name, net, data, diffusion, **extra)
 
 
 class LatentDataset:
