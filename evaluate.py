@@ -47,7 +47,6 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
-import motion   # the weight-free motion measure of one-object clips (--metrics motion)
 from c3d import C3D_MEAN_NAME, C3D_WEIGHTS_NAME, load_c3d   # C3D: FD_c3d/KD_c3d features and the video IS (TGAN)
 from i3d import I3D_WEIGHTS_ENV, I3D_WEIGHTS_NAME, load_i3d
 from inception import (FID_WEIGHTS_ENV, FID_WEIGHTS_NAME, FID_WEIGHTS_URL, FIDInceptionV3,  # noqa: F401 (re-exported)
@@ -717,6 +716,7 @@ def video_command(args):
                                        net.resize))
         record[net.name] = network_id(net)
     if 'motion' in metrics:   # no network: tracked object velocities against the reference clips'
+        import motion   # the weight-free motion measure (imported here: its scipy modules cost every run ~0.5 s)
         results.update({f'motion_{k}': v for k, v in motion.motion_distance(fake, real).items()})
     split = args.reference_split or os.path.basename(os.path.normpath(args.reference))
     print(format_results(results, len(fake), len(real), None, split))

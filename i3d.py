@@ -334,15 +334,15 @@ if __name__ == '__main__':
     import time
     torch.manual_seed(0)
     model = he_init_(InceptionI3d().eval())    # random weights: the real ones need a 51 MB download
-    clip = torch.rand(2, 3, 16, 64, 64)
+    clip = torch.rand(1, 3, 16, 64, 64)
     with torch.no_grad():
         t0 = time.perf_counter()
         maps = model.endpoints(model.preprocess(clip))
-        print(f'2 clips of 16 frames at 224 x 224 in {time.perf_counter() - t0:.1f} s; (C, T, H, W) per stage:')
+        print(f'one clip of 16 frames at 224 x 224 in {time.perf_counter() - t0:.1f} s; (C, T, H, W) per stage:')
         for name, v in maps.items():
             print(f'  {name:18s} {tuple(v.shape[1:])}')
         a, b = model(clip), model(clip.flip(2))                   # the same frames, played backwards
-        c = model(torch.rand(2, 3, 8, 64, 64))
+        c = model(torch.rand(1, 3, 8, 64, 64))
     print('logits', tuple(a.shape), '| change when the clip is reversed:', f'{(a - b).norm() / a.norm():.3f}')
     print(f'an 8-frame clip is stretched to {STRETCH_FRAMES} frames: stretched={model.stretched}, logits {tuple(c.shape)}')
     print(f'parameters: {sum(p.numel() for p in model.parameters()):,}')

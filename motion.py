@@ -200,8 +200,8 @@ def moving_discs(n, frames=8, size=16, seed=0):
 
 
 if __name__ == '__main__':
-    clips = moving_discs(400, seed=0)
-    half_a, half_b = clips[:200], clips[200:]
+    clips = moving_discs(240, seed=0)
+    half_a, half_b = clips[:120], clips[120:]
     print(f'{"generated set":>26} {"speed_w1":>9} {"velocity_w1":>12} {"straight":>9} {"mean speed":>11}  (px/frame)')
     for name, fake in (('the other held-out half', half_b), ('frozen (frame 0 repeated)', frozen_clips(half_b)),
                        ('shuffled frames', shuffled_clips(half_b))):
