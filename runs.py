@@ -217,7 +217,7 @@ def check_run_args(args, need):
 
 def check_diffusion_flags(args, need):
     """--sigma-data and --T: their ranges, and refused where they do nothing; then their defaults."""
-    schedule = args.schedule or checkpoints.DEFAULT_SCHEDULE.get(args.prediction)
+    schedule = 'vdm' if getattr(args, 'objective', None) == 'vdm' else args.schedule or checkpoints.DEFAULT_SCHEDULE.get(args.prediction)
     if args.sigma_data is not None:
         need(math.isfinite(args.sigma_data) and args.sigma_data > 0, f'--sigma-data must be > 0 (got {args.sigma_data})')
         need(args.prediction == 'edm', f'--sigma-data applies to --prediction edm (its preconditioning); '

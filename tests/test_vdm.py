@@ -121,7 +121,8 @@ def test_vdm_objective_trains_samples_and_reports_bits_per_dim(tmp_path):
     assert os.path.getsize(tmp_path / 's.png') > 0
     # Flags that would do nothing or contradict the objective are refused before training.
     for extra, message in ((['--schedule', 'vp'], 'has its own schedule'), (['--t-sampler', 'importance'], 'uniformly'),
-                           (['--vdm-schedule', 'linear', '--vdm-fixed-endpoints'], 'applies to --vdm-schedule learned')):
+                           (['--vdm-schedule', 'linear', '--vdm-fixed-endpoints'], 'applies to --vdm-schedule learned'),
+                           (['--T', '100'], 'schedule vdm is continuous')):
         with pytest.raises(SystemExit, match=message):
             check_program('train.py', common + extra)
     with pytest.raises(SystemExit, match='add --prediction eps'):
