@@ -221,7 +221,7 @@ def test_trained_sr_stage_beats_bicubic_psnr():
 def test_train_superres_then_sample_a_cascade(tmp_path):
     import numpy as np
     import sample
-    from programs import run_program
+    from programs import check_program, run_program
     fast = ['--model-channels', '8', '--batch-size', '8', '--log-every', '2', '--val-every', '2', '--sample-every', '0',
             '--sample-steps', '2', '--warmup', '2', '--no-progress', '--unconditional', '--steps', '2']
     run_program('train.py', fast + ['--resolution', '8', '--out', str(tmp_path / 'base')])
@@ -253,8 +253,8 @@ def test_train_superres_then_sample_a_cascade(tmp_path):
         sample.main(sample.parse_args(['--ckpt', str(tmp_path / 'sr' / 'ckpt.pt'), '--out', str(tmp_path / 'x.png')]))
     with pytest.raises(SystemExit, match='aug_level'):
         cascade_npz('bad', 0, '[{"ckpt": "%s", "aug_level": 1.5}]')
-    with pytest.raises(SystemExit, match='--low-res'):
-        run_program('train.py', fast + ['--task', 'superres', '--out', str(tmp_path / 'bad')])
+    with pytest.raises(SystemExit, match='--low-res'):                  # train.py's checks before any work, in-process
+        check_program('train.py', fast + ['--task', 'superres', '--out', str(tmp_path / 'bad')])
     with pytest.raises(SystemExit, match='--aug-p'):
-        run_program('train.py', fast + ['--task', 'superres', '--low-res', '8', '--aug-p', '0.2',
+        check_program('train.py', fast + ['--task', 'superres', '--low-res', '8', '--aug-p', '0.2',
                                         '--out', str(tmp_path / 'bad')])

@@ -9,7 +9,7 @@ import torch
 
 import checkpoints
 import sample
-from programs import run_program, weights
+from programs import check_program, run_program, weights
 
 # Tiny autoencoder (f = 2, 2 latent channels) and a micro U-Net on 16x16 shapes: seconds on a CPU.
 FAST = ['--resolution', '16', '--batch-size', '8', '--log-every', '2', '--sample-every', '0', '--warmup', '2',
@@ -129,9 +129,9 @@ def test_autoencoder_resume_is_exact(tmp_path):
 
 
 def test_autoencoder_flags_are_checked_before_work(tmp_path):
-    with pytest.raises(SystemExit, match='vae-config'):
-        run(tmp_path, 'x', '--task', 'autoencoder', '--vae-config', 'kl-f16')
+    with pytest.raises(SystemExit, match='vae-config'):                 # the programs' checks before any work, in-process
+        check_program('train_autoencoder.py', FAST[:-2] + ['--vae-config', 'kl-f16', '--out', str(tmp_path / 'x')])
     with pytest.raises(SystemExit, match='does not exist'):
-        run(tmp_path, 'x', '--autoencoder', str(tmp_path / 'nothing.pt'))
+        check_program('train.py', FAST + ['--autoencoder', str(tmp_path / 'nothing.pt'), '--out', str(tmp_path / 'x')])
     with pytest.raises(SystemExit, match='unrecognized arguments: --aug-p'):   # a diffusion flag: not ignored
         run(tmp_path, 'x', '--task', 'autoencoder', '--aug-p', '0.5')

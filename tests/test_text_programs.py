@@ -36,10 +36,13 @@ def test_sample_with_prompts(shapes_run, tmp_path):
                                        '--prompt', 'a large blue circle centre', '--num', '3', '--steps', '2', '--out', out])
     assert 'wrote' in result.stdout
     assert Image.open(out).size == (3 * 34 + 2, 2 * 34 + 2)                  # 3 samples x 2 prompts, 32 px + borders
+    # Refusals, in-process: sample.py hands --prompt to sample_text.py (importable: not a training program).
     with pytest.raises(SystemExit, match="'fox', 'purple' not in the model's vocabulary"):
-        run_program('sample.py', ['--ckpt', shapes_run / 'ckpt.pt', '--prompt', 'a purple fox', '--out', tmp_path / 'x.png'])
+        sample_text.main(sample_text.parse_args(['--ckpt', str(shapes_run / 'ckpt.pt'), '--prompt', 'a purple fox',
+                                                 '--out', str(tmp_path / 'x.png')]))
     with pytest.raises(SystemExit, match='already exists'):
-        run_program('sample.py', ['--ckpt', shapes_run / 'ckpt.pt', '--prompt', 'a red ring', '--out', out])
+        sample_text.main(sample_text.parse_args(['--ckpt', str(shapes_run / 'ckpt.pt'), '--prompt', 'a red ring',
+                                                 '--out', str(out)]))
 
 
 def test_folder_captions_train_a_unet_with_cross_attention(tmp_path):
