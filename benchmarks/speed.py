@@ -272,6 +272,7 @@ def main(argv=None):
         print_row('ddpm-cifar10 training step, batch 8', 8, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1',
                   'same Adam')
         print_row('', 8, 'images/s', wall, cpu, 'ours, fused Adam', 'diffusers 0.42.1', 'as runs.py trains')
+        print_row('', 8, 'images/s', wall, cpu, 'ours, fused Adam', 'ours', 'fused vs for-loop Adam')
         # Amdahl's bound: diffusers' whole step against the replay of our convolutions (and GEMMs) alone.
         floor = gemm_floor(copy.deepcopy(ours), x, t)
         wall, cpu = race({'ours: convs alone': floor['convs'], 'ours: convs+GEMMs alone': floor['convs, linears, SDPA'],
