@@ -379,7 +379,10 @@ def make_trainee(args, net, ema, setup, diffusion=None, betas=(0.9, 0.999), extr
     the AMP scaler, and DDP for the loss when there are several processes."""
     net, ema = net.to(setup.device), ema.to(setup.device).eval().requires_grad_(False)
     ema.load_state_dict(net.state_dict())
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=betas, weight_decay=args.weight_decay)
+    # fused=True on the CPU: one kernel per tensor instead of ~8 (the same Adam update to float32 rounding; 3.4x
+    # faster, 1.7% of a ddpm-cifar10 step, issue 31). Other devices keep torch's default (foreach on CUDA).
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr, betas=betas, weight_decay=args.weight_decay,
+                                 fused=True if setup.device.type == 'cpu' else None)
     amp_dtype, use_scaler = amp_settings(args, setup.device)
     model = torch.nn.parallel.DistributedDataParallel(net) if setup.world > 1 else net
     run = Trainee(net, ema, optimizer, torch.amp.GradScaler('cuda', enabled=use_scaler), model, amp_dtype,

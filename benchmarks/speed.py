@@ -6,9 +6,14 @@ Rows (all float32, the same inputs for both contenders):
      inception.load_inception(fast=True) (evaluate.py's default: NHWC, batch norm folded into the convolutions)
      and the exact path (pytorch-fid's arithmetic bit for bit) against pytorch-fid's InceptionV3 on the same
      weights. Also printed: the largest feature difference to pytorch-fid on the timed batch.
-  2. The ddpm-cifar10 U-Net's training step (forward, MSE, backward, Adam step as runs.py makes it), batch 8,
-     channels-last as checkpoints.build_network builds it, against diffusers' UNet2DModel with
-     google/ddpm-cifar10-32's config (35,746,307 parameters each) and the same optimizer.
+  2. The ddpm-cifar10 U-Net's training step (forward, MSE, backward, Adam step), batch 8, channels-last as
+     checkpoints.build_network builds it, against diffusers' UNet2DModel with google/ddpm-cifar10-32's config
+     (35,746,307 parameters each). Two rows from one race: both with torch's default Adam (the networks alone), and
+     ours with the Adam runs.make_trainee builds (fused on the CPU) against diffusers with torch's default Adam
+     (what its training examples use: torch.optim.AdamW with default settings).
+     Then Amdahl's bound: diffusers' step against our step's convolutions alone (and its convolutions, linears and
+     attention calls alone), replayed on the inputs and gradients of a real step (gemm_floor): the most that making
+     every other op free could give at the same arithmetic.
   3. Sampling: one forward pass of each network (no grad) at batch 8, given as images/s of sample.py's default
      18-step Heun (35 network evaluations per image batch).
   4. Our own before/after: the U-Net training step of train.py's default 'micro' config, batch 64, channels-last
@@ -96,9 +101,9 @@ def diffusers_unet():
         return None
 
 
-def train_step(net, x, noise_level, diffusers=False):
-    """One step: forward, MSE against a fixed target, backward, Adam (as runs.make_trainee: torch's defaults)."""
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
+def train_step(net, x, noise_level, diffusers=False, fused=None):
+    """One step: forward, MSE against a fixed target, backward, Adam (fused=True: as runs.make_trainee on the CPU)."""
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, fused=fused)
     target = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(x.device)
     net.train()
 
@@ -118,6 +123,47 @@ def forward(net, x, noise_level, diffusers=False):
         with torch.inference_mode():
             return net(x, noise_level).sample if diffusers else net(x, noise_level)
     return call
+
+
+def gemm_floor(net, x, noise_level):
+    """The unavoidable part of our training step: {'convs': fn, 'convs, linears, SDPA': fn}, each replaying forward
+    and backward of those calls alone, on the very inputs and output gradients one real step gave them. The time of
+    a peer's whole step over these is the most any speed-up of the other ops (norms, SiLU, dropout, copies, adds,
+    the optimizer) could give at the same arithmetic: Amdahl's bound."""
+    convs, linears, attention, real_sdpa = [], [], [], F.scaled_dot_product_attention
+    keep = lambda t: t.detach().clone(memory_format=torch.preserve_format)
+
+    def record(calls, inputs, output, module=None):
+        rec = dict(module=module, inputs=[keep(t) for t in inputs], grad_of=[t.requires_grad for t in inputs])
+        output.register_hook(lambda g: rec.__setitem__('grad', keep(g)))
+        calls.append(rec)
+
+    def spy(q, k, v, **kwargs):
+        out = real_sdpa(q, k, v, **kwargs)
+        record(attention, (q, k, v), out)
+        return out
+    hooks = [m.register_forward_hook(lambda m, i, o: record(convs if isinstance(m, torch.nn.Conv2d) else linears,
+                                                            i[:1], o, m))
+             for m in net.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    F.scaled_dot_product_attention = spy
+    try:
+        F.mse_loss(net(x, noise_level), torch.randn_like(x)).backward()
+    finally:
+        F.scaled_dot_product_attention = real_sdpa
+        for h in hooks:
+            h.remove()
+    net.zero_grad(set_to_none=True)
+
+    def replay(*groups):
+        def run():
+            for calls in groups:
+                for c in calls:
+                    inputs = [t.requires_grad_(g) for t, g in zip(c['inputs'], c['grad_of'])]
+                    out = c['module'](*inputs) if c['module'] is not None else real_sdpa(*inputs)
+                    out.backward(c['grad'])
+            net.zero_grad(set_to_none=True)
+        return run
+    return {'convs': replay(convs), 'convs, linears, SDPA': replay(convs, linears, attention)}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -219,9 +265,22 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         x, t = torch.randn(8, 3, 32, 32, generator=g), torch.randint(0, 1000, (8,), generator=g).float()
         x, t = x.to(device), t.to(device)
-        wall, cpu = race({'ours': train_step(ours, x, t), 'diffusers 0.42.1': train_step(theirs, x, t, True)},
+        fused = True if device == 'cpu' else None                       # runs.make_trainee's choice
+        wall, cpu = race({'ours': train_step(ours, x, t), 'diffusers 0.42.1': train_step(theirs, x, t, True),
+                          'ours, fused Adam': train_step(copy.deepcopy(ours), x, t, fused=fused)},
                          2 * rounds + 1, device=device)
-        print_row('ddpm-cifar10 training step, batch 8', 8, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1')
+        print_row('ddpm-cifar10 training step, batch 8', 8, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1',
+                  'same Adam')
+        print_row('', 8, 'images/s', wall, cpu, 'ours, fused Adam', 'diffusers 0.42.1', 'as runs.py trains')
+        print_row('', 8, 'images/s', wall, cpu, 'ours, fused Adam', 'ours', 'fused vs for-loop Adam')
+        # Amdahl's bound: diffusers' whole step against the replay of our convolutions (and GEMMs) alone.
+        floor = gemm_floor(copy.deepcopy(ours), x, t)
+        wall, cpu = race({'ours: convs alone': floor['convs'], 'ours: convs+GEMMs alone': floor['convs, linears, SDPA'],
+                          'diffusers 0.42.1': train_step(copy.deepcopy(theirs), x, t, True)}, 2 * rounds + 1, device=device)
+        print_row('bound: every other op of ours free', 8, 'images/s', wall, cpu, 'ours: convs alone', 'diffusers 0.42.1',
+                  'if norms, SiLU, linears, attention, ... took 0 s')
+        print_row('', 8, 'images/s', wall, cpu, 'ours: convs+GEMMs alone', 'diffusers 0.42.1',
+                  'if norms, SiLU, dropout, copies, Adam ... took 0 s')
         wall, cpu = race({'ours': forward(ours, x, t), 'diffusers 0.42.1': forward(theirs, x, t, True)},
                          2 * rounds + 1, device=device)
         print_row('ddpm-cifar10 sampling, 18 Heun steps', 8 / 35, 'images/s', wall, cpu, 'ours', 'diffusers 0.42.1')
