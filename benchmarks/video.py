@@ -83,6 +83,7 @@ class Scorer:
         frames_train = train.images.transpose(1, 2).flatten(0, 1)                                        # (N F, C, H, W)
         labels = (train.labels.repeat_interleave(frames) if train.labels is not None
                   else torch.zeros(len(frames_train), dtype=torch.long))
+        torch.manual_seed(0)                                 # the LeNet's dropout draws from the global generator
         lenet = evaluate.train_classifier(frames_train.float() / 255, labels, max(train.num_classes or 1, 2),
                                           steps=lenet_steps, seed=0)
         self.frame_net = evaluate.FrameFeatures(lenet)
