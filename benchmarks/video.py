@@ -147,7 +147,8 @@ def main():
     p.add_argument('--jobs', type=int, default=2, help='training runs at a time')
     p.add_argument('--threads', type=int, default=1, help='threads per training run')
     p.add_argument('--out', default='runs/video_joint')
-    p.add_argument('--gif', default=None, help='write 8 samples of the first model here (4x, nearest)')
+    p.add_argument('--gif', default=None, help='write 8 samples of the first joint model here (4x, nearest); with '
+                   '--score, of every checkpoint, to GIF_<its run folder>.gif')
     p.add_argument('--docs', default=None, help='write an extension example of the first joint model here '
                    '(video_extension.png / .gif: 4 given frames of held-out clips, then 8 generated, Sec. 3.1)')
     args = p.parse_args()
@@ -158,12 +159,12 @@ def main():
     print(row('held-out half vs the other half', scorer.floor))
 
     if args.score:
-        for i, path in enumerate(args.score):
+        for path in args.score:
             videos, seconds = scorer.sample(path, args.samples, args.sample_steps)
             print(row(os.path.relpath(path), scorer.scores(data.to_uint8(videos)), last_val_loss(
                 os.path.dirname(path), 10 ** 9)) + f'  ({seconds:.0f} CPU s to sample)')
-            if args.gif and i == 0:
-                write_gif(videos[:8], args.gif)
+            if args.gif:                                 # one GIF per checkpoint: GIF_<run folder>.gif
+                write_gif(videos[:8], args.gif.replace('.gif', f'_{os.path.basename(os.path.dirname(path))}.gif'))
         return
 
     k = video.joint_image_count(args.share, frames)
