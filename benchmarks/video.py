@@ -222,6 +222,7 @@ def extension_example(path, args):
 def write_gif(videos, path):
     """8 clips side by side, 4x nearest-neighbour upscaled."""
     n, c, f, h, w = videos.shape
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
     big = torch.nn.functional.interpolate(videos.transpose(1, 2).flatten(0, 1), scale_factor=4, mode='nearest')
     sample.save_gif(big.reshape(n, f, c, 4 * h, 4 * w).transpose(1, 2), path)
     print(f'wrote {path}')
