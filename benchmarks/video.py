@@ -18,8 +18,8 @@ Scores of each model (EMA weights, classes cycled, Heun sampling), against held-
   val_loss    train.py's held-out denoising loss on videos (fixed noise levels and noise).
 Process CPU seconds make the comparison fair on a shared machine; wall time is not reported for that reason.
 
-    python benchmarks/video.py --steps 200 --seeds 0 1 --out runs/video_joint            # the experiment
-    python benchmarks/video.py --score runs/a/ckpt.pt runs/b/ckpt.pt --samples 64          # scores of checkpoints
+    python benchmarks/video.py --steps 160 --seeds 0 1 --channels 16 --batch-size 8 --warmup 16   # the experiment
+    python benchmarks/video.py --score runs/a/ckpt.pt runs/b/ckpt.pt --sample-steps 12    # scores of checkpoints
 """
 import argparse
 import json
