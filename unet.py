@@ -353,7 +353,8 @@ class UNet(nn.Module):
                  aug_dim=0,                   # width of aug_cond (augmentation labels, noise-augmentation level)
                  cond_channels=0,             # channels of x_cond concatenated to x (super-resolution, inpainting)
                  context_dim=None,            # width of context tokens for cross-attention; None = no cross-attn
-                 temporal_attention=False,    # add attention across frames after every residual block (video)
+                 temporal_attention=False,    # attention across frames after every residual block (video): True at
+                                              # every resolution, or a tuple of resolutions (as attention_resolutions)
                  timestep_features='cos_sin', # 'cos_sin': timestep_embedding; 'ddpm': ddpm_timestep_embedding
                  downsample_pad='symmetric'): # 'symmetric' or 'ddpm' (right/bottom, TF 'SAME'), see Downsample
         super().__init__()
@@ -365,7 +366,8 @@ class UNet(nn.Module):
                            dropout=dropout, head_channels=head_channels, norm_groups=norm_groups,
                            scale_shift_norm=scale_shift_norm, resblock_updown=resblock_updown, rope=rope,
                            num_classes=num_classes, aug_dim=aug_dim, cond_channels=cond_channels,
-                           context_dim=context_dim, temporal_attention=temporal_attention,
+                           context_dim=context_dim, temporal_attention=(temporal_attention if isinstance(
+                               temporal_attention, bool) else tuple(temporal_attention)),
                            timestep_features=timestep_features, downsample_pad=downsample_pad)
         self.in_channels, self.cond_channels, self.num_classes = in_channels, cond_channels, num_classes
         self.timestep_features = timestep_features
@@ -387,8 +389,9 @@ class UNet(nn.Module):
                 layers.append(CrossAttention(ch, context_dim, head_channels, norm_groups))
             return layers
 
-        def temporal_layers(ch):
-            return [TemporalAttention(ch, head_channels, rope)] if temporal_attention else []
+        def temporal_layers(ch):                                   # reads `resolution`, the level being built
+            here = temporal_attention is True or (bool(temporal_attention) and resolution in temporal_attention)
+            return [TemporalAttention(ch, head_channels, rope)] if here else []
 
         # Encoder: each stage is a list of layers whose output is kept as a skip connection.
         self.input_conv = nn.Conv2d(in_channels + cond_channels, model_channels, 3, padding=1)
@@ -523,6 +526,9 @@ UNET_CONFIGS = {
     # A small video model in the style of Video Diffusion Models: 16x16 frames with temporal attention.
     'tiny-video': dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
                        image_size=16, head_channels=32, norm_groups=8, temporal_attention=True),
+    # The same with temporal attention only at 8x8 (at 16 px: the lower level and the bottleneck), not at 16x16.
+    'tiny-video-t8': dict(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(8,),
+                          image_size=16, head_channels=32, norm_groups=8, temporal_attention=(8,)),
 }
 
 

@@ -1,17 +1,25 @@
 """
-Video-only against joint video-image training (Ho et al. 2022, arXiv:2204.03458, Sec. 3) at equal steps, on the
-moving-shapes videos, plus a sample GIF and an extension example (Sec. 3.1) from the joint model.
+Video-only against joint video-image training (Ho et al. 2022, arXiv:2204.03458, Sec. 3) on the moving-shapes
+videos, at equal steps AND at equal CPU seconds, over seeds; and the scores of any video checkpoints (--score).
 
-Both runs are train.py with the same seed, data, network and steps; the joint run adds --image-share independent
-frames to every video (the videos themselves are the same batches: the image sources are drawn after them). Scores:
-  val_loss        train.py's held-out denoising loss on videos (fixed noise levels and noise): lower is better;
-  frame-KD_lenet  KID of the frames of generated videos against training frames, in the features of a LeNet trained
-                  once on the training frames (shared by both runs, so the two scores are comparable);
-  motion error    moving shapes move at constant velocity: the mean over generated clips of the spread of the
-                  per-frame displacement of the intensity centroid (pixels; 0 for perfectly steady motion).
-The runs are on CPU and small, so differences below the run-to-run noise mean nothing: rerun with --seeds 0 1 2.
+Per seed, two train.py runs with the same seed, data, network, learning rate and a constant learning rate after
+warm-up (--lr-decay constant, so that a run's step-N checkpoint is exactly what an N-step run would give):
+  joint       --image-share S for N steps: each video gets round(S F / (1 - S)) independent frames appended, so a
+              step costs more (about (F + k) / F times the frames);
+  video-only  the same for M = round(N (F + k) / F) steps, its step-N checkpoint kept (--save-early N): the
+              equal-step model at step N, the equal-CPU model at step M. The CPU seconds of every run are measured
+              (the child's user + system time, os.wait4), those of the step-N checkpoint prorated by N / M.
+Scores of each model (EMA weights, classes cycled, Heun sampling), against held-out 'test' clips never trained on:
+  speed_w1, velocity_w1, straight, lost   motion.py: the tracked object's frame-to-frame velocities against the
+              held-out clips' (Wasserstein-1, pixels per frame), the share of clips moving in a straight line at
+              constant speed, the share where the object was lost in some frame;
+  frame-FD_lenet, frame-KD_lenet   the frames of generated clips against held-out frames, in the features of a LeNet
+              trained once on training frames (appearance only; a different scale from FID, never called FID);
+  val_loss    train.py's held-out denoising loss on videos (fixed noise levels and noise).
+Process CPU seconds make the comparison fair on a shared machine; wall time is not reported for that reason.
 
-    python benchmarks/video.py --steps 300 --out runs/video_bench --docs docs
+    python benchmarks/video.py --steps 160 --seeds 0 1 --channels 16 --batch-size 8 --warmup 16   # the experiment
+    python benchmarks/video.py --score runs/a/ckpt.pt runs/b/ckpt.pt --sample-steps 12    # scores of checkpoints
 """
 import argparse
 import json
@@ -24,103 +32,200 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
-import checkpoints  # noqa: E402
-import video  # noqa: E402
+import motion  # noqa: E402
 import sample  # noqa: E402
+import video  # noqa: E402
 
 
-def train_run(out, share, args, seed):
-    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset', 'video-shapes', '--resolution', str(args.resolution),
-           '--config', 'tiny-video', '--model-channels', str(args.channels), '--steps', str(args.steps),
-           '--batch-size', str(args.batch_size), '--image-share', str(share), '--val-every', str(max(1, args.steps // 4)),
-           '--sample-every', '0', '--ckpt-every', str(args.steps), '--warmup', str(max(1, args.steps // 10)),
-           '--lr', str(args.lr), '--seed', str(seed), '--out', out, '--overwrite', '--no-progress', '--sample-steps', '8']
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def train_command(out, share, steps, args, seed, save_early=0):
+    cmd = [sys.executable, os.path.join(ROOT, 'train.py'), '--dataset', args.dataset, '--resolution',
+           str(args.resolution), '--config', args.config, '--steps', str(steps), '--batch-size', str(args.batch_size),
+           '--image-share', str(share), '--val-every', str(args.steps), '--sample-every', '0', '--sample-steps', '2',
+           '--ckpt-every', str(steps), '--warmup', str(args.warmup), '--lr', str(args.lr), '--lr-decay', 'constant',
+           '--seed', str(seed), '--out', out, '--overwrite', '--no-progress']
+    if args.channels:
+        cmd += ['--model-channels', str(args.channels)]
+    if args.data_dir:
+        cmd += ['--data-dir', args.data_dir]
+    return cmd + (['--save-early', str(save_early)] if save_early else [])
 
 
-def centroid_motion_error(videos):
-    """Spread (std over frames) of the frame-to-frame displacement of the intensity centroid, mean over clips.
+def run_all(commands, jobs, threads):
+    """Run {key: command} at most `jobs` at a time; {key: CPU seconds (user + system) of the child}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    pending, running, cpu = list(commands.items()), {}, {}
+    while pending or running:
+        while pending and len(running) < jobs:
+            key, cmd = pending.pop(0)
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            running[proc.pid] = (key, proc)
+        pid, status, usage = os.wait4(-1, 0)              # any child; its own rusage (not its siblings')
+        if pid not in running:
+            continue
+        key, proc = running.pop(pid)
+        log = proc.stdout.read()
+        if os.waitstatus_to_exitcode(status):
+            raise SystemExit(f'run {key} failed:\n{log[-3000:]}')
+        cpu[key] = usage.ru_utime + usage.ru_stime
+    return cpu
 
-    The moving-shapes centre moves by a constant vector every frame; the background is flat, so the centroid of
-    |frame - its median| follows the shape."""
-    v = (videos.float() + 1) / 2                                            # (N, C, F, H, W) in [0, 1]
-    mass = (v - v.flatten(3).median(-1).values[..., None, None]).abs().sum(1)   # (N, F, H, W)
-    H, W = mass.shape[-2:]
-    ys, xs = torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32)
-    total = mass.sum((-1, -2)).clamp(min=1e-6)
-    cy = (mass.sum(-1) * ys).sum(-1) / total
-    cx = (mass.sum(-2) * xs).sum(-1) / total
-    step = torch.stack([cy.diff(dim=1), cx.diff(dim=1)], -1)                # (N, F-1, 2)
-    return float(step.std(dim=1).norm(dim=-1).mean())
+
+class Scorer:
+    """Samples checkpoints and scores them against held-out clips: motion.py and frame-FD/KD in a data LeNet."""
+
+    def __init__(self, dataset, resolution, frames, data_dir=None, reference=400, lenet_steps=300):
+        kw = dict(data_dir=data_dir, resolution=resolution, frames=frames, seed=0)
+        train = data.load_dataset(dataset, num_videos=1000, **kw)
+        self.reference = data.load_dataset(dataset, split='test', num_videos=reference, **kw).images   # uint8
+        frames_train = train.images.transpose(1, 2).flatten(0, 1)                                        # (N F, C, H, W)
+        labels = (train.labels.repeat_interleave(frames) if train.labels is not None
+                  else torch.zeros(len(frames_train), dtype=torch.long))
+        torch.manual_seed(0)                                 # the LeNet's dropout draws from the global generator
+        lenet = evaluate.train_classifier(frames_train.float() / 255, labels, max(train.num_classes or 1, 2),
+                                          steps=lenet_steps, seed=0)
+        self.frame_net = evaluate.FrameFeatures(lenet)
+        self.reference_features = evaluate.extract_features(self.reference, self.frame_net, progress=False)
+        half = len(self.reference) // 2
+        self.floor = self.scores(self.reference[half:], self.reference[:half])      # two held-out halves
+
+    def scores(self, clips, reference=None):
+        """clips: uint8 (N, C, F, H, W) -> dict of the motion and frame scores against the held-out clips."""
+        reference = self.reference if reference is None else reference
+        feats = evaluate.extract_features(clips, self.frame_net, progress=False)
+        ref = (self.reference_features if reference is self.reference
+               else evaluate.extract_features(reference, self.frame_net, progress=False))
+        mu_a, s_a = evaluate.feature_statistics(feats)
+        mu_b, s_b = evaluate.feature_statistics(ref)
+        kd = evaluate.kid(feats, ref, num_subsets=50, subset_size=min(1000, len(feats) // 2, len(ref) // 2))[0]
+        return dict(motion.motion_distance(clips, reference), frame_fd=evaluate.frechet_distance(mu_a, s_a, mu_b, s_b),
+                    frame_kd=kd)
+
+    def sample(self, path, n, steps=18, seed=100):
+        net, diffusion, config = checkpoints.load_model(path)
+        num_classes = config['data']['num_classes']
+        labels = torch.arange(n) % num_classes if num_classes else None
+        t0 = time.process_time()
+        videos = sample.generate(net, diffusion, n, checkpoints.sample_shape(config), 'cpu', labels, num_classes,
+                                 'heun', steps, 1.0, seed=seed, batch_size=32)
+        return videos, time.process_time() - t0
+
+
+HEADER = (f'{"model":>40} {"speed_w1":>8} {"vel_w1":>7} {"straight":>8} {"lost":>5} {"frame-FD":>9} {"frame-KD":>9}'
+          f' {"val_loss":>8} {"train CPU s":>11}')
+
+
+def row(name, s, val=float('nan'), cpu=float('nan')):
+    return (f'{name:>40} {s["speed_w1"]:8.3f} {s["velocity_w1"]:7.3f} {s["straight_share"]:8.2f} {s["lost_share"]:5.2f}'
+            f' {s["frame_fd"]:9.2f} {s["frame_kd"]:9.4f} {val:8.4f} {cpu:11.0f}')
+
+
+def last_val_loss(path, step):
+    vals = [r['val_loss'] for r in map(json.loads, open(os.path.join(path, 'log.jsonl')))
+            if 'val_loss' in r and r['step'] <= step]
+    return vals[-1] if vals else float('nan')
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[1])
-    p.add_argument('--steps', type=int, default=300)
-    p.add_argument('--batch-size', type=int, default=8)
+    p.add_argument('--score', nargs='+', default=None, metavar='CKPT', help='only score these video checkpoints')
+    p.add_argument('--dataset', default='video-shapes', help='video-shapes | moving-mnist')
+    p.add_argument('--data-dir', default=None, help='moving-mnist: the folder of the MNIST files')
+    p.add_argument('--steps', type=int, default=200, help='N: the joint runs\' steps (the equal-step point)')
+    p.add_argument('--config', default='tiny-video')
+    p.add_argument('--channels', type=int, default=None, help='override the U-Net width (--model-channels)')
+    p.add_argument('--batch-size', type=int, default=16)
     p.add_argument('--resolution', type=int, default=16)
-    p.add_argument('--channels', type=int, default=16, help='U-Net width (tiny-video has 32)')
     p.add_argument('--lr', type=float, default=2e-3)
-    p.add_argument('--share', type=float, default=0.5, help='--image-share of the joint run')
-    p.add_argument('--seeds', type=int, nargs='+', default=[0])
-    p.add_argument('--samples', type=int, default=32, help='generated videos per run for the scores')
-    p.add_argument('--threads', type=int, default=1, help='threads per training run (the runs go in parallel)')
-    p.add_argument('--out', default='runs/video_bench')
-    p.add_argument('--docs', default=None, help='write the GIF / extension pictures of the joint model here')
+    p.add_argument('--warmup', type=int, default=20)
+    p.add_argument('--share', type=float, default=0.5, help='--image-share of the joint runs')
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
+    p.add_argument('--samples', type=int, default=64, help='generated clips per model')
+    p.add_argument('--sample-steps', type=int, default=18, help='noise levels of the Heun schedule')
+    p.add_argument('--jobs', type=int, default=2, help='training runs at a time')
+    p.add_argument('--threads', type=int, default=1, help='threads per training run')
+    p.add_argument('--out', default='runs/video_joint')
+    p.add_argument('--gif', default=None, help='write 8 samples of the first joint model here (4x, nearest); with '
+                   '--score, of every checkpoint, to GIF_<its run folder>.gif')
+    p.add_argument('--docs', default=None, help='write an extension example of the first joint model here '
+                   '(video_extension.png / .gif: 4 given frames of held-out clips, then 8 generated, Sec. 3.1)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    frames = 8
+    scorer = Scorer(args.dataset, args.resolution, frames, args.data_dir)
+    print(HEADER)
+    print(row('held-out half vs the other half', scorer.floor))
 
-    # Train: both settings (and seeds) in parallel.
-    t0 = time.time()
-    runs = {(seed, share): os.path.join(args.out, f'share{share:g}_seed{seed}') for seed in args.seeds for share in (0.0, args.share)}
-    procs = {key: train_run(path, key[1], args, key[0]) for key, path in runs.items()}
-    for key, proc in procs.items():
-        log = proc.communicate()[0]
-        if proc.returncode:
-            raise SystemExit(f'run {key} failed:\n{log[-3000:]}')
-    print(f'trained {len(runs)} runs of {args.steps} steps in {time.time() - t0:.0f} s')
+    if args.score:
+        for path in args.score:
+            videos, seconds = scorer.sample(path, args.samples, args.sample_steps)
+            print(row(os.path.relpath(path), scorer.scores(data.to_uint8(videos)), last_val_loss(
+                os.path.dirname(path), 10 ** 9)) + f'  ({seconds:.0f} CPU s to sample)')
+            if args.gif:                                 # one GIF per checkpoint: GIF_<run folder>.gif
+                write_gif(videos[:8], args.gif.replace('.gif', f'_{os.path.basename(os.path.dirname(path))}.gif'))
+        return
 
-    # Reference: training frames and a LeNet trained on them once (the feature space both runs are scored in).
-    ds = data.load_dataset('video-shapes', resolution=args.resolution, num_videos=1000, seed=0)
-    frames = ds.images.transpose(1, 2).flatten(0, 1)                       # (N*F, C, H, W) uint8
-    labels = ds.labels.repeat_interleave(ds.frames)
-    lenet = evaluate.train_classifier(frames.float() / 255, labels, ds.num_classes, steps=300, seed=0)
-    net_frames = evaluate.FrameFeatures(lenet)
-    ref = evaluate.extract_features(ds.images, net_frames, progress=False)
-    print(f'reference: {len(ds)} training videos, motion error {centroid_motion_error(data.to_float(ds.images)):.3f} px')
-
+    k = video.joint_image_count(args.share, frames)
+    m = round(args.steps * (frames + k) / frames)
+    runs = {}
+    for seed in args.seeds:
+        runs[('joint', seed)] = train_command(os.path.join(args.out, f'joint_seed{seed}'), args.share, args.steps,
+                                              args, seed)
+        runs[('video', seed)] = train_command(os.path.join(args.out, f'video_seed{seed}'), 0.0, m, args, seed,
+                                              save_early=args.steps)
+    cpu = run_all(runs, args.jobs, args.threads)
     rows = []
-    for (seed, share), path in runs.items():
-        net, diffusion, config = checkpoints.load_model(os.path.join(path, 'ckpt.pt'))
-        labels = torch.arange(args.samples) % config['data']['num_classes']
-        videos = sample.generate(net, diffusion, args.samples, checkpoints.sample_shape(config), 'cpu', labels,
-                                 config['data']['num_classes'], 'heun', 12, 1.0, seed=seed + 100)
-        feats = evaluate.extract_features(data.to_uint8(videos), net_frames, progress=False)
-        kd = evaluate.kid(feats, ref, num_subsets=50, subset_size=min(1000, len(feats) // 2))[0]
-        val = [r['val_loss'] for r in map(json.loads, open(os.path.join(path, 'log.jsonl'))) if 'val_loss' in r]
-        rows.append((share, seed, val[-1], kd, centroid_motion_error(videos)))
-        if args.docs and share > 0 and seed == args.seeds[0]:
-            os.makedirs(args.docs, exist_ok=True)
-            sample.save_gif(videos[:8], os.path.join(args.docs, 'video_samples.gif'))
-            # Extension: the first 4 frames of held-out clips given, 8 generated (two sliding windows of 8).
-            test = data.load_dataset('video-shapes', split='test', resolution=args.resolution, num_videos=4, seed=0)
-            clip, y = test.batch(torch.arange(4))
-            sigmas = sample.samplers.karras_sigmas(24, diffusion.sigma_min, diffusion.sigma_max)
-            ext = video.extend_video(diffusion.denoiser(net), clip[:, :, :4], config['data']['frames'], 8, sigmas,
-                                      context=4, method_options={'w_r': 2.0},
-                                      generator=torch.Generator().manual_seed(0), cond={'y': y}).clamp(-1, 1)
-            sample.save_grid(torch.cat([clip, ext[:, :, :8]]), os.path.join(args.docs, 'video_extension.png'))
-            sample.save_gif(ext, os.path.join(args.docs, 'video_extension.gif'))
-            print(f'wrote {args.docs}/video_samples.gif, video_extension.png (rows 1-4: the held-out clips; rows 5-8: '
-                  'their first 4 frames then 4 generated) and video_extension.gif (4 given + 8 generated)')
-    print(f'\n{"image share":>11} {"seed":>4} {"val_loss":>9} {"frame-KD_lenet":>15} {"motion err (px)":>16}')
-    for share, seed, val, kd, motion in sorted(rows):
-        print(f'{share:>11g} {seed:>4d} {val:>9.4f} {kd:>15.4f} {motion:>16.3f}')
-    print(f'settings: {args.steps} steps, batch {args.batch_size}, {args.resolution}px, 8 frames, tiny-video width '
-          f'{args.channels}, {args.samples} samples (heun, 12 steps); total {time.time() - t0:.0f} s')
+    for seed in args.seeds:
+        joint, only = os.path.join(args.out, f'joint_seed{seed}'), os.path.join(args.out, f'video_seed{seed}')
+        models = [(f'joint {args.share:g}, {args.steps} steps', os.path.join(joint, 'ckpt.pt'), joint, args.steps,
+                   cpu[('joint', seed)]),
+                  (f'video-only, {args.steps} steps', os.path.join(only, f'ckpt_{args.steps:07d}.pt'), only, args.steps,
+                   cpu[('video', seed)] * args.steps / m),
+                  (f'video-only, {m} steps', os.path.join(only, 'ckpt.pt'), only, m, cpu[('video', seed)])]
+        for name, path, folder, step, seconds in models:
+            videos, _ = scorer.sample(path, args.samples, args.sample_steps, seed=100 + seed)
+            rows.append((f'{name}, seed {seed}', scorer.scores(data.to_uint8(videos)), last_val_loss(folder, step),
+                         seconds))
+            if args.gif and not os.path.exists(args.gif) and name.startswith('joint'):
+                write_gif(videos[:8], args.gif)
+            if args.docs and seed == args.seeds[0] and name.startswith('joint'):
+                extension_example(path, args)
+    for name, s, val, seconds in sorted(rows, key=lambda r: r[0]):
+        print(row(name, s, val, seconds))
+    print(f'settings: {args.dataset} {args.resolution}px {frames} frames, {args.config}'
+          f'{f" width {args.channels}" if args.channels else ""}, batch {args.batch_size}, lr {args.lr:g} constant '
+          f'after {args.warmup} warm-up steps; joint: {k} images per video; {args.samples} samples per model (Heun, '
+          f'{args.sample_steps} levels) against {len(scorer.reference)} held-out clips; train CPU s: process user + '
+          f'system seconds (video-only at {args.steps} steps: prorated)')
+
+
+def extension_example(path, args):
+    """Extension by reconstruction guidance (Sec. 3.1): the first 4 frames of 4 held-out clips given, 8 generated
+    (two sliding windows of 8 frames with 4 frames of context)."""
+    net, diffusion, config = checkpoints.load_model(path)
+    test = data.load_dataset(args.dataset, data_dir=args.data_dir, split='test', resolution=args.resolution,
+                             num_videos=4, seed=0)
+    clip, y = test.batch(torch.arange(4))
+    sigmas = sample.samplers.karras_sigmas(24, diffusion.sigma_min, diffusion.sigma_max)
+    ext = video.extend_video(diffusion.denoiser(net), clip[:, :, :4], config['data']['frames'], 8, sigmas, context=4,
+                             method_options={'w_r': 2.0}, generator=torch.Generator().manual_seed(0),
+                             cond={'y': y} if y is not None else None).clamp(-1, 1)
+    os.makedirs(args.docs, exist_ok=True)
+    sample.save_grid(torch.cat([clip, ext[:, :, :8]]), os.path.join(args.docs, 'video_extension.png'))
+    sample.save_gif(ext, os.path.join(args.docs, 'video_extension.gif'))
+    print(f'wrote {args.docs}/video_extension.png (rows 1-4: the held-out clips; rows 5-8: their first 4 frames then '
+          f'4 generated) and video_extension.gif (4 given + 8 generated)')
+
+
+def write_gif(videos, path):
+    """8 clips side by side, 4x nearest-neighbour upscaled."""
+    n, c, f, h, w = videos.shape
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    big = torch.nn.functional.interpolate(videos.transpose(1, 2).flatten(0, 1), scale_factor=4, mode='nearest')
+    sample.save_gif(big.reshape(n, f, c, 4 * h, 4 * w).transpose(1, 2), path)
+    print(f'wrote {path}')
 
 
 if __name__ == '__main__':

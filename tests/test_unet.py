@@ -177,6 +177,22 @@ def test_video_frames_interact_through_temporal_attention():
     assert (change > 1e-4).all()                             # one edited frame moves every frame of the video
 
 
+def test_temporal_attention_only_at_the_given_resolutions():
+    """temporal_attention=(8,) puts a temporal layer after the blocks at 8x8 only (where the width is 2 x 16 = 32):
+    of the 7 temporal layers of True (2 + 2 decoder and 1 encoder blocks at 16 and at 8, bottleneck), the encoder's
+    8x8 block, the bottleneck and the 2 decoder blocks at 8x8: 4, all 32 wide. Frames still interact through them."""
+    widths = lambda net: [m.norm.normalized_shape[0] for m in net.modules() if isinstance(m, unet.TemporalAttention)]
+    assert widths(small_unet(temporal_attention=True)) == [16, 32, 32, 32, 32, 16, 16]
+    net = perturb(small_unet(temporal_attention=(8,)))
+    assert widths(net) == [32, 32, 32, 32] and net.config['temporal_attention'] == (8,)
+    clip, level = torch.randn(1, 3, 4, 16, 16), torch.tensor([300.0])
+    with torch.no_grad():
+        clip2 = clip.clone()
+        clip2[:, :, 0] += 1
+        change = (net(clip2, level) - net(clip, level)).abs().amax(dim=(0, 1, 3, 4))
+    assert (change > 1e-4).all()
+
+
 def test_joint_video_image_batch_masks_independent_images():
     """Frames 0..3 are a video, 4..6 independent images: editing one image changes no other output frame."""
     net = perturb(small_unet(temporal_attention=True, cond_channels=2))
