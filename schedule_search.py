@@ -194,7 +194,7 @@ def fit_schedule(denoiser, shape, n, sampler='eps_abm', cond=None, sigma_min=0.0
 
     @torch.no_grad()
     def loss(theta, m):
-        if runs[0] >= max_evals:
+        if runs[0] >= max_evals - (m < n_paths):          # the half-path stages leave one run for the check on all
             raise _Budget
         runs[0] += 1
         x, tgt, c = subsets[m]

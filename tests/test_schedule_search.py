@@ -114,7 +114,7 @@ def fitted_file(tmp_path_factory):
     run_program('train.py', COMMON + ['--out', str(root / 'model')])
     ckpt, other = perturbed(root / 'model' / 'ckpt.pt', 0), perturbed(root / 'model' / 'ckpt.pt', 1)
     out = root / 'fit.json'
-    result = run_program('fit_schedule.py', ['--ckpt', ckpt, '--nfe', '4', '--paths', '4', '--max-evals', '8',
+    result = run_program('fit_schedule.py', ['--ckpt', ckpt, '--nfe', '4', '--paths', '4', '--max-evals', '20',
                                              '--ref-steps', '8', '--out', out])
     assert 'wrote' in result.stdout and 'CPU s' in result.stdout
     return ckpt, other, out, root
