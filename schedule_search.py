@@ -26,8 +26,8 @@ discretised and the true SDE paths (their Eq. 7-10, estimated with the model's d
 iterative coordinate refinement and then subdivision of a 10-step schedule; ours minimises the sampler's actual end
 point error against the reference ODE solution from the same starting noise (the quantity the benchmark reports),
 for the given solver and NFE, without data samples and without gradients: Powell on the log-sigma increments,
-coarse to fine (a few knots of a correction to Karras's increments on half of the paths, then every increment on all
-of them). AYS fixes both ends; ours fixes sigma_max and, by default, fits the last level too (free_end: at 5
+coarse to fine (Karras's formula with its own rho and last level, then a few knots of a correction to its increments
+on half of the paths, then every increment on all of them). AYS fixes both ends; ours fixes sigma_max and, by default, fits the last level too (free_end: at 5
 NFE a last level near 0.1 instead of 0.002 halves the error), while the reference still ends at sigma_min.
 
 Usage:
@@ -153,7 +153,7 @@ class _Budget(Exception):
 
 def fit_schedule(denoiser, shape, n, sampler='eps_abm', cond=None, sigma_min=0.002, sigma_max=80.0, seed=0, *,
                  options=None, n_paths=32, rho=7.0, knots=6, max_evals=160, ref_steps=256, reference=None,
-                 free_end=True, dtype=torch.float32, device='cpu', progress=False, return_info=False):
+                 free_end=True, family_fit=True, dtype=torch.float32, device='cpu', progress=False, return_info=False):
     """Fit n noise levels (sigma_max ... sigma_min, plus the final 0) of `sampler` to the denoiser's own PF-ODE.
 
     denoiser(x, sigma, **cond): any denoiser, e.g. a trained network (diffusion.denoiser(net)), guided or not;
@@ -162,9 +162,10 @@ def fit_schedule(denoiser, shape, n, sampler='eps_abm', cond=None, sigma_min=0.0
     n_paths, seed, sigma_max). The loss is the RMS distance of the sampler's output to the converged reference
     (reference_solutions, computed once; pass reference=(target, floor) to reuse one for several fits).
     Optimisation (derivative-free, scipy Powell; every schedule it tries is descending with the fixed ends, see
-    sigmas_from_theta), coarse to fine: first a piecewise-linear correction with `knots` knots to Karras's log-sigma
-    increments on the first half of the paths, then every increment on all of them, max_evals sampler runs in all
-    (one run costs n evaluations of the denoiser on half or all of the paths). free_end: the last level is fitted
+    sigmas_from_theta), coarse to fine: family_fit, Karras's Eq. 5 with a fitted rho and last level (the last level
+    first on a grid) on the first half of the paths; then a piecewise-linear correction with `knots` knots to its
+    log-sigma increments on that half; then every increment on all paths; max_evals sampler runs in all (one run
+    costs n evaluations of the denoiser on half or all of the paths). free_end: the last level is fitted
     too, as sigma_min * exp(u^2) >= sigma_min (at 5 NFE the final D(x, sigma_min = 0.002) is nearly the identity, an
     evaluation spent for nothing; a last level near 0.1 makes it a real denoising step: measured 2x lower error at 5
     NFE on the latent MNIST model); the reference still ends at sigma_min. Returns float64 sigmas (the best of
@@ -193,7 +194,7 @@ def fit_schedule(denoiser, shape, n, sampler='eps_abm', cond=None, sigma_min=0.0
 
     @torch.no_grad()
     def loss(theta, m):
-        if runs[0] >= max_evals:
+        if runs[0] >= max_evals - (m < n_paths):          # the half-path stages leave one run for the check on all
             raise _Budget
         runs[0] += 1
         x, tgt, c = subsets[m]
@@ -218,10 +219,24 @@ def fit_schedule(denoiser, shape, n, sampler='eps_abm', cond=None, sigma_min=0.0
     schedule = lambda theta: sigmas_from_theta(theta[:n - 1], end(theta[n - 1]), sigma_max)
     theta_karras = np.append(theta_from_sigmas(karras_sigmas(n, sigma_min, sigma_max, rho).double()).numpy(), 0.0)
     karras_error = loss(theta_karras, n_paths)
-    # Coarse: a correction to Karras's log increments, linear between k knots, on half of the paths.
+    # Family: Karras's Eq. 5 with its own rho and its own last level (2 numbers), on half of the paths; the last
+    # level first on a grid (u = 0, the start, is a flat point of sigma_min * exp(u^2), where a line search stalls).
+    family = lambda r, u: np.append(theta_from_sigmas(                 # rho within [rho / e^2, rho e^2]
+        karras_sigmas(n, end(u), sigma_max, rho * math.exp(min(max(r, -2.0), 2.0))).double()).numpy(), u)
+    theta_start = theta_karras
+    if family_fit:
+        grid = [math.sqrt(math.log(e / sigma_min)) for e in sigma_min * 10 ** np.arange(0.0, 3.0, 0.5)
+                if e < sigma_max / 10] if free_end else []
+        for u in grid:
+            loss(family(0.0, u), half)
+        u0 = best[half][1][n - 1] if half in best else 0.0
+        powell(lambda p: loss(family(p[0], p[1] if free_end else 0.0), half), np.array([0.0, u0]), max_evals // 5)
+        theta_start = best[half][1] if half in best else theta_karras
+    # Coarse: a correction to those log increments, linear between k knots, on half of the paths.
     k, pos = min(knots, n - 1), np.linspace(0, 1, n - 1)
     correction = lambda c: np.interp(pos, np.linspace(0, 1, k), c) if k > 1 else np.full(n - 1, c[0])
-    powell(lambda c: loss(theta_karras + np.append(correction(c[:k]), c[k]), half), np.zeros(k + 1), max_evals // 3)
+    base = theta_start.copy()
+    powell(lambda c: loss(base + np.append(correction(c[:k]), c[k]), half), np.zeros(k + 1), max_evals // 3)
     theta_coarse = best[half][1] if half in best else theta_karras
     # Fine: every increment on all paths, from the coarse fit (kept only if it is better on all paths).
     start = theta_coarse if runs[0] < max_evals and loss(theta_coarse, n_paths) < karras_error else theta_karras

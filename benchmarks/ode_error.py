@@ -5,12 +5,13 @@ Every deterministic solver integrates the same probability-flow ODE of the model
 Eq. 3), so its error is measurable without any sample metric: start every solver from the same held-out noises,
 compare its output with a converged reference solution from the same noises (schedule_search.reference_solutions:
 DEIS tAB3 on 512 and Heun on 256 Karras levels; their RMS distance is the floor), and report the RMS distance at
-5/10/20/35 NFE. The schedule fitted by schedule_search.fit_schedule (for eps_abm at each NFE, on OTHER noise draws:
-seed 0 for the fit, seed 1 for the measurement) is then given to every solver that uses one evaluation per level,
-so the gain of the schedule and of the solver are seen apart. A class-conditional model is measured on its classes
+5/10/20/35 NFE on 64 held-out noises. The schedule fitted by schedule_search.fit_schedule (for eps_abm at each NFE,
+on 32 OTHER noise draws: seed 0 for the fit, seed 1 for the measurement) is then given to every solver that uses one
+evaluation per level, so the gain of the schedule and of the solver are seen apart; further --fit-sampler solvers
+are also fitted for themselves. A class-conditional model is measured on its classes
 cycled (as sample.py's grid), with the guidance weights asked for (each weight is its own ODE, fitted separately).
 
-    python benchmarks/ode_error.py --ckpt runs/mnist/ckpt.pt --guidance 1 2 --json runs/ode_mnist.json
+    python benchmarks/ode_error.py --ckpt runs/mnist/ckpt.pt --guidance 1 2 --ref-cache runs --json runs/ode_mnist.json
     python benchmarks/ode_error.py --plot runs/ode_*.json --out docs/fitted_ode_error.png
     python benchmarks/ode_error.py --grids runs/ode_mnist.json runs/ode_default.json --out docs/fitted_grids.png
     python benchmarks/ode_error.py --sample-metric runs/ode_mnist.json --json runs/metric_mnist.json
@@ -42,40 +43,65 @@ def fit_budget(n, evals=1600):
     return max(20, min(320, evals // n))
 
 
+def cached_reference(denoiser, x, lo, hi, cond, steps, path):
+    """reference_solutions for the noises x, read from `path` when it holds the same noises (and written there)."""
+    if path and os.path.exists(path):
+        saved = torch.load(path, weights_only=True)
+        if saved['x'].shape == x.shape and torch.equal(saved['x'], x) and saved['steps'] == steps:
+            return saved['target'], saved['floor'], saved['cpu_seconds']
+    t0 = time.process_time()
+    target, floor = reference_solutions(denoiser, x, lo, hi, cond, steps, progress=True)
+    seconds = time.process_time() - t0
+    if path:
+        torch.save(dict(x=x, target=target, floor=floor, steps=steps, cpu_seconds=seconds), path)
+    return target, floor, seconds
+
+
 @torch.no_grad()
 def measure(ckpt, w, args):
     """Errors of every solver at every NFE on Karras's and the fitted schedules, for one model and guidance weight."""
-    denoiser, cond, w, diffusion, config = model_ode(ckpt, w, args.paths)
+    denoiser, cond_all, w, diffusion, config = model_ode(ckpt, w, max(args.paths, args.test_paths))
+    cond, cond_test = ({k: v[:m] for k, v in cond_all.items()} for m in (args.paths, args.test_paths))   # classes cycled
     shape, lo, hi = sample_shape(config), diffusion.sigma_min, diffusion.sigma_max
-    t0 = time.process_time()
+    cache = lambda seed, paths, steps: args.ref_cache and os.path.join(
+        args.ref_cache, f'ref_{os.path.basename(os.path.dirname(os.path.abspath(ckpt)))}_w{w:g}_s{seed}_p{paths}_r{steps}.pt')
     x_fit = draw_noise(shape, args.paths, args.fit_seed, hi)
-    ref_fit, floor_fit = reference_solutions(denoiser, x_fit, lo, hi, cond, args.ref_steps)
-    x_test = draw_noise(shape, args.paths, args.test_seed, hi)
-    ref_test, floor = reference_solutions(denoiser, x_test, lo, hi, cond, args.ref_steps)
-    ref_seconds = time.process_time() - t0
-    print(f'{ckpt} w={w:g}: references in {ref_seconds:.0f} CPU s; floor {floor:.2e} (held-out), {floor_fit:.2e} (fit)')
-    fits = {}
-    for nfe in args.fit_nfe or args.nfe:
-        n = samplers.steps_for_nfe(args.fit_sampler, nfe)
-        sigmas, info = fit_schedule(denoiser, shape, n, args.fit_sampler, cond, lo, hi, seed=args.fit_seed,
-                                    n_paths=args.paths, max_evals=fit_budget(n, args.fit_evals), reference=(ref_fit, floor_fit),
-                                    progress=True, return_info=True)
-        print(f"  fit n={n}: {info['karras_error']:.3e} -> {info['fitted_error']:.3e} on its own noise, "
-              f"{info['sampler_runs']} runs, {info['cpu_seconds']:.0f} CPU s; sigmas "
-              + ' '.join(f'{s:.3g}' for s in sigmas.tolist()))
-        fits[n] = (sigmas, info)
-    errors = {}
+    ref_fit, floor_fit, fit_ref_seconds = cached_reference(denoiser, x_fit, lo, hi, cond, args.fit_ref_steps,
+                                                           cache(args.fit_seed, args.paths, args.fit_ref_steps))
+    x_test = draw_noise(shape, args.test_paths, args.test_seed, hi)
+    ref_test, floor, ref_seconds = cached_reference(denoiser, x_test, lo, hi, cond_test, args.ref_steps,
+                                                    cache(args.test_seed, args.test_paths, args.ref_steps))
+    print(f'{ckpt} w={w:g}: held-out reference ({args.test_paths} noises, {args.ref_steps} levels) {ref_seconds:.0f} '
+          f'CPU s, floor {floor:.2e}; fit reference ({args.paths} noises, {args.fit_ref_steps} levels) '
+          f'{fit_ref_seconds:.0f} CPU s, floor {floor_fit:.2e}')
+    fits = {}                                                   # (solver fitted for, nfe) -> (sigmas, info)
+    for fs in args.fit_sampler:
+        for nfe in args.fit_nfe or args.nfe:
+            n = samplers.steps_for_nfe(fs, nfe)
+            sigmas, info = fit_schedule(denoiser, shape, n, fs, cond, lo, hi, seed=args.fit_seed,
+                                        n_paths=args.paths, max_evals=fit_budget(n, args.fit_evals),
+                                        reference=(ref_fit, floor_fit), progress=True, return_info=True)
+            print(f"  fit {fs} {nfe} NFE: {info['karras_error']:.3e} -> {info['fitted_error']:.3e} on its own noise, "
+                  f"{info['sampler_runs']} runs, {info['cpu_seconds']:.0f} CPU s; sigmas "
+                  + ' '.join(f'{s:.3g}' for s in sigmas.tolist()))
+            fits[fs, nfe] = (sigmas, info)
+    errors, first = {}, args.fit_sampler[0]
     for solver in PUBLISHED + OURS:
         for nfe in args.nfe:
             n = samplers.steps_for_nfe(solver, nfe)
-            for name, sigmas in (('karras', samplers.karras_sigmas(n, lo, hi)),
-                                 ('fitted', fits[n][0].float() if n in fits and solver != 'heun' else None)):
+            # fitted: the first --fit-sampler's schedule, for every solver with as many levels; own: fitted for itself
+            candidates = (('karras', samplers.karras_sigmas(n, lo, hi)),
+                          ('fitted', fits[first, nfe][0] if (first, nfe) in fits and len(fits[first, nfe][0]) == n + 1 else None),
+                          ('own', fits[solver, nfe][0] if (solver, nfe) in fits and solver != first else None))
+            for name, sigmas in candidates:
                 if sigmas is not None:
-                    out = samplers.SAMPLERS[solver](denoiser, x_test.clone(), sigmas, cond=cond)
+                    out = samplers.SAMPLERS[solver](denoiser, x_test.clone(), sigmas.float(), cond=cond_test)
                     errors[f'{solver}|{name}|{nfe}'] = rms(out, ref_test)
     record = dict(ckpt=ckpt, guidance=w, dataset=config['data']['dataset'], latent=bool(config.get('autoencoder')),
-                  paths=args.paths, floor=floor, reference_cpu_seconds=ref_seconds, nfe=args.nfe, errors=errors,
-                  fits={n: dict(sigmas=s.tolist(), **info) for n, (s, info) in fits.items()})
+                  paths=args.test_paths, fit_paths=args.paths, ref_steps=args.ref_steps, floor=floor,
+                  reference_cpu_seconds=ref_seconds, nfe=args.nfe, errors=errors,
+                  fits={nfe: dict(sigmas=s.tolist(), **info) for (fs, nfe), (s, info) in fits.items() if fs == first},
+                  own_fits={f'{fs}|{nfe}': dict(sigmas=s.tolist(), **info) for (fs, nfe), (s, info) in fits.items()})
     print_table(record)
     return record
 
@@ -88,13 +114,15 @@ def print_table(r):
     print('| solver | schedule | ' + ' | '.join(f'{n} NFE' for n in nfes) + ' |')
     print('| --- | --- |' + ' --- |' * len(nfes))
     for solver in PUBLISHED + OURS:
-        for sched in ('karras', 'fitted'):
+        for sched in ('karras', 'fitted', 'own'):
             cells = [e.get(f'{solver}|{sched}|{n}') for n in nfes]
             if any(c is not None for c in cells):
                 name = solver + (' (ours)' if solver in OURS else '')
-                print(f'| {name} | {sched} | ' + ' | '.join('-' if c is None else f'{c:.2e}' for c in cells) + ' |')
+                label = 'fitted for itself' if sched == 'own' else sched
+                print(f'| {name} | {label} | ' + ' | '.join('-' if c is None else f'{c:.2e}' for c in cells) + ' |')
     best_pub = [min(e[f'{s}|karras|{n}'] for s in PUBLISHED) for n in nfes]
-    best_ours = [min([e[k] for k in e if k.endswith(f'|fitted|{n}') and k.split('|')[0] in OURS] or [None]) for n in nfes]
+    best_ours = [min([e[k] for k in e if k.endswith(f'|{n}') and k.split('|')[1] != 'karras' and k.split('|')[0] in OURS]
+                     or [None]) for n in nfes]
     print('| best ours, fitted / best published, Karras | | ' + ' | '.join('-' if o is None else f'{o / p:.2f}' for o, p in
                                                                          zip(best_ours, best_pub)) + ' |')
 
@@ -210,11 +238,17 @@ def main():
     p.add_argument('--ckpt', default=None, help='measure the ODE error of this checkpoint')
     p.add_argument('--guidance', type=float, nargs='+', default=[None], help="weights (default: the run's)")
     p.add_argument('--nfe', type=int, nargs='+', default=[5, 10, 20, 35])
-    p.add_argument('--paths', type=int, default=32, help='noise draws for the fit, and as many held out')
+    p.add_argument('--paths', type=int, default=32, help='noise draws the schedules are fitted on')
+    p.add_argument('--test-paths', type=int, default=64, help='held-out noise draws the errors are measured on')
     p.add_argument('--fit-seed', type=int, default=0)
     p.add_argument('--test-seed', type=int, default=1)
-    p.add_argument('--fit-sampler', default='eps_abm')
-    p.add_argument('--ref-steps', type=int, default=256)
+    p.add_argument('--fit-sampler', nargs='+', default=['eps_abm'], help="the first one's schedule is given to every "
+                   'solver ("fitted"); each other one is also fitted for itself ("fitted for itself")')
+    p.add_argument('--ref-steps', type=int, default=256, help='held-out reference: Heun on these levels, DEIS on 2x')
+    p.add_argument('--fit-ref-steps', type=int, default=128, help="the fit's reference (its floor is far below a "
+                   '5-10 NFE error)')
+    p.add_argument('--ref-cache', default=None, metavar='DIR', help='keep the reference solutions here (reused when '
+                   'the same noises, weight and levels come again)')
     p.add_argument('--json', default=None, help='save the measurements here')
     p.add_argument('--plot', nargs='+', default=None, metavar='JSON', help='plot saved measurements to --out')
     p.add_argument('--grids', nargs='+', default=None, metavar='JSON', help='sample grids of measured models to --out')
