@@ -86,7 +86,7 @@ def judge_for(config, data_dir, cache_dir='runs/levers_judges'):
     path = os.path.join(cache_dir, key + '.pt')
     if os.path.exists(path):
         saved = torch.load(path, weights_only=True)
-        return lenet_from_state_dict(saved['state']), (saved['mu'], saved['cov']), saved['what']
+        return lenet_from_state_dict(saved['state']), (saved['mu'].numpy(), saved['cov'].numpy()), saved['what']
     if d['dataset'] == 'mnist':
         ds = data.load_dataset('mnist', data_dir=data_dir or trained.get('data_dir'), split=trained.get('split', 'test'),
                                resolution=d['resolution'])
@@ -111,7 +111,7 @@ def judge_for(config, data_dir, cache_dir='runs/levers_judges'):
     with torch.no_grad():
         mu, cov = metrics.feature_statistics(judge((ref_x + 1) / 2).double())
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save({'state': judge.state_dict(), 'mu': mu, 'cov': cov, 'what': what}, path)
+    torch.save({'state': judge.state_dict(), 'mu': torch.as_tensor(mu), 'cov': torch.as_tensor(cov), 'what': what}, path)
     print(f'judge: {what}')
     return judge, (mu, cov), what
 
