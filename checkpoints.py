@@ -79,7 +79,7 @@ def resolution_problem(model, config_name, r):
             return (f"resolution {r} does not suit U-Net '{name}': its {levels} levels halve the image {levels - 1} "
                     f'times, so it needs a multiple of {factor}')
         return None
-    name = config_name or 'DiT-S/4'
+    name = config_name or 'DiT-cpu'
     patch = DIT_CONFIGS[name]['patch_size']
     if r % patch:
         return f"resolution {r} does not suit DiT '{name}': it needs a multiple of its patch size {patch}"
@@ -103,7 +103,7 @@ def network_config(args, dataset, num_classes, aug_dim):
     if args.model in EDM2_CONFIGS:                  # the EDM2 U-Net: its name is the configuration
         net = dict(EDM2_CONFIGS[args.model], in_channels=dataset.channels, image_size=r, num_classes=num_classes)
         return args.model, EDM2UNet(**net).config
-    name = args.config or 'DiT-S/4'
+    name = args.config or 'DiT-cpu'
     return name, DiT(**dict(DIT_CONFIGS[name], input_size=r, in_channels=dataset.channels, num_classes=num_classes,
                             aug_dim=aug_dim)).config
 
