@@ -51,6 +51,8 @@ NETWORKS = {'unet': UNet, 'dit': DiT, 'classifier': NoiseConditionalClassifier, 
 CHECKPOINT_KEYS = ('config', 'model', 'ema')    # what every training checkpoint holds, at least
 # The natural schedule of each parameterisation (diffusion.py): cosine VP for eps/x0/v, EDM's, the flow's.
 DEFAULT_SCHEDULE = {'eps': 'cosine', 'x0': 'cosine', 'v': 'cosine', 'edm': 'edm', 'flow': 'flow'}
+# The network size train.py builds when --config is not given (unet.UNET_CONFIGS / dit.DIT_CONFIGS names).
+DEFAULT_CONFIG = {'unet': 'micro', 'dit': 'DiT-cpu'}
 
 
 def sha256_of(path):
@@ -72,14 +74,14 @@ def resolution_problem(model, config_name, r):
     if model in EDM2_CONFIGS:                                           # --model edm2-xs, ... (edm2.py)
         return edm2_resolution_problem(len(EDM2_CONFIGS[model]['channel_mult']), r)
     if model == 'unet':
-        name = config_name or 'micro'
+        name = config_name or DEFAULT_CONFIG['unet']
         levels = len(UNET_CONFIGS[name]['channel_mult'])
         factor = 2 ** (levels - 1)                                      # one halving per level below the first
         if r % factor:
             return (f"resolution {r} does not suit U-Net '{name}': its {levels} levels halve the image {levels - 1} "
                     f'times, so it needs a multiple of {factor}')
         return None
-    name = config_name or 'DiT-cpu'
+    name = config_name or DEFAULT_CONFIG['dit']
     patch = DIT_CONFIGS[name]['patch_size']
     if r % patch:
         return f"resolution {r} does not suit DiT '{name}': it needs a multiple of its patch size {patch}"
@@ -93,7 +95,7 @@ def network_config(args, dataset, num_classes, aug_dim):
     if problem:
         raise SystemExit(f'error: {problem}')
     if args.model == 'unet':
-        name = args.config or 'micro'
+        name = args.config or DEFAULT_CONFIG['unet']
         net = dict(UNET_CONFIGS[name], in_channels=dataset.channels, image_size=r, num_classes=num_classes, aug_dim=aug_dim)
         if args.dropout is not None:
             net['dropout'] = args.dropout
@@ -103,7 +105,7 @@ def network_config(args, dataset, num_classes, aug_dim):
     if args.model in EDM2_CONFIGS:                  # the EDM2 U-Net: its name is the configuration
         net = dict(EDM2_CONFIGS[args.model], in_channels=dataset.channels, image_size=r, num_classes=num_classes)
         return args.model, EDM2UNet(**net).config
-    name = args.config or 'DiT-cpu'
+    name = args.config or DEFAULT_CONFIG['dit']
     return name, DiT(**dict(DIT_CONFIGS[name], input_size=r, in_channels=dataset.channels, num_classes=num_classes,
                             aug_dim=aug_dim)).config
 

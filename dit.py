@@ -281,6 +281,7 @@ class DiT(nn.Module):
 _SIZES = dict(S=dict(depth=12, hidden_size=384, num_heads=6), B=dict(depth=12, hidden_size=768, num_heads=12),
               L=dict(depth=24, hidden_size=1024, num_heads=16), XL=dict(depth=28, hidden_size=1152, num_heads=16))
 DIT_CONFIGS = {f'DiT-{size}/{p}': dict(**_SIZES[size], patch_size=p) for size in _SIZES for p in (2, 4, 8)}
+OFFICIAL_DIT_CONFIGS = tuple(DIT_CONFIGS)            # Table 1's sizes; those added below are ours
 # Our own sizes, not in the paper (same network: adaLN-Zero blocks, fixed sin-cos positions, MLP ratio 4).
 # Tests and demos: 2 blocks of width 64 on 2x2 patches.
 DIT_CONFIGS['DiT-tiny/2'] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)
@@ -343,7 +344,7 @@ def dit_config_from_official(state_dict):
              if (c['depth'], c['hidden_size'], c['patch_size']) == (depth, hidden, patch_size)]
     if not sizes:
         raise ValueError(f'no DiT configuration has depth {depth}, width {hidden} and patch size {patch_size}; '
-                         f'the official models are the {", ".join(n for n in DIT_CONFIGS if n not in ("DiT-tiny/2", "DiT-cpu"))}')
+                         f'the official models are the {", ".join(OFFICIAL_DIT_CONFIGS)}')
     return dict(DIT_CONFIGS[sizes[0]], input_size=grid * patch_size, in_channels=in_channels,
                 # the table has one extra row, the "no class" label of classifier-free guidance (index num_classes)
                 num_classes=state_dict['y_embedder.embedding_table.weight'].shape[0] - 1,

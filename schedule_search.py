@@ -235,8 +235,7 @@ def fit_schedule(denoiser, shape, n, sampler='eps_abm', cond=None, sigma_min=0.0
     # Coarse: a correction to those log increments, linear between k knots, on half of the paths.
     k, pos = min(knots, n - 1), np.linspace(0, 1, n - 1)
     correction = lambda c: np.interp(pos, np.linspace(0, 1, k), c) if k > 1 else np.full(n - 1, c[0])
-    base = theta_start.copy()
-    powell(lambda c: loss(base + np.append(correction(c[:k]), c[k]), half), np.zeros(k + 1), max_evals // 3)
+    powell(lambda c: loss(theta_start + np.append(correction(c[:k]), c[k]), half), np.zeros(k + 1), max_evals // 3)
     theta_coarse = best[half][1] if half in best else theta_karras
     # Fine: every increment on all paths, from the coarse fit (kept only if it is better on all paths).
     start = theta_coarse if runs[0] < max_evals and loss(theta_coarse, n_paths) < karras_error else theta_karras

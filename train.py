@@ -475,7 +475,7 @@ def check_diffusion_args(args, need):
 def check_applies(args, need):
     """A flag that would do nothing in this run is refused with what it applies to (it was silently ignored),
     then the defaults of the flags whose default is None (so that 'given' can be told from 'default')."""
-    name = args.config or {'unet': 'micro', 'dit': 'DiT-cpu'}.get(args.model, args.model)
+    name = args.config or checkpoints.DEFAULT_CONFIG.get(args.model, args.model)
     unet = UNET_CONFIGS.get(name, {}) if args.model == 'unet' else {}
     # The DiT's width and depth are its named configuration, and it has no dropout.
     for flag in ('dropout', 'model_channels'):
