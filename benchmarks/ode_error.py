@@ -75,11 +75,13 @@ def measure(ckpt, w, args):
           f'CPU s, floor {floor:.2e}; fit reference ({args.paths} noises, {args.fit_ref_steps} levels) '
           f'{fit_ref_seconds:.0f} CPU s, floor {floor_fit:.2e}')
     fits = {}                                                   # (solver fitted for, nfe) -> (sigmas, info)
+    fit_nfes = args.fit_nfe or args.nfe
+    evals = dict(zip(fit_nfes, args.fit_evals * len(fit_nfes) if len(args.fit_evals) == 1 else args.fit_evals))
     for fs in args.fit_sampler:
-        for nfe in args.fit_nfe or args.nfe:
+        for nfe in fit_nfes:
             n = samplers.steps_for_nfe(fs, nfe)
             sigmas, info = fit_schedule(denoiser, shape, n, fs, cond, lo, hi, seed=args.fit_seed,
-                                        n_paths=args.paths, max_evals=fit_budget(n, args.fit_evals),
+                                        n_paths=args.paths, max_evals=fit_budget(n, evals[nfe]),
                                         reference=(ref_fit, floor_fit), progress=True, return_info=True)
             print(f"  fit {fs} {nfe} NFE: {info['karras_error']:.3e} -> {info['fitted_error']:.3e} on its own noise, "
                   f"{info['sampler_runs']} runs, {info['cpu_seconds']:.0f} CPU s; sigmas "
@@ -98,7 +100,7 @@ def measure(ckpt, w, args):
                     out = samplers.SAMPLERS[solver](denoiser, x_test.clone(), sigmas.float(), cond=cond_test)
                     errors[f'{solver}|{name}|{nfe}'] = rms(out, ref_test)
     record = dict(ckpt=ckpt, guidance=w, dataset=config['data']['dataset'], latent=bool(config.get('autoencoder')),
-                  paths=args.test_paths, fit_paths=args.paths, ref_steps=args.ref_steps, floor=floor,
+                  paths=args.test_paths, fit_paths=args.paths, fit_evals=args.fit_evals, ref_steps=args.ref_steps, floor=floor,
                   reference_cpu_seconds=ref_seconds, nfe=args.nfe, errors=errors,
                   fits={nfe: dict(sigmas=s.tolist(), **info) for (fs, nfe), (s, info) in fits.items() if fs == first},
                   own_fits={f'{fs}|{nfe}': dict(sigmas=s.tolist(), **info) for (fs, nfe), (s, info) in fits.items()})
@@ -255,12 +257,16 @@ def main():
     p.add_argument('--sample-metric', default=None, metavar='JSON', help='class accuracy and FD_lenet at 10 NFE, '
                    "the records' fitted schedules")
     p.add_argument('--fit-nfe', type=int, nargs='+', default=None, help='fit at these NFE only (default: all --nfe)')
-    p.add_argument('--fit-evals', type=int, default=1600, help='denoiser calls (per path) each fit may spend')
+    p.add_argument('--fit-evals', type=int, nargs='+', default=[1600], help='denoiser calls (per path) each fit may '
+                   'spend: one number for every fit, or one per --fit-nfe')
     p.add_argument('--per-class', type=int, default=50)
     p.add_argument('--metric-solvers', nargs='+', default=['dpmpp_2m', 'deis_tab'])
     p.add_argument('--metric-nfe', type=int, nargs='+', default=[10, 20])
     p.add_argument('--out', default=None)
     args = p.parse_args()
+    if len(args.fit_evals) not in (1, len(args.fit_nfe or args.nfe)):
+        p.error(f'--fit-evals takes one number or one per fitted NFE ({len(args.fit_nfe or args.nfe)}), '
+                f'got {len(args.fit_evals)}')
     torch.manual_seed(0)
     if args.plot:
         return plot([r for f in args.plot for r in json.load(open(f))], args.out)
