@@ -52,6 +52,8 @@ def train_command(out, share, steps, args, seed, save_early=0):
         cmd += ['--model-channels', str(args.channels)]
     if args.data_dir:
         cmd += ['--data-dir', args.data_dir]
+    if args.device:
+        cmd += ['--device', args.device]
     return cmd + (['--save-early', str(save_early)] if save_early else [])
 
 
@@ -64,18 +66,18 @@ def run_all(commands, jobs, threads, record=None):
         while pending and len(running) < jobs:
             key, cmd = pending.pop(0)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            running[proc.pid] = (key, proc)
+            running[proc.pid] = (key, proc, time.time())
         pid, status, usage = os.wait4(-1, 0)              # any child; its own rusage (not its siblings')
         if pid not in running:
             continue
-        key, proc = running.pop(pid)
+        key, proc, start = running.pop(pid)
         log = proc.stdout.read()
         if os.waitstatus_to_exitcode(status):
             raise SystemExit(f'run {key} failed:\n{log[-3000:]}')
         cpu[key] = usage.ru_utime + usage.ru_stime
         if record:
             with open(os.path.join(record[key], 'cpu_seconds.json'), 'w') as f:
-                json.dump({'cpu_seconds': cpu[key]}, f)
+                json.dump({'cpu_seconds': cpu[key], 'wall_seconds': time.time() - start}, f)   # wall: GPU runs
     return cpu
 
 
@@ -90,7 +92,8 @@ def recorded_cpu(folder):
 class Scorer:
     """Samples checkpoints and scores them against held-out clips: motion.py and frame-FD/KD in a data LeNet."""
 
-    def __init__(self, dataset, resolution, frames, data_dir=None, reference=400, lenet_steps=300):
+    def __init__(self, dataset, resolution, frames, data_dir=None, reference=400, lenet_steps=300, device='cpu'):
+        self.device = device                                      # where checkpoints are sampled
         kw = dict(data_dir=data_dir, resolution=resolution, frames=frames, seed=0)
         train = data.load_dataset(dataset, num_videos=1000, **kw)
         self.reference = data.load_dataset(dataset, split='test', num_videos=reference, **kw).images   # uint8
@@ -118,11 +121,11 @@ class Scorer:
                     frame_kd=kd)
 
     def sample(self, path, n, steps=18, seed=100):
-        net, diffusion, config = checkpoints.load_model(path)
+        net, diffusion, config = checkpoints.load_model(path, self.device)
         num_classes = config['data']['num_classes']
         labels = torch.arange(n) % num_classes if num_classes else None
         t0 = time.process_time()
-        videos = sample.generate(net, diffusion, n, checkpoints.sample_shape(config), 'cpu', labels, num_classes,
+        videos = sample.generate(net, diffusion, n, checkpoints.sample_shape(config), self.device, labels, num_classes,
                                  'heun', steps, 1.0, seed=seed, batch_size=32)
         return videos, time.process_time() - t0
 
@@ -165,6 +168,8 @@ def main():
     p.add_argument('--sample-steps', type=int, default=18, help='noise levels of the Heun schedule')
     p.add_argument('--jobs', type=int, default=2, help='training runs at a time')
     p.add_argument('--threads', type=int, default=1, help='threads per training run')
+    p.add_argument('--device', default=None, help='training and sampling device; default: cuda if available, else '
+                   'cpu (on a GPU read the wall seconds in each run\'s cpu_seconds.json, not the CPU seconds)')
     p.add_argument('--out', default='runs/video_joint')
     p.add_argument('--gif', default=None, help='write 8 samples of every model (4x, nearest) to '
                    'GIF_<joint|video>_<steps>_seed<seed>.gif; with --score, to GIF_<its run folder>.gif')
@@ -173,7 +178,8 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     frames = 8
-    scorer = Scorer(args.dataset, args.resolution, frames, args.data_dir)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    scorer = Scorer(args.dataset, args.resolution, frames, args.data_dir, device=device)
     print(HEADER)
     print(row('held-out half vs the other half', scorer.floor))
 
