@@ -6,9 +6,10 @@ Per seed, two train.py runs with the same seed, data, network, learning rate and
 warm-up (--lr-decay constant, so that a run's step-N checkpoint is exactly what an N-step run would give):
   joint       --image-share S for N steps: each video gets round(S F / (1 - S)) independent frames appended, so a
               step costs more (about (F + k) / F times the frames);
-  video-only  the same for M = round(N (F + k) / F) steps, its step-N checkpoint kept (--save-early N): the
-              equal-step model at step N, the equal-CPU model at step M. The CPU seconds of every run are measured
-              (the child's user + system time, os.wait4), those of the step-N checkpoint prorated by N / M.
+  video-only  the same for M = round(N (F + k) / F) steps (or --video-steps M), its step-N checkpoint kept
+              (--save-early N): the equal-step model at step N, the equal-CPU model at step M. The CPU seconds of
+              every run are measured (the child's user + system time, os.wait4), those of the step-N checkpoint
+              prorated by N / M.
 Scores of each model (EMA weights, classes cycled, Heun sampling), against held-out 'test' clips never trained on:
   speed_w1, velocity_w1, straight, lost   motion.py: the tracked object's frame-to-frame velocities against the
               held-out clips' (Wasserstein-1, pixels per frame), the share of clips moving in a straight line at
@@ -19,6 +20,7 @@ Scores of each model (EMA weights, classes cycled, Heun sampling), against held-
 Process CPU seconds make the comparison fair on a shared machine; wall time is not reported for that reason.
 
     python benchmarks/video.py --steps 160 --seeds 0 1 --channels 16 --batch-size 8 --warmup 16   # the experiment
+    python benchmarks/video.py --steps 700 --video-steps 1200 --seeds 0 --jobs 1 --reuse ...   # then --seeds 0 1
     python benchmarks/video.py --score runs/a/ckpt.pt runs/b/ckpt.pt --sample-steps 12    # scores of checkpoints
 """
 import argparse
@@ -50,33 +52,48 @@ def train_command(out, share, steps, args, seed, save_early=0):
         cmd += ['--model-channels', str(args.channels)]
     if args.data_dir:
         cmd += ['--data-dir', args.data_dir]
+    if args.device:
+        cmd += ['--device', args.device]
     return cmd + (['--save-early', str(save_early)] if save_early else [])
 
 
-def run_all(commands, jobs, threads):
-    """Run {key: command} at most `jobs` at a time; {key: CPU seconds (user + system) of the child}."""
+def run_all(commands, jobs, threads, record=None):
+    """Run {key: command} at most `jobs` at a time; {key: CPU seconds (user + system) of the child}. record: {key:
+    folder}: each finished run's CPU seconds are also written to folder/cpu_seconds.json (read back by --reuse)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     pending, running, cpu = list(commands.items()), {}, {}
     while pending or running:
         while pending and len(running) < jobs:
             key, cmd = pending.pop(0)
             proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            running[proc.pid] = (key, proc)
+            running[proc.pid] = (key, proc, time.time())
         pid, status, usage = os.wait4(-1, 0)              # any child; its own rusage (not its siblings')
         if pid not in running:
             continue
-        key, proc = running.pop(pid)
+        key, proc, start = running.pop(pid)
         log = proc.stdout.read()
         if os.waitstatus_to_exitcode(status):
             raise SystemExit(f'run {key} failed:\n{log[-3000:]}')
         cpu[key] = usage.ru_utime + usage.ru_stime
+        if record:
+            with open(os.path.join(record[key], 'cpu_seconds.json'), 'w') as f:
+                json.dump({'cpu_seconds': cpu[key], 'wall_seconds': time.time() - start}, f)   # wall: GPU runs
     return cpu
+
+
+def recorded_cpu(folder):
+    """The CPU seconds run_all recorded for a finished run, or None (no finished run there)."""
+    path = os.path.join(folder, 'cpu_seconds.json')
+    if not (os.path.exists(path) and os.path.exists(os.path.join(folder, 'ckpt.pt'))):
+        return None
+    return json.load(open(path))['cpu_seconds']
 
 
 class Scorer:
     """Samples checkpoints and scores them against held-out clips: motion.py and frame-FD/KD in a data LeNet."""
 
-    def __init__(self, dataset, resolution, frames, data_dir=None, reference=400, lenet_steps=300):
+    def __init__(self, dataset, resolution, frames, data_dir=None, reference=400, lenet_steps=300, device='cpu'):
+        self.device = device                                      # where checkpoints are sampled
         kw = dict(data_dir=data_dir, resolution=resolution, frames=frames, seed=0)
         train = data.load_dataset(dataset, num_videos=1000, **kw)
         self.reference = data.load_dataset(dataset, split='test', num_videos=reference, **kw).images   # uint8
@@ -104,11 +121,11 @@ class Scorer:
                     frame_kd=kd)
 
     def sample(self, path, n, steps=18, seed=100):
-        net, diffusion, config = checkpoints.load_model(path)
+        net, diffusion, config = checkpoints.load_model(path, self.device)
         num_classes = config['data']['num_classes']
         labels = torch.arange(n) % num_classes if num_classes else None
         t0 = time.process_time()
-        videos = sample.generate(net, diffusion, n, checkpoints.sample_shape(config), 'cpu', labels, num_classes,
+        videos = sample.generate(net, diffusion, n, checkpoints.sample_shape(config), self.device, labels, num_classes,
                                  'heun', steps, 1.0, seed=seed, batch_size=32)
         return videos, time.process_time() - t0
 
@@ -141,20 +158,28 @@ def main():
     p.add_argument('--lr', type=float, default=2e-3)
     p.add_argument('--warmup', type=int, default=20)
     p.add_argument('--share', type=float, default=0.5, help='--image-share of the joint runs')
+    p.add_argument('--video-steps', type=int, default=None, help='M: the video-only runs\' steps (the equal-CPU '
+                   'point); default N (F + k) / F, the frame ratio (a joint step measured 1.7x, not 2x, a video-only '
+                   'one at F = 8, k = 8)')
+    p.add_argument('--reuse', action='store_true', help='do not retrain a run whose folder holds ckpt.pt and the '
+                   'cpu_seconds.json of a finished run (score several seeds trained by separate invocations)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     p.add_argument('--samples', type=int, default=64, help='generated clips per model')
     p.add_argument('--sample-steps', type=int, default=18, help='noise levels of the Heun schedule')
     p.add_argument('--jobs', type=int, default=2, help='training runs at a time')
     p.add_argument('--threads', type=int, default=1, help='threads per training run')
+    p.add_argument('--device', default=None, help='training and sampling device; default: cuda if available, else '
+                   'cpu (on a GPU read the wall seconds in each run\'s cpu_seconds.json, not the CPU seconds)')
     p.add_argument('--out', default='runs/video_joint')
-    p.add_argument('--gif', default=None, help='write 8 samples of the first joint model here (4x, nearest); with '
-                   '--score, of every checkpoint, to GIF_<its run folder>.gif')
+    p.add_argument('--gif', default=None, help='write 8 samples of every model (4x, nearest) to '
+                   'GIF_<joint|video>_<steps>_seed<seed>.gif; with --score, to GIF_<its run folder>.gif')
     p.add_argument('--docs', default=None, help='write an extension example of the first joint model here '
                    '(video_extension.png / .gif: 4 given frames of held-out clips, then 8 generated, Sec. 3.1)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     frames = 8
-    scorer = Scorer(args.dataset, args.resolution, frames, args.data_dir)
+    device = args.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+    scorer = Scorer(args.dataset, args.resolution, frames, args.data_dir, device=device)
     print(HEADER)
     print(row('held-out half vs the other half', scorer.floor))
 
@@ -168,14 +193,19 @@ def main():
         return
 
     k = video.joint_image_count(args.share, frames)
-    m = round(args.steps * (frames + k) / frames)
-    runs = {}
+    m = args.video_steps or round(args.steps * (frames + k) / frames)
+    if m < args.steps:
+        raise SystemExit(f'--video-steps {m} is below --steps {args.steps}: the equal-step checkpoint would not exist')
+    runs, folders, cpu = {}, {}, {}
     for seed in args.seeds:
-        runs[('joint', seed)] = train_command(os.path.join(args.out, f'joint_seed{seed}'), args.share, args.steps,
-                                              args, seed)
-        runs[('video', seed)] = train_command(os.path.join(args.out, f'video_seed{seed}'), 0.0, m, args, seed,
-                                              save_early=args.steps)
-    cpu = run_all(runs, args.jobs, args.threads)
+        for kind, share, steps, early in (('joint', args.share, args.steps, 0), ('video', 0.0, m, args.steps)):
+            folders[(kind, seed)] = folder = os.path.join(args.out, f'{kind}_seed{seed}')
+            if args.reuse and recorded_cpu(folder) is not None:
+                cpu[(kind, seed)] = recorded_cpu(folder)
+                print(f'reusing {folder} ({cpu[(kind, seed)]:.0f} CPU s)')
+                continue
+            runs[(kind, seed)] = train_command(folder, share, steps, args, seed, save_early=early)
+    cpu.update(run_all(runs, args.jobs, args.threads, record=folders))
     rows = []
     for seed in args.seeds:
         joint, only = os.path.join(args.out, f'joint_seed{seed}'), os.path.join(args.out, f'video_seed{seed}')
@@ -188,12 +218,16 @@ def main():
             videos, _ = scorer.sample(path, args.samples, args.sample_steps, seed=100 + seed)
             rows.append((f'{name}, seed {seed}', scorer.scores(data.to_uint8(videos)), last_val_loss(folder, step),
                          seconds))
-            if args.gif and not os.path.exists(args.gif) and name.startswith('joint'):
-                write_gif(videos[:8], args.gif)
+            if args.gif:                                 # every model: GIF_<joint|video>_<steps>_seed<seed>.gif
+                write_gif(videos[:8], args.gif.replace('.gif', f'_{name.split()[0].rstrip(",")}_{step}_seed{seed}.gif'))
             if args.docs and seed == args.seeds[0] and name.startswith('joint'):
                 extension_example(path, args)
     for name, s, val, seconds in sorted(rows, key=lambda r: r[0]):
         print(row(name, s, val, seconds))
+    floats = lambda d: {key: float(v) for key, v in d.items()}                      # noqa: E731
+    with open(os.path.join(args.out, 'scores.json'), 'w') as f:
+        json.dump([dict(floats(s), model=name, val_loss=val, cpu_seconds=seconds) for name, s, val, seconds in rows]
+                  + [dict(floats(scorer.floor), model='held-out half vs the other half')], f, indent=1)
     print(f'settings: {args.dataset} {args.resolution}px {frames} frames, {args.config}'
           f'{f" width {args.channels}" if args.channels else ""}, batch {args.batch_size}, lr {args.lr:g} constant '
           f'after {args.warmup} warm-up steps; joint: {k} images per video; {args.samples} samples per model (Heun, '
