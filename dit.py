@@ -285,10 +285,13 @@ OFFICIAL_DIT_CONFIGS = tuple(DIT_CONFIGS)            # Table 1's sizes; those ad
 # Our own sizes, not in the paper (same network: adaLN-Zero blocks, fixed sin-cos positions, MLP ratio 4).
 # Tests and demos: 2 blocks of width 64 on 2x2 patches.
 DIT_CONFIGS['DiT-tiny/2'] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)
-# train.py --model dit's default, sized for a CPU: 5 blocks of width 128 with 4 heads on 4x4 patches (1.6M parameters
-# at 32x32x1; Table 1's smallest, DiT-S, has 12 blocks of width 384 with 6 heads, 32.5M as DiT-S/4). On MNIST one
-# step of batch 64 costs about what the 0.3M micro U-Net's does; 2x2 patches (4x the tokens) cost 4x more per block.
-DIT_CONFIGS['DiT-cpu'] = dict(depth=5, hidden_size=128, num_heads=4, patch_size=4)
+# train.py --model dit's default, sized for a CPU: 2 blocks of width 64 with 4 heads on 2x2 patches (0.18M parameters
+# at 32x32x1; the size of DiT-tiny/2, named apart so the default can change without changing what tests build; Table
+# 1's smallest, DiT-S, has 12 blocks of width 384 with 6 heads). 2x2 patches (256 tokens at 32x32): the paper finds
+# smaller patches better at every size, and on MNIST 4x4 patches (5 blocks of width 128, 1.6M) still gave noise after
+# 1000 steps of batch 64. At ~1000 process-CPU s (batch 32, lr 4e-3) these 2 blocks (4500 steps) matched 4 blocks of
+# width 64 (2500 steps) within the judge's noise, at half the sampling cost (issue 32, docs/RESULTS.md).
+DIT_CONFIGS['DiT-cpu'] = dict(depth=2, hidden_size=64, num_heads=4, patch_size=2)
 
 
 def create_dit(name='DiT-S/2', **overrides):

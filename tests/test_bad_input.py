@@ -367,7 +367,7 @@ def test_tiny_folder_logs_no_nan_validation_loss(tmp_path):
 
 @pytest.mark.parametrize('flags,message', [
     (['--resolution', '7'], 'multiple of 4'), (['--resolution', '33'], 'multiple of 4'),
-    (['--model', 'dit', '--resolution', '30'], 'patch size 4'), (['--model', 'dit', '--resolution', '2'], 'patch size 4'),
+    (['--model', 'dit', '--resolution', '31'], 'patch size 2'), (['--model', 'dit', '--resolution', '3'], 'patch size 2'),
     (['--config', 'nonexistent'], 'not a unet configuration'), (['--model', 'dit', '--config', 'micro'], 'not a dit configuration'),
     (['--split', 'nonsense'], "'train' or 'test'"), (['--ckpt-every', '0'], 'ckpt-every'), (['--log-every', '0'], 'log-every'),
     (['--grad-accum', '0'], 'grad-accum'), (['--device', 'bogus'], 'not a device'),

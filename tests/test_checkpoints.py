@@ -55,7 +55,7 @@ def test_superres_config_records_its_conditioning():
 
 def test_resolution_problems_name_the_constraint():
     assert 'multiple of 4' in checkpoints.resolution_problem('unet', 'micro', 18)
-    assert 'patch size 4' in checkpoints.resolution_problem('dit', None, 30)
+    assert 'patch size 2' in checkpoints.resolution_problem('dit', None, 31)
     assert checkpoints.resolution_problem('unet', 'micro', 16) is None
 
 
@@ -63,7 +63,7 @@ def test_the_default_dit_is_sized_for_a_cpu_and_the_published_sizes_keep_their_m
     # --model dit without --config: DiT-cpu (about as costly per step as the micro U-Net), not DiT-S/4 (32.5M).
     mnist = argparse.Namespace(resolution=32, channels=1)
     name, net = checkpoints.network_config(diffusion_args(model='dit'), mnist, 10, 0)
-    assert name == 'DiT-cpu' and (net['depth'], net['hidden_size'], net['patch_size']) == (5, 128, 4)
+    assert name == 'DiT-cpu' and (net['depth'], net['hidden_size'], net['patch_size']) == (2, 64, 2)
     assert checkpoints.parameter_count(DiT, net) < 2_000_000
     # Table 1 of Peebles & Xie: DiT-S is 12 blocks of width 384 with 6 heads, whatever our default is.
     assert DIT_CONFIGS['DiT-S/4'] == dict(depth=12, hidden_size=384, num_heads=6, patch_size=4)
