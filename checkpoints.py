@@ -199,11 +199,15 @@ def latent_record(path, autoencoder, latent_shape):
 
 
 # Class names may be re-spelt (a renamed folder) without changing what was learnt, so they are not compared.
+# Older checkpoints recorded the training sigma distribution only when it was not EDM's: a missing value is EDM's.
+IMPLIED = {'diffusion.P_mean': -1.2, 'diffusion.P_std': 1.2}
+
+
 def config_mismatch(a, b, prefix=''):
     """Keys where two nested configs differ, as readable strings (a resume must rebuild the same model)."""
     out = []
     for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
+        va, vb = a.get(k, IMPLIED.get(prefix + k)), b.get(k, IMPLIED.get(prefix + k))
         if isinstance(va, dict) and isinstance(vb, dict):
             out += config_mismatch(va, vb, f'{prefix}{k}.')
         elif va != vb and k not in ('class_names', 'scale_factor', 'shift_factor'):   # latent scale: measured at the end

@@ -137,7 +137,7 @@ def add_run_flags(p):
     g.add_argument('--workers', type=int, default=2, help='DataLoader workers for image folders streamed from disk')
     g.add_argument('--memory-budget', type=float, default=4.0, help='GB: image folders larger than this decoded are streamed from disk')
     g = groups['optimisation'] = p.add_argument_group('optimisation')
-    g.add_argument('--steps', type=int, default=1000, help='optimizer steps (1000: about 10 minutes on a 2-core CPU)')
+    g.add_argument('--steps', type=int, default=1000, help='optimizer steps')
     g.add_argument('--batch-size', type=int, default=64, help='global batch size (split over processes and accumulation)')
     g.add_argument('--grad-accum', type=int, default=1, help='micro-batches per optimizer step')
     g.add_argument('--lr', type=float, default=2e-3, help='peak learning rate (Adam)')

@@ -396,6 +396,8 @@ def parse_args(argv=None):
     g = p.add_argument_group('latent diffusion (vae.py; train the autoencoder with train_autoencoder.py)')
     g.add_argument('--autoencoder', default=None, metavar='CKPT', help='train diffusion on the latents of this autoencoder checkpoint (encoded once, cached in memory); grids and sample.py decode them')
     edm2_recipe.add_flags(p)
+    # The default run fills about 8 minutes of a 2-core CPU (docs/RESULTS.md, "Quality per CPU minute").
+    p.set_defaults(steps=2000)
     return edm2_recipe.parse_args(p, argv)           # --recipe edm2 brings its own defaults (--lr, --grad-clip, ...)
 
 

@@ -181,6 +181,25 @@ def test_edm2_flags_are_checked_before_any_work(tmp_path):
     assert check_program('train.py', ['--model', 'edm2-cpu']).lr == 2e-3      # the EDM recipe keeps its own
 
 
+def test_the_default_sigma_distribution_is_edm2s_on_pixels_and_edms_on_latents(tmp_path):
+    """The default training noise levels: EDM2's pixel preset N(-0.8, 1.6^2) for pixel EDM runs (U-Net and DiT),
+    EDM's N(-1.2, 1.2^2) (recorded as absent) for latents; other parameterisations have none; a flag given wins. An
+    older checkpoint, which recorded nothing for EDM's values, resumes with EDM's flags and is refused with the
+    defaults (checkpoints.config_mismatch). (Planted: the pixel default not set -> fails; checkpoints.IMPLIED empty
+    -> the old run mismatches even with EDM's flags -> fails.)"""
+    levels = lambda flags: (lambda a: (a.P_mean, a.P_std))(check_program('train.py', flags))
+    assert levels([]) == levels(['--model', 'dit']) == (-0.8, 1.6)
+    assert levels(['--P-mean', '-1.2', '--P-std', '1.2']) == (-1.2, 1.2)
+    assert levels(['--prediction', 'eps']) == (None, None)
+    (tmp_path / 'ae.pt').write_bytes(b'')               # only its existence is checked before the run starts
+    assert levels(['--autoencoder', str(tmp_path / 'ae.pt')]) == (None, None)
+    old = {'diffusion': {'prediction': 'edm', 'schedule': 'edm', 'sigma_data': 0.5}}
+    edm = {'diffusion': dict(old['diffusion'], P_mean=-1.2, P_std=1.2)}
+    assert checkpoints.config_mismatch(old, edm) == []
+    assert checkpoints.config_mismatch(old, {'diffusion': dict(old['diffusion'], P_mean=-0.8, P_std=1.6)}) == [
+        'diffusion.P_mean: checkpoint has -1.2, this run has -0.8', 'diffusion.P_std: checkpoint has 1.2, this run has 1.6']
+
+
 def test_latent_norm_channel_gives_each_latent_channel_mean_0_and_std_sigma_data():
     """--latent-norm channel (edm2_recipe.normalise_latents, as train.py's encode_dataset calls it): EDM2's per-channel
     normalisation of the autoencoder's latents to std sigma_data, stored in the autoencoder config that the latent
