@@ -200,6 +200,16 @@ def test_the_default_sigma_distribution_is_edm2s_on_pixels_and_edms_on_latents(t
         'diffusion.P_mean: checkpoint has -1.2, this run has -0.8', 'diffusion.P_std: checkpoint has 1.2, this run has 1.6']
 
 
+def test_the_dit_has_its_own_run_defaults_and_a_flag_given_wins():
+    """--model dit: --steps 4500 --batch-size 32 --lr 4e-3 unless given (train.DIT_RUN_DEFAULTS); the U-Net keeps the
+    flags' own 2000 / 64 / 2e-3. (Planted: the DiT's defaults not applied -> fails; applied over given flags -> fails.)"""
+    run = lambda flags: (lambda a: (a.steps, a.batch_size, a.lr))(check_program('train.py', flags))
+    assert run([]) == (2000, 64, 2e-3)
+    assert run(['--model', 'dit']) == (4500, 32, 4e-3)
+    assert run(['--model', 'dit', '--lr', '1e-3', '--steps', '7']) == (7, 32, 1e-3)
+    assert run(['--model', 'dit', '--batch-size', '64']) == (4500, 64, 4e-3)
+
+
 def test_latent_norm_channel_gives_each_latent_channel_mean_0_and_std_sigma_data():
     """--latent-norm channel (edm2_recipe.normalise_latents, as train.py's encode_dataset calls it): EDM2's per-channel
     normalisation of the autoencoder's latents to std sigma_data, stored in the autoencoder config that the latent
