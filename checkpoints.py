@@ -198,11 +198,11 @@ def latent_record(path, autoencoder, latent_shape):
             'latent_shape': list(latent_shape)}
 
 
-# Class names may be re-spelt (a renamed folder) without changing what was learnt, so they are not compared.
 # Older checkpoints recorded the training sigma distribution only when it was not EDM's: a missing value is EDM's.
 IMPLIED = {'diffusion.P_mean': -1.2, 'diffusion.P_std': 1.2}
 
 
+# Class names may be re-spelt (a renamed folder) without changing what was learnt, so they are not compared.
 def config_mismatch(a, b, prefix=''):
     """Keys where two nested configs differ, as readable strings (a resume must rebuild the same model)."""
     out = []

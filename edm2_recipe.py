@@ -96,7 +96,7 @@ def check_args(args, need):
     need((args.P_mean is None) == (args.P_std is None) or recipe, '--P-mean and --P-std go together (without --recipe edm2)')
     need(args.latent_norm is None or args.autoencoder, '--latent-norm applies to latent diffusion (--autoencoder)')
     # The default on pixels is EDM2's pixel preset under either recipe: for the short runs of this codebase it beat
-    # EDM's N(-1.2, 1.2^2) on MNIST and shapes (docs/RESULTS.md, "Quality per CPU minute"); --P-mean -1.2 --P-std 1.2
+    # EDM's N(-1.2, 1.2^2) on MNIST and shapes (docs/RESULTS.md, "The default run"); --P-mean -1.2 --P-std 1.2
     # trains with EDM's. Latents keep EDM's values under --recipe edm (EDM2's latent preset was not measured there).
     edm_levels = args.prediction == 'edm' and args.schedule in (None, 'edm')
     if (recipe or not args.autoencoder) and edm_levels and args.P_mean is None and args.P_std is None:

@@ -25,7 +25,6 @@ train_classifier.py (the noise-conditional classifier of classifier guidance). `
 autoencoder|classifier ...` runs them. Nothing imports this file.
 """
 import argparse
-import copy
 import math
 import os
 import runpy
@@ -49,11 +48,11 @@ from samplers import SAMPLERS
 from unet import UNET_CONFIGS
 
 TASKS = ('diffusion', 'superres', 'autoencoder', 'classifier', 'discrete')   # the last three: train_<task>.py
-# Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
 # A DiT trains best on the CPU with a smaller batch, a higher learning rate and more (cheaper) steps than the U-Net's
 # defaults: at ~1000 process-CPU s on MNIST 0.683 / 0.953 class accuracy (unguided / guidance 2) against 0.320 / 0.593
 # at the U-Net's 2000 x 64, lr 2e-3 (docs/RESULTS.md, "DiT on the CPU").
 DIT_RUN_DEFAULTS = {'steps': 4500, 'batch_size': 32, 'lr': 4e-3}
+# Flags that change what an uninterrupted run would have done: a resume with other values is not exact.
 RESUME_FLAGS = runs.RESUME_FLAGS + ('p_uncond', 'aug_p', 'overfit_batch') + edm2_recipe.RESUME_FLAGS
 
 
@@ -405,14 +404,9 @@ def parse_args(argv=None):
     edm2_recipe.add_flags(p)
     # The default run fills 8-9 minutes of a 2-core CPU (docs/RESULTS.md, "The default run").
     p.set_defaults(steps=2000)
-    args = edm2_recipe.parse_args(p, argv)           # --recipe edm2 brings its own defaults (--lr, --grad-clip, ...)
-    if args.model == 'dit':                          # the DiT's own, for the flags not given (None where not given)
-        given = copy.deepcopy(p)
-        given.set_defaults(**dict.fromkeys(DIT_RUN_DEFAULTS))
-        raw = given.parse_args(argv)
-        for flag, value in DIT_RUN_DEFAULTS.items():
-            setattr(args, flag, value if getattr(raw, flag) is None else getattr(raw, flag))
-    return args
+    if p.parse_known_args(argv)[0].model == 'dit':   # the DiT's own defaults; a flag given still wins
+        p.set_defaults(**DIT_RUN_DEFAULTS)
+    return edm2_recipe.parse_args(p, argv)           # --recipe edm2 brings its own defaults (--lr, --grad-clip, ...)
 
 
 def check_args(args):
