@@ -35,6 +35,7 @@ import torch.nn.functional as F
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import data                                                   # noqa: E402
+import knobs                                                  # noqa: E402
 import metrics                                                # noqa: E402
 from checkpoints import load_model, sample_shape              # noqa: E402
 from lenet import LeNetFeatures, lenet_from_state_dict, resize_clean       # noqa: E402
@@ -123,10 +124,7 @@ def score(ckpt, n, guidance, data_dir=None, sampler=None, steps=None, seed=0):
     judge, (mu_ref, cov_ref), what = judge_for(config, data_dir)
     labels = torch.arange(n) % d['num_classes']
     sampler, steps = sampler or trained.get('sampler', 'heun'), steps or trained.get('sample_steps', 18)
-    options = {}
-    for kv in trained.get('sampler_opt') or []:
-        k, v = kv.split('=', 1)
-        options[k] = float(v)
+    options = knobs.parse_sampler_options(trained.get('sampler_opt'))      # as train.py read them for its grids
     out = {'judge': what, 'samples': n, 'sampler': f'{sampler} {steps}'}
     for w in guidance:
         t0 = time.process_time()
